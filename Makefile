@@ -1,0 +1,42 @@
+# The two commands a new user needs: `make demo` and `make test`. Both set up .venv on first use.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test test-fast bench soak clean system-deps
+
+install: $(STAMP)
+
+# ai-dynamo 1.6.1 cannot be installed plainly on Python 3.11-3.13 (its `aisimulate` requirement is a
+# placeholder that downloads from a private index): install its other requirements, then ai-dynamo
+# itself without dependencies. The frontend and the mocker never import aisimulate.
+$(STAMP): pyproject.toml requirements/dynamo-cpu.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements/dynamo-cpu.txt
+	$(BIN)/python -m pip install --quiet --no-deps ai-dynamo==1.6.1
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+# Debian packages the test suite drives for real: a Redis server, systemd-analyze, iproute2.
+system-deps:
+	@bash scripts/system-deps.sh
+
+demo: install
+	$(BIN)/lmcache-supervise up demo
+
+test: install system-deps
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not e2e"
+
+bench: install
+	$(BIN)/python scripts/bench.py
+
+soak: install
+	$(BIN)/python scripts/soak.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

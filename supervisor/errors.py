@@ -1,0 +1,108 @@
+"""Every error the supervisor raises on purpose, under one root.
+
+    SupervisorError                 root; ``exit_code`` tells the CLI how to leave
+    ├── ProfileError                bad input: a profile file, a --set override, a flag   (exit 2)
+    │   └── ProfileErrors           several ProfileErrors collected in one pass           (exit 2)
+    ├── PlanError                   a valid profile that renders to an impossible plan    (exit 2)
+    ├── PreflightError              the host cannot run the plan                          (exit 3)
+    ├── StartError                  a child could not be spawned                          (exit 1)
+    ├── ReadinessError              a process or the deployment never turned ready        (exit 1)
+    ├── StateError                  an illegal lifecycle transition (a bug, not input)    (exit 1)
+    └── ControlError                the control socket is missing, refused or failed      (exit 1)
+
+Messages are whole sentences naming the file, key, process, pid or port; those values are kept as
+attributes so callers never parse a message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+EXIT_RUNTIME = 1
+EXIT_BAD_INPUT = 2
+EXIT_PREFLIGHT = 3
+
+
+class SupervisorError(Exception):
+    """Root of every error the supervisor raises on purpose."""
+
+    exit_code = EXIT_RUNTIME
+
+
+class ProfileError(SupervisorError):
+    """A profile (or an override of it) is not what the schema expects.
+
+    ``source`` is the file (or ``--set``), ``key`` the dotted key path, ``problem`` what was wrong.
+    """
+
+    exit_code = EXIT_BAD_INPUT
+
+    def __init__(self, source: str, key: str, problem: str) -> None:
+        self.source, self.key, self.problem = source, key, problem
+        where = f"{source}: {key}" if key else source
+        super().__init__(f"{where}: {problem}")
+
+
+class ProfileErrors(ProfileError):
+    """Several profile errors found in one pass; the message shows the first, ``errors`` holds all."""
+
+    def __init__(self, errors: Sequence[ProfileError]) -> None:
+        if not errors:
+            raise ValueError("ProfileErrors needs at least one error")
+        self.errors = tuple(errors)
+        first = self.errors[0]
+        super().__init__(first.source, first.key, first.problem)
+        more = len(self.errors) - 1
+        if more:
+            self.args = (f"{self.args[0]} (and {more} more)",)
+
+
+class PlanError(SupervisorError):
+    """A profile that validates field by field but cannot be rendered into a runnable plan."""
+
+    exit_code = EXIT_BAD_INPUT
+
+    def __init__(self, source: str, key: str, problem: str) -> None:
+        self.source, self.key, self.problem = source, key, problem
+        super().__init__(f"{source}: {key}: {problem}" if key else f"{source}: {problem}")
+
+
+class PreflightError(SupervisorError):
+    """One or more preflight checks failed; ``findings`` holds them."""
+
+    exit_code = EXIT_PREFLIGHT
+
+    def __init__(self, message: str, findings: Sequence[object] = ()) -> None:
+        self.findings = tuple(findings)
+        super().__init__(message)
+
+
+class StartError(SupervisorError):
+    """A child process could not be spawned at all (missing interpreter, bad cwd, ...)."""
+
+    def __init__(self, process: str, problem: str) -> None:
+        self.process, self.problem = process, problem
+        super().__init__(f"process {process!r} could not start: {problem}")
+
+
+class ReadinessError(SupervisorError):
+    """A process, or the deployment as a whole, did not become ready."""
+
+    def __init__(self, what: str, problem: str) -> None:
+        self.what, self.problem = what, problem
+        super().__init__(f"{what} did not become ready: {problem}")
+
+
+class StateError(SupervisorError):
+    """An illegal lifecycle transition: names the process, its state and the allowed targets."""
+
+    def __init__(self, process: str, current: str, target: str, allowed: Sequence[str]) -> None:
+        self.process, self.current, self.target, self.allowed = process, current, target, tuple(allowed)
+        allowed_text = ", ".join(allowed) or "none"
+        super().__init__(
+            f"process {process!r} cannot go from {current} to {target} (allowed: {allowed_text})"
+        )
+
+
+class ControlError(SupervisorError):
+    """Talking to a running supervisor over its control socket failed."""
