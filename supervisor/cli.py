@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import click
 
 from supervisor.errors import EXIT_BAD_INPUT, EXIT_RUNTIME, SupervisorError
+from supervisor.spec import Plan
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -63,5 +64,44 @@ def main() -> None:
 
 # Commands are registered below, one block per command family. Keep presentation here and the
 # work in the modules they call.
+
+
+def profile_options(func: F) -> F:
+    """PROFILE plus the overrides every profile-taking command accepts."""
+    func = click.option("--model", "model", default=None, help="Override model.name (HF id or local path).")(func)
+    func = click.option(
+        "--set", "overrides", multiple=True, metavar="KEY=VALUE",
+        help="Override a profile key, e.g. --set ports.base=9000 (repeatable; values are TOML).",
+    )(func)
+    return click.argument("profile")(func)  # type: ignore[return-value]
+
+
+def load_plan(profile: str, overrides: tuple[str, ...] = (), model: str | None = None) -> Plan:
+    """Profile name or path -> validated profile -> plan (state under the state root)."""
+    from supervisor import paths, plan, profile as profiles
+
+    loaded = profiles.load(profile, overrides=overrides, model=model)
+    return plan.render(loaded, state_root=paths.state_root())
+
+
+# ------------------------------------------------------------------------------------------ plan
+
+
+@main.command("plan")
+@profile_options
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+@handles_errors
+def plan_command(profile: str, overrides: tuple[str, ...], model: str | None, as_json: bool) -> None:
+    """Show what PROFILE would start, in order, without starting anything."""
+    import json
+
+    from supervisor.views import plan_view, print_plan_table
+
+    rendered = load_plan(profile, overrides, model)
+    if as_json:
+        click.echo(json.dumps(plan_view(rendered), indent=2, sort_keys=False))
+    else:
+        print_plan_table(rendered)
+
 
 _ = EXIT_BAD_INPUT  # re-exported for command modules that map click errors

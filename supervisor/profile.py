@@ -1,0 +1,381 @@
+"""The deployment profile: its TOML schema, ``extends`` merging and ``--set`` overrides.
+
+Loading is a pipeline of small named steps, each collecting every error it finds and never coercing a
+bad value into a default:  read TOML -> resolve ``extends`` -> apply overrides -> validate (pydantic,
+strict, unknown keys forbidden) -> cross-field rules.  Errors name the file, the dotted key and what
+was expected (``profiles/x.toml: lmcache.max_local_cpu_size: expected a number of GB, got "10GB"``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from supervisor.errors import ProfileError, ProfileErrors
+from supervisor.paths import profiles_dir
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,47}$"
+Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+PositiveSeconds = Annotated[float, Field(gt=0)]
+SIGNALS = ("SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGKILL")
+
+
+class _Model(BaseModel):
+    # strict: "10GB" is not a number and "yes" is not a boolean; LMCache itself would read both
+    # silently wrong. Ints are accepted where floats are expected (TOML writes 5 for 5.0).
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class Health(_Model):
+    """How a process is probed. ``startup_timeout_s`` is the load budget (minutes for a real model)."""
+
+    startup_timeout_s: PositiveSeconds | None = None
+    startup_period_s: Annotated[float, Field(gt=0, le=10)] = 0.1
+    period_s: PositiveSeconds = 5.0
+    timeout_s: PositiveSeconds = 2.0
+    failure_threshold: Annotated[int, Field(ge=1, le=100)] = 3
+    liveness: bool = True
+
+
+class Restart(_Model):
+    policy: Literal["always", "on-failure", "never"] = "always"
+    backoff_initial_s: Annotated[float, Field(ge=0)] = 0.5
+    backoff_factor: Annotated[float, Field(ge=1)] = 2.0
+    backoff_max_s: Annotated[float, Field(ge=0)] = 30.0
+    jitter: Annotated[float, Field(ge=0, le=1)] = 0.1
+    reset_after_s: PositiveSeconds = 60.0
+    limit_starts: Annotated[int, Field(ge=1)] = 5
+    limit_window_s: PositiveSeconds = 120.0
+    restart_dependents: bool = False
+
+
+class _Process(_Model):
+    """What every supervised process has: extra args and env, probes, restart, stop."""
+
+    args: list[str] = []
+    env: dict[str, str] = {}
+    health: Health = Health()
+    restart: Restart = Restart()
+    stop_signal: Literal[SIGNALS] = "SIGTERM"  # type: ignore[valid-type]
+    stop_timeout_s: PositiveSeconds = 30.0
+    required: bool = True
+
+
+class Frontend(_Process):
+    host: str = "127.0.0.1"
+    port: Port | None = None
+    router_mode: Literal["round-robin", "random", "kv", "least-loaded", "power-of-two"] = "round-robin"
+
+
+class Worker(_Process):
+    role: Literal["agg", "decode", "prefill"]
+    gpus: list[Annotated[int, Field(ge=0)]] = []
+    tensor_parallel_size: Annotated[int, Field(ge=1, le=64)] = 1
+    gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = 0.9
+    lmcache: bool | None = None  # None: decided by role (see lmcache.worker_loads_lmcache)
+    system_port: Port | None = None
+
+
+class Model(_Model):
+    name: str  # an HF id (org/name) or a local path: absolute, ~, or ./relative to the profile
+    served_name: str | None = None
+
+    @field_validator("name", "served_name")
+    @classmethod
+    def _no_flag(cls, value: str | None) -> str | None:
+        if value is not None and (not value.strip() or value.startswith("-")):
+            raise ValueError(f"expected a model name or path, got {value!r} (it would be read as a flag)")
+        return value
+
+
+class Discovery(_Model):
+    backend: Literal["file", "etcd"] = "file"
+    etcd_endpoints: list[str] = ["http://127.0.0.1:2379"]
+    nats_server: str | None = None
+
+
+class Ports(_Model):
+    base: Annotated[int, Field(ge=1024, le=65000)] = 8000
+    host: str = "127.0.0.1"
+
+
+class Remote(_Model):
+    """One remote LMCache backend; the URL scheme picks it (redis, rediss, redis-sentinel, ...)."""
+
+    url: str
+    service_name: str | None = None  # redis-sentinel master name (REDIS_SERVICE_NAME)
+    config_path: str | None = None  # mooncake JSON config (MOONCAKE_CONFIG_PATH)
+    serde: Literal["naive", "cachegen"] = "naive"
+
+
+class Gds(_Model):
+    path: str
+    buffer_size_mib: Annotated[int, Field(ge=1)] | None = None
+
+
+class LMCache(_Model):
+    enabled: bool = True
+    chunk_size: Annotated[int, Field(ge=16, le=65536)] = 256
+    local_cpu: bool = True
+    max_local_cpu_size: Annotated[float, Field(ge=0)] = 5.0
+    local_disk: str | None = None
+    max_local_disk_size: Annotated[float, Field(ge=0)] = 0.0
+    remote: Remote | None = None
+    gds: Gds | None = None
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    track_usage: bool = False
+    hash_seed: Annotated[int, Field(ge=0, le=4294967295)] = 0
+    extra: dict[str, str | int | float | bool] = {}
+
+
+class Supervisor(_Model):
+    metrics_host: str = "127.0.0.1"
+    metrics_port: Port | None = None  # default: ports.base + 90
+    metrics: bool = True
+    ready_timeout_s: PositiveSeconds | None = None
+    smoke: bool = True
+    smoke_prompt: str = "Hello"
+
+
+class Profile(_Model):
+    """A validated deployment profile. ``source`` is the file it came from (for messages)."""
+
+    name: Name
+    description: str = ""
+    engine: Literal["vllm", "mocker"] = "vllm"
+    python: str | None = None
+    model: Model
+    discovery: Discovery = Discovery()
+    ports: Ports = Ports()
+    frontend: Frontend = Frontend()
+    workers: dict[Name, Worker]
+    lmcache: LMCache = LMCache()
+    supervisor: Supervisor = Supervisor()
+    env: dict[str, str] = {}
+    source: str = ""
+    base_dir: str = ""
+
+
+# ----------------------------------------------------------------------------------------- loading
+
+
+def builtin_names() -> list[str]:
+    return sorted(p.stem for p in profiles_dir().glob("*.toml"))
+
+
+def resolve(name_or_path: str) -> Path:
+    """A profile name (``profiles/<name>.toml``) or a path to a TOML file."""
+    candidate = Path(name_or_path).expanduser()
+    if candidate.suffix == ".toml" or os.sep in name_or_path:
+        if not candidate.is_file():
+            raise ProfileError(name_or_path, "", "no such profile file")
+        return candidate
+    builtin = profiles_dir() / f"{name_or_path}.toml"
+    if builtin.is_file():
+        return builtin
+    names = builtin_names()
+    close = difflib.get_close_matches(name_or_path, names, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ProfileError(
+        name_or_path, "", f"unknown profile{hint}; built-in profiles: {', '.join(names)}; or give a path"
+    )
+
+
+def _display(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    source = _display(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ProfileError(source, "", f"cannot read: {exc}") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ProfileError(source, "", f"invalid TOML: {exc}") from None
+
+
+def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """Tables merge key by key; every other value (lists included) in ``over`` replaces ``base``'s."""
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_raw(path: Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read ``path`` and everything it ``extends``, merged parent first."""
+    path = path.resolve()
+    if path in _chain:
+        cycle = " -> ".join(_display(p) for p in (*_chain, path))
+        raise ProfileError(_display(_chain[0]), "extends", f"cycle: {cycle}")
+    data = read_toml(path)
+    data.setdefault("name", path.stem)
+    parent_ref = data.pop("extends", None)
+    if parent_ref is None:
+        data.setdefault("base_dir", str(path.parent))
+        return data
+    if not isinstance(parent_ref, str):
+        raise ProfileError(_display(path), "extends", f"expected a profile name or path, got {parent_ref!r}")
+    if os.sep in parent_ref or parent_ref.endswith(".toml"):
+        parent_path = (path.parent / parent_ref).resolve()
+        if not parent_path.is_file():
+            raise ProfileError(_display(path), "extends", f"no such profile file {parent_ref!r}")
+    else:
+        try:
+            parent_path = resolve(parent_ref)
+        except ProfileError as exc:
+            raise ProfileError(_display(path), "extends", exc.problem) from None
+    parent = load_raw(parent_path, (*_chain, path))
+    parent.pop("name", None)
+    parent.pop("description", None)
+    data.setdefault("base_dir", str(path.parent))
+    return deep_merge(parent, data)
+
+
+_KEY = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``dotted.key=value``; the value is read as TOML (numbers, booleans, arrays) or else a string."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not _KEY.match(key):
+        raise ProfileError("--set", text, "expected dotted.key=value")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        patch: dict[str, Any] = {path[-1]: value}
+        for part in reversed(path[:-1]):
+            patch = {part: patch}
+        data = deep_merge(data, patch)
+    return data
+
+
+# -------------------------------------------------------------------------------------- validation
+
+
+def _expected(error: Mapping[str, Any]) -> str:
+    """A short "expected ..., got ..." from one pydantic error, in the profile's own vocabulary."""
+    kind, got = error["type"], error.get("input")
+    got_text = f"{got!r}" if not isinstance(got, (dict, list)) else type(got).__name__
+    if isinstance(got, str):
+        got_text = f'"{got}"'
+    loc = [str(p) for p in error["loc"]]
+    if kind in ("float_type", "float_parsing") and loc and loc[-1].endswith("_size"):
+        return f"expected a number of GB, got {got_text}"
+    table = {
+        "bool_type": "expected true or false",
+        "int_type": "expected an integer",
+        "float_type": "expected a number",
+        "string_type": "expected a string",
+        "list_type": "expected an array",
+        "dict_type": "expected a table",
+        "model_type": "expected a table",
+        "missing": "is required",
+    }
+    if kind == "missing":
+        return "is required"
+    if kind in table:
+        return f"{table[kind]}, got {got_text}"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{message}, got {got_text}" if "got" not in message else message
+
+
+def _fields_at(model: type[BaseModel], loc: Sequence[Any]) -> list[str]:
+    """The field names the schema allows at ``loc`` (for "did you mean")."""
+    current: Any = model
+    for part in loc:
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return []
+        field = current.model_fields.get(str(part))
+        if field is None:
+            # a dict of models (workers.<name>) : step into its value type
+            return []
+        annotation = field.annotation
+        args = getattr(annotation, "__args__", ())
+        if args and isinstance(args[-1], type) and issubclass(args[-1], BaseModel):
+            current = args[-1]
+        elif args and any(isinstance(a, type) and issubclass(a, BaseModel) for a in args):
+            current = next(a for a in args if isinstance(a, type) and issubclass(a, BaseModel))
+        else:
+            current = annotation
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return []
+
+
+def _to_profile_errors(exc: ValidationError, source: str) -> ProfileErrors:
+    errors = []
+    for error in exc.errors():
+        loc = list(error["loc"])
+        key = ".".join(str(p) for p in loc)
+        if error["type"] == "extra_forbidden":
+            parent = loc[:-1]
+            if len(parent) == 2 and parent[0] == "workers":
+                allowed = list(Worker.model_fields)
+            else:
+                allowed = _fields_at(Profile, parent)
+            allowed = [a for a in allowed if a not in ("source", "base_dir")]
+            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            errors.append(ProfileError(source, key, f"unknown key{hint}"))
+        elif error["type"] == "literal_error":
+            expected = error.get("ctx", {}).get("expected", "")
+            errors.append(ProfileError(source, key, f"expected one of {expected}, got {error['input']!r}"))
+        else:
+            errors.append(ProfileError(source, key, _expected(error)))
+    return ProfileErrors(errors)
+
+
+def validate(data: dict[str, Any], source: str) -> Profile:
+    try:
+        profile = Profile.model_validate({**data, "source": source})
+    except ValidationError as exc:
+        raise _to_profile_errors(exc, source) from None
+    check_rules(profile)
+    return profile
+
+
+def load(
+    name_or_path: str, *, overrides: Sequence[str] = (), model: str | None = None
+) -> Profile:
+    """Load, merge, override and validate a profile by built-in name or path."""
+    path = resolve(name_or_path)
+    data = load_raw(path)
+    data = apply_overrides(data, overrides)
+    if model is not None:
+        data = deep_merge(data, {"model": {"name": model}})
+    return validate(data, _display(path))
+
+
+# Cross-field rules live in rules.py; imported last to keep this module about the schema.
+from supervisor.rules import check_rules  # noqa: E402
