@@ -105,3 +105,4 @@ def plan_command(profile: str, overrides: tuple[str, ...], model: str | None, as
 
 
 _ = EXIT_BAD_INPUT  # re-exported for command modules that map click errors
+

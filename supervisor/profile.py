@@ -302,8 +302,13 @@ def _expected(error: Mapping[str, Any]) -> str:
         "model_type": "expected a table",
         "missing": "is required",
     }
-    if kind == "missing":
-        return "is required"
+    ctx = error.get("ctx") or {}
+    bounds = {"greater_than": "above", "greater_than_equal": "at least", "less_than": "below", "less_than_equal": "at most"}
+    if kind in bounds:
+        limit = next(iter(ctx.values()), "?")
+        return f"expected a number {bounds[kind]} {limit}, got {got_text}"
+    if kind == "string_pattern_mismatch":
+        return f"expected a lower-case name of letters, digits, '-' and '_' (at most 48), got {got_text}"
     if kind in table:
         return f"{table[kind]}, got {got_text}"
     message = error["msg"].removeprefix("Value error, ")
@@ -337,7 +342,7 @@ def _to_profile_errors(exc: ValidationError, source: str) -> ProfileErrors:
     errors = []
     for error in exc.errors():
         loc = list(error["loc"])
-        key = ".".join(str(p) for p in loc)
+        key = ".".join(str(p) for p in loc if p != "[key]")
         if error["type"] == "extra_forbidden":
             parent = loc[:-1]
             if len(parent) == 2 and parent[0] == "workers":
@@ -374,7 +379,24 @@ def load(
     data = apply_overrides(data, overrides)
     if model is not None:
         data = deep_merge(data, {"model": {"name": model}})
-    return validate(data, _display(path))
+    try:
+        return validate(data, _display(path))
+    except ProfileErrors as exc:
+        raise _blame_overrides(exc, overrides, model) from None
+
+
+def _blame_overrides(exc: ProfileErrors, overrides: Sequence[str], model: str | None) -> ProfileErrors:
+    """Errors in keys the command line set name ``--set``/``--model`` as their source, not the file."""
+    keys = [text.partition("=")[0].strip() for text in overrides]
+    sources = {key: "--set" for key in keys} | ({"model.name": "--model"} if model is not None else {})
+
+    def source_of(error: ProfileError) -> str:
+        for key, source in sources.items():
+            if error.key == key or error.key.startswith(key + "."):
+                return source
+        return error.source
+
+    return ProfileErrors([ProfileError(source_of(e), e.key, e.problem) for e in exc.errors])
 
 
 # Cross-field rules live in rules.py; imported last to keep this module about the schema.
