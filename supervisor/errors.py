@@ -23,6 +23,11 @@ EXIT_BAD_INPUT = 2
 EXIT_PREFLIGHT = 3
 
 
+def one_line(text: str) -> str:
+    """Escape control characters so a message stays one line, whatever the input held."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class SupervisorError(Exception):
     """Root of every error the supervisor raises on purpose."""
 
@@ -40,7 +45,7 @@ class ProfileError(SupervisorError):
     def __init__(self, source: str, key: str, problem: str) -> None:
         self.source, self.key, self.problem = source, key, problem
         where = f"{source}: {key}" if key else source
-        super().__init__(f"{where}: {problem}")
+        super().__init__(one_line(f"{where}: {problem}"))
 
 
 class ProfileErrors(ProfileError):
@@ -64,7 +69,7 @@ class PlanError(SupervisorError):
 
     def __init__(self, source: str, key: str, problem: str) -> None:
         self.source, self.key, self.problem = source, key, problem
-        super().__init__(f"{source}: {key}: {problem}" if key else f"{source}: {problem}")
+        super().__init__(one_line(f"{source}: {key}: {problem}" if key else f"{source}: {problem}"))
 
 
 class PreflightError(SupervisorError):

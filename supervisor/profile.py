@@ -36,7 +36,7 @@ SIGNALS = ("SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGK
 class _Model(BaseModel):
     # strict: "10GB" is not a number and "yes" is not a boolean; LMCache itself would read both
     # silently wrong. Ints are accepted where floats are expected (TOML writes 5 for 5.0).
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 class Health(_Model):
@@ -307,6 +307,8 @@ def _expected(error: Mapping[str, Any]) -> str:
     if kind in bounds:
         limit = next(iter(ctx.values()), "?")
         return f"expected a number {bounds[kind]} {limit}, got {got_text}"
+    if kind == "finite_number":
+        return f"expected a finite number, got {got_text}"
     if kind == "string_pattern_mismatch":
         return f"expected a lower-case name of letters, digits, '-' and '_' (at most 48), got {got_text}"
     if kind in table:
