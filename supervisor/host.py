@@ -1,0 +1,417 @@
+"""The only place preflight looks at the machine: one frozen :class:`HostFacts` snapshot per run.
+
+:func:`gather` probes exactly what a :class:`FactsRequest` lists (``preflight.facts_request`` builds
+one from a plan), so a mocker-only plan never touches NVML and a plan without a remote cache pings
+nothing. Two boundaries are injectable because tests cannot have them for real here: NVML (see
+:mod:`supervisor.host_gpu`) and the CPU architecture. Everything else is real: sockets, files,
+subprocesses. No probe raises for what it finds; problems are recorded as data for preflight to judge.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from supervisor.host_gpu import GpuFacts, gpu_facts
+from supervisor.host_redis import RemoteFacts, RemoteTarget, probe_remote
+
+__all__ = [
+    "EndpointFacts",
+    "FactsRequest",
+    "HostFacts",
+    "InterpreterRequest",
+    "MemoryFacts",
+    "ModelFacts",
+    "ModelRequest",
+    "ModuleFacts",
+    "NativeFacts",
+    "PathFacts",
+    "PortFacts",
+    "RemoteFacts",
+    "RemoteTarget",
+    "SoftwareFacts",
+    "gather",
+    "hf_cache_dirs",
+]
+
+# Where the JSON of the interpreter probe starts: imports (vLLM's above all) may print to stdout first.
+_MARKER = "@@lmcache-supervise-software@@"
+# Runs INSIDE the worker interpreter: the supervisor never imports the engines itself.
+_SOFTWARE_PROBE = r"""
+import importlib, importlib.metadata as md, json, sys
+PREFERRED = {"dynamo": "ai-dynamo"}
+dists = md.packages_distributions()
+def version(mod):
+    top = mod.split(".")[0]
+    for dist in [PREFERRED.get(top)] + list(dists.get(top, [])):
+        if dist:
+            try:
+                return md.version(dist)
+            except md.PackageNotFoundError:
+                pass
+    return getattr(sys.modules.get(top), "__version__", None)
+def attempt(mod):
+    try:
+        importlib.import_module(mod)
+        return None
+    except ModuleNotFoundError as exc:
+        return "missing" if exc.name in (mod, mod.split(".")[0]) else f"ModuleNotFoundError: {exc}"
+    except BaseException as exc:
+        return f"{type(exc).__name__}: {exc}"
+out = {"python": sys.version.split()[0], "modules": {}, "native": None}
+for mod in [m for m in sys.argv[1].split(",") if m]:
+    out["modules"][mod] = {"error": attempt(mod), "version": version(mod)}
+if sys.argv[2] == "1" and out["modules"].get("lmcache", {}).get("error") is None:
+    native = {"module": None, "error": "missing", "lmcache": version("lmcache"), "torch": version("torch")}
+    # lmcache 0.5.x ships lmcache.cuda_ops; older wheels called it lmcache.c_ops.
+    for mod in ("lmcache.cuda_ops", "lmcache.c_ops"):
+        error = attempt(mod)
+        if error != "missing":
+            native.update(module=mod, error=error, torch=version("torch"))
+            break
+    out["native"] = native
+sys.stdout.write("\n" + sys.argv[3] + json.dumps(out) + "\n")
+"""
+
+
+@dataclass(frozen=True)
+class InterpreterRequest:
+    """Probe ``path`` (a worker's argv[0]) for ``modules``; ``native``: also LMCache's compiled ops."""
+
+    path: str
+    modules: tuple[str, ...]
+    native: bool = False
+    env: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    cwd: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelRequest:
+    """``name`` is a local directory when ``local``, else an HF id looked up in the HF cache (no network)."""
+
+    name: str
+    local: bool
+    env: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class FactsRequest:
+    """What to look at. Empty fields mean "not needed by this plan": nothing is probed for them."""
+
+    gpus: bool = False
+    paths: tuple[str, ...] = ()
+    ports: tuple[tuple[str, int], ...] = ()
+    remotes: tuple[RemoteTarget, ...] = ()
+    interpreters: tuple[InterpreterRequest, ...] = ()
+    model: ModelRequest | None = None
+    etcd: tuple[str, ...] = ()
+    network_timeout_s: float = 2.0
+    interpreter_timeout_s: float = 180.0
+
+
+@dataclass(frozen=True)
+class MemoryFacts:
+    total_bytes: int
+    available_bytes: int
+
+
+@dataclass(frozen=True)
+class PathFacts:
+    """``path`` need not exist: ``checked`` is the nearest existing ancestor, which it would be made in."""
+
+    path: str
+    checked: str
+    writable: bool
+    free_bytes: int | None
+    problem: str | None = None
+
+
+@dataclass(frozen=True)
+class PortFacts:
+    """``free``: a listener could bind ``host:port`` now. Owner fields are set when the OS shows them."""
+
+    host: str
+    port: int
+    free: bool
+    owner_pid: int | None = None
+    owner_name: str | None = None
+    problem: str | None = None
+
+
+@dataclass(frozen=True)
+class ModuleFacts:
+    """``error`` is None when the import worked, ``"missing"`` when not installed, else the exception."""
+
+    name: str
+    version: str | None
+    error: str | None
+
+
+@dataclass(frozen=True)
+class NativeFacts:
+    module: str | None
+    error: str | None
+    lmcache_version: str | None
+    torch_version: str | None
+
+
+@dataclass(frozen=True)
+class SoftwareFacts:
+    """The interpreter probe's result; ``problem`` is set when it could not run at all."""
+
+    interpreter: str
+    problem: str | None
+    python: str | None = None
+    modules: tuple[ModuleFacts, ...] = ()
+    native: NativeFacts | None = None
+
+    def module(self, name: str) -> ModuleFacts | None:
+        return next((m for m in self.modules if m.name == name), None)
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    name: str
+    local: bool
+    found: bool
+    location: str | None
+    missing: tuple[str, ...] = ()
+    offline: bool = False
+    searched: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class EndpointFacts:
+    endpoint: str
+    healthy: bool
+    problem: str | None = None
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    """Everything preflight judges, taken once. ``gpus`` is None when the plan needed no GPU."""
+
+    arch: str
+    memory: MemoryFacts
+    gpus: GpuFacts | None = None
+    paths: tuple[PathFacts, ...] = ()
+    ports: tuple[PortFacts, ...] = ()
+    remotes: tuple[RemoteFacts, ...] = ()
+    software: tuple[SoftwareFacts, ...] = ()
+    model: ModelFacts | None = None
+    etcd: tuple[EndpointFacts, ...] = ()
+
+    def path(self, path: str) -> PathFacts | None:
+        return next((p for p in self.paths if p.path == path), None)
+
+    def port(self, host: str, port: int) -> PortFacts | None:
+        return next((p for p in self.ports if (p.host, p.port) == (host, port)), None)
+
+    def remote(self, url: str) -> RemoteFacts | None:
+        return next((r for r in self.remotes if r.url == url), None)
+
+    def interpreter(self, path: str) -> SoftwareFacts | None:
+        return next((s for s in self.software if s.interpreter == path), None)
+
+
+# ------------------------------------------------------------------------------------------- probes
+
+
+def memory_facts() -> MemoryFacts:
+    vm = psutil.virtual_memory()
+    return MemoryFacts(int(vm.total), int(vm.available))
+
+
+def path_facts(path: str) -> PathFacts:
+    """Writability by really creating (and removing) a file: ``os.access`` says yes to root even where
+    the filesystem refuses (procfs, read-only bind mounts)."""
+    checked = Path(path).expanduser()
+    while not checked.exists() and checked != checked.parent:
+        checked = checked.parent
+    if not checked.is_dir():
+        return PathFacts(path, str(checked), False, None, f"{checked} exists and is not a directory")
+    try:
+        free: int | None = shutil.disk_usage(checked).free
+    except OSError:
+        free = None
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".lmcache-supervise-check-", dir=checked)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        return PathFacts(
+            path, str(checked), False, free, f"cannot create a file in {checked} ({exc.strerror or exc})"
+        )
+    return PathFacts(path, str(checked), True, free)
+
+
+def _listener(port: int, host: str) -> tuple[int | None, str | None]:
+    """The pid and name listening on ``port`` (preferring ``host`` or a wildcard address), if visible."""
+    try:
+        conns = psutil.net_connections(kind="tcp")
+    except (psutil.Error, OSError):
+        return None, None
+    listening = [c for c in conns if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port]
+    listening.sort(key=lambda c: (c.laddr.ip not in (host, "0.0.0.0", "::"), c.pid is None))
+    for conn in listening:
+        if conn.pid is None:
+            continue
+        try:
+            return conn.pid, psutil.Process(conn.pid).name()
+        except (psutil.Error, OSError):
+            return conn.pid, None
+    return None, None
+
+
+def port_facts(host: str, port: int) -> PortFacts:
+    """Try to bind as a server would (SO_REUSEADDR, so TIME_WAIT leftovers do not count as taken)."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except (socket.gaierror, UnicodeError) as exc:
+        return PortFacts(host, port, False, problem=f"cannot resolve bind address {host!r}: {exc}")
+    try:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(addr)
+            sock.listen(1)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            pid, name = _listener(port, host)
+            return PortFacts(host, port, False, pid, name)
+        if exc.errno == errno.EADDRNOTAVAIL:
+            return PortFacts(host, port, False, problem=f"{host} is not an address of this machine")
+        return PortFacts(host, port, False, problem=exc.strerror or str(exc))
+    return PortFacts(host, port, True)
+
+
+def _env(pairs: tuple[tuple[str, str], ...]) -> dict[str, str]:
+    return {**os.environ, **dict(pairs)}
+
+
+def software_facts(req: InterpreterRequest, timeout: float) -> SoftwareFacts:
+    """Run the probe snippet in the worker interpreter, with the worker's env and cwd."""
+    argv = [req.path, "-c", _SOFTWARE_PROBE, ",".join(req.modules), "1" if req.native else "0", _MARKER]
+    try:
+        done = subprocess.run(
+            argv,
+            env=_env(req.env),
+            cwd=req.cwd,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+            errors="replace",
+        )
+    except FileNotFoundError:
+        return SoftwareFacts(req.path, f"worker interpreter {req.path} not found")
+    except PermissionError:
+        return SoftwareFacts(req.path, f"worker interpreter {req.path} is not executable")
+    except subprocess.TimeoutExpired:
+        return SoftwareFacts(req.path, f"the import probe in {req.path} took longer than {timeout:.0f} s")
+    except OSError as exc:
+        return SoftwareFacts(req.path, f"worker interpreter {req.path} could not run: {exc.strerror or exc}")
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith(_MARKER)]
+    if not lines:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return SoftwareFacts(req.path, f"{req.path} is not a working Python (exit {done.returncode}: {tail})")
+    data: dict[str, Any] = json.loads(lines[-1][len(_MARKER) :])
+    modules = tuple(
+        ModuleFacts(name, m.get("version"), m.get("error")) for name, m in data["modules"].items()
+    )
+    native = data.get("native")
+    return SoftwareFacts(
+        req.path,
+        None,
+        data.get("python"),
+        modules,
+        NativeFacts(native["module"], native["error"], native["lmcache"], native["torch"])
+        if native
+        else None,
+    )
+
+
+def hf_cache_dirs(env: Mapping[str, str]) -> tuple[Path, ...]:
+    """The hub cache huggingface_hub would use under ``env``: HF_HUB_CACHE, HF_HOME/hub, XDG, home."""
+    if env.get("HF_HUB_CACHE"):
+        return (Path(env["HF_HUB_CACHE"]).expanduser(),)
+    if env.get("HF_HOME"):
+        return (Path(env["HF_HOME"]).expanduser() / "hub",)
+    xdg = env.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path(env.get("HOME", str(Path.home()))) / ".cache"
+    return (base / "huggingface" / "hub",)
+
+
+_TRUE = ("1", "true", "yes", "on")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tekken.json")
+
+
+def model_facts(req: ModelRequest) -> ModelFacts:
+    env = _env(req.env)
+    offline = (
+        env.get("HF_HUB_OFFLINE", "").lower() in _TRUE or env.get("TRANSFORMERS_OFFLINE", "").lower() in _TRUE
+    )
+    if req.local:
+        root = Path(req.name).expanduser()
+        if not root.is_dir():
+            return ModelFacts(req.name, True, False, str(root), ("the directory itself",), offline)
+        missing = [] if (root / "config.json").is_file() else ["config.json"]
+        if not any((root / f).is_file() for f in TOKENIZER_FILES) and not any(root.glob("*.tiktoken")):
+            missing.append("a tokenizer (" + ", ".join(TOKENIZER_FILES) + ")")
+        return ModelFacts(req.name, True, not missing, str(root), tuple(missing), offline)
+    dirs = hf_cache_dirs(env)
+    folder = "models--" + req.name.replace("/", "--")
+    for hub in dirs:
+        for snapshot in sorted((hub / folder / "snapshots").glob("*")):
+            if (snapshot / "config.json").is_file():
+                return ModelFacts(req.name, False, True, str(snapshot), (), offline, tuple(map(str, dirs)))
+    return ModelFacts(req.name, False, False, None, (), offline, tuple(map(str, dirs)))
+
+
+def etcd_facts(endpoint: str, timeout: float) -> EndpointFacts:
+    """GET ``/health`` as etcd serves it: 200 with ``{"health": "true"}``."""
+    base = endpoint if "://" in endpoint else f"http://{endpoint}"
+    try:
+        with urllib.request.urlopen(base.rstrip("/") + "/health", timeout=timeout) as resp:  # noqa: S310
+            body = json.loads(resp.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        return EndpointFacts(endpoint, False, f"/health answered HTTP {exc.code}")
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        return EndpointFacts(endpoint, False, f"/health did not answer: {reason}")
+    if str(body.get("health")).lower() != "true":
+        return EndpointFacts(
+            endpoint, False, f"/health says {body.get('health')!r} ({body.get('reason', '')})"
+        )
+    return EndpointFacts(endpoint, True)
+
+
+def gather(request: FactsRequest, *, nvml: Any | None = None, arch: str | None = None) -> HostFacts:
+    """Probe what ``request`` lists. ``nvml`` (a pynvml-like object) and ``arch`` replace the real ones."""
+    timeout = request.network_timeout_s
+    return HostFacts(
+        arch=arch if arch is not None else platform.machine(),
+        memory=memory_facts(),
+        gpus=gpu_facts(nvml) if request.gpus else None,
+        paths=tuple(path_facts(p) for p in dict.fromkeys(request.paths)),
+        ports=tuple(port_facts(h, p) for h, p in dict.fromkeys(request.ports)),
+        remotes=tuple(probe_remote(t, timeout) for t in dict.fromkeys(request.remotes)),
+        software=tuple(software_facts(i, request.interpreter_timeout_s) for i in request.interpreters),
+        model=model_facts(request.model) if request.model else None,
+        etcd=tuple(etcd_facts(e, timeout) for e in dict.fromkeys(request.etcd)),
+    )
