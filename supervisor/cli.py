@@ -104,5 +104,71 @@ def plan_command(profile: str, overrides: tuple[str, ...], model: str | None, as
         print_plan_table(rendered)
 
 
+# ----------------------------------------------------------------------------------------- check
+
+# The check names, spelled out so the CLI needs no import of preflight (and psutil) to build --help;
+# tests/test_preflight.py asserts they equal preflight.CHECKS.
+CHECK_NAMES = ("arch", "gpu", "host-memory", "disk", "ports", "remote-cache", "software", "model", "discovery")
+
+
+def skip_check_option(func: F) -> F:
+    """``--skip-check NAME`` (repeatable), shared by ``check`` and ``up``."""
+    return click.option(  # type: ignore[return-value]
+        "--skip-check", "skip", multiple=True, type=click.Choice(CHECK_NAMES), metavar="NAME",
+        help="Turn this check's failures into warnings (repeatable): " + ", ".join(CHECK_NAMES) + ".",
+    )(func)
+
+
+def run_preflight(rendered: Plan, skip: tuple[str, ...] = ()) -> list[Any]:
+    """Probe the host for what ``rendered`` needs and judge it: the findings ``check`` shows.
+
+    ``up`` calls this, prints with :func:`print_findings`, then ``preflight.enforce(findings)``."""
+    from supervisor import host, preflight
+
+    return preflight.check(rendered, host.gather(preflight.facts_request(rendered)), skip=skip)
+
+
+def print_findings(findings: list[Any]) -> None:
+    """A table readable at a glance: status colored, then check, message and fix hint."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    style = {"ok": "green", "warn": "yellow", "fail": "bold red"}
+    table = Table(show_lines=False, header_style="bold", expand=False)
+    for column in ("status", "check", "message", "hint"):
+        table.add_column(column, overflow="fold")
+    for f in findings:
+        status = f.status.value
+        table.add_row(f"[{style[status]}]{status.upper()}[/]", f.check, escape(f.message),
+                      f"[dim]{escape(f.hint)}[/]")
+    counts = {s: sum(f.status.value == s for f in findings) for s in style}
+    console = Console()
+    console.print(table)
+    console.print(f"{counts['fail']} failed, {counts['warn']} warning(s), {counts['ok']} ok")
+
+
+@main.command("check")
+@profile_options
+@skip_check_option
+@click.option("--json", "as_json", is_flag=True,
+              help='Print a JSON list of {"check", "status", "message", "hint"} instead of a table.')
+@handles_errors
+def check_command(profile: str, overrides: tuple[str, ...], model: str | None, skip: tuple[str, ...],
+                  as_json: bool) -> None:
+    """Check that this host can run PROFILE: exit 0 when ok or only warnings, 3 on any failure."""
+    import json
+
+    from supervisor.preflight import Status, enforce
+
+    findings = run_preflight(load_plan(profile, overrides, model), skip)
+    if as_json:
+        click.echo(json.dumps([f.to_json() for f in findings], indent=2))
+    else:
+        print_findings(findings)
+    if any(f.status is Status.FAIL for f in findings):
+        enforce(findings)  # raises PreflightError: one line on stderr, exit 3
+
+
 _ = EXIT_BAD_INPUT  # re-exported for command modules that map click errors
 
