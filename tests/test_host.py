@@ -23,7 +23,7 @@ from supervisor.preflight_needs import parse_remote_url
 
 from realredis import free_port, redis_factory, wait_until  # noqa: F401 - redis_factory is a fixture
 
-VENV_PYTHON = str(Path(__file__).resolve().parent.parent / ".venv" / "bin" / "python")
+VENV_PYTHON = sys.executable  # the project venv under `make test`: it has ai-dynamo, not vllm
 TIMEOUT = 2.0
 
 
