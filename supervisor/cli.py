@@ -170,5 +170,119 @@ def check_command(profile: str, overrides: tuple[str, ...], model: str | None, s
         enforce(findings)  # raises PreflightError: one line on stderr, exit 3
 
 
+# --------------------------------------------------------------------------------------- systemd
+
+
+@main.group("systemd")
+def systemd_group() -> None:
+    """Run a deployment as the systemd service lmcache-supervise@DEPLOYMENT."""
+
+
+def _this_executable() -> str:
+    """The ``lmcache-supervise`` script of this installation (beside its interpreter, not resolved:
+    a virtual environment's python is a symlink whose target lives elsewhere)."""
+    import shutil
+    from pathlib import Path
+
+    beside = Path(sys.executable).absolute().with_name("lmcache-supervise")
+    if beside.is_file():
+        return str(beside)
+    found = shutil.which("lmcache-supervise")
+    if found is None:
+        fail("cannot find the lmcache-supervise executable; pass --executable PATH", EXIT_BAD_INPUT)
+    return str(Path(found).absolute())
+
+
+def _unit_for(profile: str, overrides: tuple[str, ...], model: str | None, *, executable: str | None,
+              user: str, template: bool) -> tuple[Plan, str]:
+    """The plan (state under the system state root) and the unit text for PROFILE."""
+    import shlex
+    from pathlib import Path
+
+    from supervisor import plan as plans, profile as profiles, systemd
+
+    loaded = profiles.load(profile, overrides=overrides, model=model)
+    rendered = plans.render(loaded, state_root=Path(systemd.SYSTEM_STATE_ROOT))
+    # A path is made absolute (systemd starts us in /); a built-in name stays a name.
+    is_path = profile.endswith(".toml") or os.sep in profile
+    ref = str(profiles.resolve(profile).resolve()) if is_path else profile
+    exe = executable or _this_executable()
+    words = ["lmcache-supervise", "systemd", "render", ref]
+    for override in overrides:
+        words += ["--set", override]
+    words += ["--model", model] if model is not None else []
+    words += ["--template", "--executable", exe] if template else []
+    options = systemd.UnitOptions(executable=exe, profile_ref=None if template else ref, overrides=overrides,
+                                  model=model, user=user, group=user, command=shlex.join(words))
+    return rendered, systemd.render_unit(rendered, options)
+
+
+def unit_options(func: F) -> F:
+    func = click.option("--user", default="lmcache", show_default=True,
+                        help="The dedicated user (and group) the service runs as.")(func)
+    return click.option(  # type: ignore[return-value]
+        "--executable", default=None, metavar="PATH",
+        help="lmcache-supervise as the service should run it (default: this installation's).")(func)
+
+
+@systemd_group.command("render")
+@profile_options
+@unit_options
+@click.option("--template", is_flag=True,
+              help="Print the lmcache-supervise@.service template (%i for the profile), with PROFILE's timeouts.")
+@handles_errors
+def systemd_render_command(profile: str, overrides: tuple[str, ...], model: str | None, executable: str | None,
+                           user: str, template: bool) -> None:
+    """Print the unit for PROFILE: ExecStart with this installation's paths, timeouts from its plan."""
+    _, text = _unit_for(profile, overrides, model, executable=executable, user=user, template=template)
+    click.echo(text, nl=False)
+
+
+@systemd_group.command("install")
+@profile_options
+@unit_options
+@click.option("--unit-dir", default="/etc/systemd/system", show_default=True, metavar="DIR",
+              help="Where to write the unit.")
+@handles_errors
+def systemd_install_command(profile: str, overrides: tuple[str, ...], model: str | None, executable: str | None,
+                            user: str, unit_dir: str) -> None:
+    """Write lmcache-supervise@DEPLOYMENT.service (as root) and print the systemctl commands to run."""
+    import pwd
+    import shlex
+    import tempfile
+    from pathlib import Path
+
+    from supervisor import systemd
+
+    rendered, text = _unit_for(profile, overrides, model, executable=executable, user=user, template=False)
+    name = systemd.unit_name(rendered.deployment.name)
+    target = Path(unit_dir) / name
+    try:
+        # Whole or not at all: systemd may read the directory at any moment (daemon-reload).
+        with tempfile.NamedTemporaryFile("w", dir=unit_dir, prefix=f".{name}.", delete=False) as tmp:
+            try:
+                tmp.write(text)
+                os.fchmod(tmp.fileno(), 0o644)
+                tmp.flush()
+                os.replace(tmp.name, target)
+            except BaseException:
+                os.unlink(tmp.name)
+                raise
+    except PermissionError:
+        fail(f"{unit_dir}: permission denied; run `sudo lmcache-supervise systemd install ...`", EXIT_RUNTIME)
+    click.echo(f"wrote {target}")
+    click.echo("now run:")
+    try:
+        pwd.getpwnam(user)
+    except KeyError:
+        home = f"/var/lib/{systemd.STATE_DIRECTORY}"
+        click.echo(f"  useradd --system --user-group --home-dir {home} --no-create-home "
+                   f"--shell /usr/sbin/nologin {shlex.quote(user)}")
+    for command in ("daemon-reload", f"enable --now {name}", f"status {name}"):
+        click.echo(f"  systemctl {command}")
+    click.echo(f"  journalctl -u {name} -f")
+    click.echo(f"after editing the profile: systemctl reload {name}")
+
+
 _ = EXIT_BAD_INPUT  # re-exported for command modules that map click errors
 
