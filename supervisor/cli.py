@@ -284,5 +284,65 @@ def systemd_install_command(profile: str, overrides: tuple[str, ...], model: str
     click.echo(f"after editing the profile: systemctl reload {name}")
 
 
+# -------------------------------------------------------------------------------------- up, down
+
+
+@main.command("up")
+@profile_options
+@skip_check_option
+@click.option("--quiet-children", is_flag=True,
+              help="Do not copy child output to the terminal (it still goes to the log files).")
+@handles_errors
+def up_command(profile: str, overrides: tuple[str, ...], model: str | None, skip: tuple[str, ...],
+               quiet_children: bool) -> None:
+    """Start PROFILE in the foreground and supervise it; Ctrl-C or SIGTERM stops it in order.
+
+    Exits 0 after an orderly shutdown and 1 when a required process failed for good (crash loop),
+    so that systemd can take over."""
+    import time
+
+    from supervisor import logs, runner
+    from supervisor.preflight import Status, enforce
+    from supervisor.states import DeploymentEvent, DeploymentState, RunnerEvent
+
+    started = time.monotonic()
+    rendered = load_plan(profile, overrides, model)
+    findings = run_preflight(rendered, skip)
+    if any(f.status is not Status.OK for f in findings):
+        print_findings(findings)
+    enforce(findings)
+    logs.configure()
+    dep = rendered.deployment
+    announced: list[bool] = []
+
+    def announce(event: RunnerEvent) -> None:
+        if isinstance(event, DeploymentEvent) and event.new is DeploymentState.READY and not announced:
+            announced.append(True)
+            click.echo(f"ready: OpenAI API at {dep.base_url}/v1 (model {dep.served_model_name}) "
+                       f"in {time.monotonic() - started:.1f} s")
+
+    echo = None if quiet_children else logs.TerminalEcho()
+    try:
+        code = runner.run(rendered, observers=[announce], echo=echo)
+    finally:
+        if echo is not None:
+            echo.close()
+    sys.exit(code)
+
+
+@main.command("down")
+@click.argument("deployment", required=False)
+@click.option("--timeout", "timeout_s", type=float, default=120.0, show_default=True,
+              help="Seconds to wait for the supervisor to finish its orderly shutdown.")
+@handles_errors
+def down_command(deployment: str | None, timeout_s: float) -> None:
+    """Stop a running deployment (the only one running when DEPLOYMENT is not given)."""
+    from supervisor import paths, pidfile
+
+    entry = pidfile.choose(paths.state_root(), deployment)
+    took = pidfile.stop(entry, timeout_s=timeout_s)
+    click.echo(f"stopped {entry.deployment} (supervisor pid {entry.pid}) in {took:.1f} s")
+
+
 _ = EXIT_BAD_INPUT  # re-exported for command modules that map click errors
 

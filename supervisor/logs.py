@@ -1,0 +1,184 @@
+"""Where words go: supervisor events through structlog, child output into rotated files.
+
+Events are readable on a terminal and JSON lines otherwise (journald, files, CI). Each child's
+merged stdout/stderr goes to ``<state_dir>/logs/<name>.log``, rotated by size with a few backups,
+and in the foreground also to our stdout as ``name | line``.
+
+Nothing here may stop supervision: a full or unwritable log directory costs log lines, not
+children. The first failure is reported as one error event, later ones are counted silently, and
+writing is retried after a pause. Terminal echo goes through one bounded queue and one writer
+thread, so a stalled terminal (or a pipe nobody reads) drops lines instead of blocking the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+import structlog
+
+log = structlog.get_logger("supervisor")
+
+_RETRY_AFTER_S = 30.0
+_ECHO_LINE_MAX = 8192
+
+
+def configure(*, json: bool | None = None, level: str = "info", stream: TextIO | None = None) -> None:
+    """Set structlog up once: console rendering on a TTY, JSON lines otherwise."""
+    stream = stream or sys.stderr
+    if json is None:
+        json = not stream.isatty()
+    renderer: Any = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(
+        colors=stream.isatty())
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=not stream.isatty()),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        cache_logger_on_first_use=False,
+    )
+
+
+@dataclass(frozen=True)
+class LogOptions:
+    """How child output files are kept: rotation size and number of backups."""
+
+    max_bytes: int = 50 * 1024 * 1024
+    backups: int = 3
+
+
+class RotatingFile:
+    """Append-only file rotated at ``max_bytes`` into ``.1`` .. ``.N``; never raises on write."""
+
+    def __init__(self, path: str, *, max_bytes: int, backups: int, owner: str) -> None:
+        self.path, self.max_bytes, self.backups, self.owner = path, max_bytes, backups, owner
+        self._fd: int | None = None
+        self._size = 0
+        self._broken_until = 0.0
+        self.dropped_bytes = 0
+
+    def write(self, data: bytes) -> None:
+        if self._broken_until and time.monotonic() < self._broken_until:
+            self.dropped_bytes += len(data)
+            return
+        try:
+            if self._fd is None:
+                self._open()
+            assert self._fd is not None
+            view = memoryview(data)
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+            self._size += len(data)
+            if self._size >= self.max_bytes:
+                self._rotate()
+            self._broken_until = 0.0
+        except OSError as exc:
+            self.dropped_bytes += len(data)
+            if not self._broken_until:  # report the first failure of a run, not every chunk
+                log.error("child log not writable; output dropped, supervision continues",
+                          process=self.owner, path=self.path, error=exc.strerror or str(exc))
+            self._broken_until = time.monotonic() + _RETRY_AFTER_S
+            self.close()
+
+    def _open(self) -> None:
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        self._size = os.fstat(self._fd).st_size
+
+    def _rotate(self) -> None:
+        self.close()
+        for index in range(self.backups - 1, 0, -1):
+            src = f"{self.path}.{index}"
+            if os.path.exists(src):
+                os.replace(src, f"{self.path}.{index + 1}")
+        if self.backups > 0:
+            os.replace(self.path, f"{self.path}.1")
+        else:
+            os.truncate(self.path, 0)
+        self._open()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = None
+
+
+class TerminalEcho:
+    """Prefixed child lines on a terminal, written by one thread from a bounded queue."""
+
+    def __init__(self, stream: TextIO | None = None, *, capacity: int = 10_000) -> None:
+        self._stream = stream or sys.stdout
+        self._queue: queue.Queue[str | None] = queue.Queue(maxsize=capacity)
+        self._dropped = 0
+        self._width = 0
+        self._thread = threading.Thread(target=self._run, name="terminal-echo", daemon=True)
+        self._thread.start()
+
+    def line(self, name: str, text: str) -> None:
+        self._width = max(self._width, len(name))
+        try:
+            self._queue.put_nowait(f"{name:<{self._width}} | {text}\n")
+        except queue.Full:
+            self._dropped += 1
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            try:
+                if self._dropped:
+                    dropped, self._dropped = self._dropped, 0
+                    self._stream.write(f"[{dropped} lines not shown: terminal too slow]\n")
+                self._stream.write(item)
+                if self._queue.empty():
+                    self._stream.flush()
+            except (OSError, ValueError):
+                pass  # closed terminal: keep draining so the producers never block
+
+    def close(self) -> None:
+        try:
+            self._queue.put(None, timeout=1.0)
+        except queue.Full:
+            return
+        self._thread.join(timeout=1.0)
+
+
+class ChildOutput:
+    """The sink for one child's output: its rotated file and, optionally, the terminal."""
+
+    def __init__(self, name: str, path: str, options: LogOptions, echo: TerminalEcho | None) -> None:
+        self.name = name
+        self.file = RotatingFile(path, max_bytes=options.max_bytes, backups=options.backups, owner=name)
+        self._echo = echo
+        self._partial = b""
+
+    def __call__(self, data: bytes) -> None:
+        self.file.write(data)
+        if self._echo is None:
+            return
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        if len(self._partial) > _ECHO_LINE_MAX:
+            lines.append(self._partial)
+            self._partial = b""
+        for raw in lines:
+            self._echo.line(self.name, raw[:_ECHO_LINE_MAX].decode("utf-8", "replace").rstrip("\r"))
+
+    def close(self) -> None:
+        self.file.close()

@@ -1,0 +1,246 @@
+"""Health checks (http, tcp, exec) with Kubernetes thresholds, and the port-ownership test.
+
+A check returns a :class:`~supervisor.states.ProbeResult` value (ok, latency, error) and never
+raises for an unhealthy target. :class:`Tally` applies a probe's success/failure thresholds to a
+run of results. :func:`port_owned_by_tree` answers "does the socket listening on this port belong
+to this child or its descendants?": a Dynamo worker whose health port was taken keeps running
+without a health server, so an answer on that port may come from a stranger.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from collections.abc import Mapping
+from typing import Any
+
+import anyio
+import httpx
+import psutil
+
+from supervisor.spec import Check, ExecCheck, HttpCheck, Probe, SmokeRequest, TcpCheck
+from supervisor.states import ProbeResult
+
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class Tally:
+    """Consecutive successes/failures of one probe and its verdict (Kubernetes semantics).
+
+    ``passing`` flips to True after ``success_threshold`` successes in a row and to False after
+    ``failure_threshold`` failures in a row; in between it keeps its last value.
+    """
+
+    passing: bool = False
+    successes: int = 0
+    failures: int = 0
+
+    def observe(self, ok: bool, probe: Probe) -> Tally:
+        if ok:
+            successes = self.successes + 1
+            passing = self.passing or successes >= max(probe.success_threshold, 1)
+            return Tally(passing=passing, successes=successes, failures=0)
+        failures = self.failures + 1
+        passing = self.passing and failures < max(probe.failure_threshold, 1)
+        return Tally(passing=passing, successes=0, failures=failures)
+
+
+def _tree_pids(pid: int) -> set[int]:
+    try:
+        root = psutil.Process(pid)
+        return {pid, *(child.pid for child in root.children(recursive=True))}
+    except psutil.Error:
+        return set()
+
+
+def port_owned_by_tree(port: int, pid: int) -> tuple[bool, str | None]:
+    """Whether a TCP socket listening on ``port`` belongs to ``pid`` or one of its descendants.
+
+    Returns ``(owned, error)``; ``error`` says who holds the port instead, when that is knowable.
+    Only the child's own tree is scanned (cheap: its fds and /proc/<pid>/net/tcp*), not the host.
+    """
+    for member in sorted(_tree_pids(pid)):
+        try:
+            conns = psutil.Process(member).net_connections(kind="tcp")
+        except psutil.Error:
+            continue
+        if any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port for c in conns):
+            return True, None
+    return False, f"port {port} is not held by pid {pid} or its descendants ({_stranger(port)})"
+
+
+def _stranger(port: int) -> str:
+    """Best-effort name of whoever listens on ``port`` (only for the error message)."""
+    try:
+        for conn in psutil.net_connections(kind="tcp"):
+            if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port:
+                return f"held by pid {conn.pid}" if conn.pid else "held by another user's process"
+    except (psutil.Error, OSError):
+        pass
+    return "nobody listens there"
+
+
+def _json_field(payload: Any, dotted: str) -> Any:
+    value = payload
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return _MISSING
+        value = value[part]
+    return value
+
+
+async def _http(check: HttpCheck, client: httpx.AsyncClient, timeout_s: float) -> str | None:
+    response = await client.get(check.url, timeout=timeout_s)
+    if response.status_code != check.status:
+        return f"GET {check.url} answered {response.status_code}, expected {check.status}"
+    if check.json_field:
+        try:
+            got = _json_field(response.json(), check.json_field)
+        except ValueError:
+            return f"GET {check.url} did not answer JSON"
+        if got is _MISSING:
+            return f"GET {check.url}: no field {check.json_field!r} in the answer"
+        if got != check.json_value:
+            return f"GET {check.url}: {check.json_field} is {got!r}, expected {check.json_value!r}"
+    return None
+
+
+async def _tcp(check: TcpCheck, timeout_s: float) -> str | None:
+    with anyio.fail_after(timeout_s):
+        stream = await anyio.connect_tcp(check.host, check.port)
+    await stream.aclose()
+    return None
+
+
+async def _exec(check: ExecCheck, timeout_s: float) -> str | None:
+    """Run ``argv`` in its own group, no shell, waiting on a pidfd (no thread, no poll loop)."""
+    try:
+        proc = subprocess.Popen(check.argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+    except OSError as exc:
+        return f"{check.argv[0]}: {exc.strerror or exc}"
+    pidfd = os.pidfd_open(proc.pid)
+    try:
+        with anyio.move_on_after(timeout_s):
+            await anyio.wait_readable(pidfd)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return f"{check.argv[0]} did not finish within {timeout_s:g} s"
+    finally:
+        os.close(pidfd)
+        if proc.poll() is None:  # cancelled from outside: never leave the check behind
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return None if proc.returncode == 0 else f"{check.argv[0]} exited with {proc.returncode}"
+
+
+async def run_check(
+    check: Check,
+    *,
+    client: httpx.AsyncClient,
+    timeout_s: float,
+    owner_pid: int | None = None,
+) -> ProbeResult:
+    """Run one check once. ``owner_pid``: the child whose tree must own ``check.owned_port``."""
+    started = time.monotonic()
+    try:
+        if isinstance(check, HttpCheck):
+            error = await _http(check, client, timeout_s)
+        elif isinstance(check, TcpCheck):
+            error = await _tcp(check, timeout_s)
+        else:
+            error = await _exec(check, timeout_s)
+    except httpx.TimeoutException:
+        error = f"no answer within {timeout_s:g} s"
+    except TimeoutError:
+        error = f"no connection within {timeout_s:g} s"
+    except (httpx.HTTPError, OSError) as exc:
+        error = _describe_oserror(exc)
+    owned_port = getattr(check, "owned_port", None)
+    if error is None and owned_port is not None and owner_pid is not None:
+        # Checked after a success only: a refused connection needs no owner, and a success from a
+        # stranger must not count.
+        owned, why = port_owned_by_tree(owned_port, owner_pid)
+        if not owned:
+            error = why
+    return ProbeResult(ok=error is None, latency_s=time.monotonic() - started, error=error)
+
+
+def _describe_oserror(exc: BaseException) -> str:
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno == errno.ECONNREFUSED:
+            return "connection refused"
+        cause = cause.__cause__ or cause.__context__
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def worker_counts(payload: Any) -> dict[str, int]:
+    """Workers per type from the frontend's model-ready answer (summed over namespaces)."""
+    counts: dict[str, int] = {}
+    namespaces = payload.get("namespaces") if isinstance(payload, dict) else None
+    for namespace in (namespaces or {}).values():
+        for kind, info in ((namespace or {}).get("worker_types") or {}).items():
+            if isinstance(info, dict) and isinstance(info.get("workers"), int):
+                counts[kind] = counts.get(kind, 0) + info["workers"]
+    return counts
+
+
+async def deployment_ready(
+    url: str,
+    *,
+    client: httpx.AsyncClient,
+    max_workers: Mapping[str, int] | None = None,
+    timeout_s: float = 2.0,
+) -> tuple[ProbeResult, dict[str, int]]:
+    """GET the frontend's model-ready URL: 200 once every needed worker type registered.
+
+    Returns the result and the worker counts it reported. ``max_workers`` (per worker type) also
+    fails the check while the frontend counts MORE workers than that: after a SIGKILL, the dead
+    worker's discovery entry lingers (~10 s with file discovery) and requests routed to it fail.
+    """
+    started = time.monotonic()
+    counts: dict[str, int] = {}
+    try:
+        response = await client.get(url, timeout=timeout_s)
+        error = None if response.status_code == 200 else f"GET {url} answered {response.status_code}"
+        try:
+            counts = worker_counts(response.json())
+        except ValueError:
+            pass
+    except httpx.TimeoutException:
+        error = f"GET {url}: no answer within {timeout_s:g} s"
+    except httpx.HTTPError as exc:
+        error = f"GET {url}: {_describe_oserror(exc)}"
+    if error is None and max_workers:
+        extra = {k: n for k, n in counts.items() if k in max_workers and n > max_workers[k]}
+        if extra:
+            error = "frontend still counts workers that are gone: " + ", ".join(
+                f"{k} {n} > {max_workers[k]}" for k, n in sorted(extra.items()))
+    return ProbeResult(ok=error is None, latency_s=time.monotonic() - started, error=error), counts
+
+
+async def smoke(base_url: str, model: str, request: SmokeRequest, *, client: httpx.AsyncClient) -> ProbeResult:
+    """Send one small OpenAI chat completion; any 200 proves the request path end to end."""
+    started = time.monotonic()
+    url = base_url.rstrip("/") + request.path
+    if url.endswith("/v1/v1/chat/completions"):  # base_url may already carry /v1
+        url = url.replace("/v1/v1/", "/v1/")
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": request.prompt}],
+        "max_tokens": request.max_tokens,
+    }
+    try:
+        response = await client.post(url, json=body, timeout=request.timeout_s)
+        error = None if response.status_code == 200 else (
+            f"POST {url} answered {response.status_code}: {response.text[:200]}")
+    except httpx.HTTPError as exc:
+        error = f"POST {url}: {_describe_oserror(exc)}"
+    return ProbeResult(ok=error is None, latency_s=time.monotonic() - started, error=error)

@@ -1,0 +1,178 @@
+"""Shared test helpers: condition waits with deadlines, free ports, and a leak check.
+
+Every test runs with ``LMCACHE_SUPERVISE_TEST_MARKER`` set to a value unique to that test; every
+child, grandchild and supervisor it starts inherits it. After the test, any live process still
+carrying that value in its environment is a leak: it is killed and the test fails.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import psutil
+import pytest
+
+MARKER = "LMCACHE_SUPERVISE_TEST_MARKER"
+SESSION = uuid.uuid4().hex[:12]
+FIXTURE_CHILD = str(Path(__file__).parent / "fixtures" / "child.py")
+T = TypeVar("T")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "e2e: end-to-end tests that run the real Dynamo frontend and mocker")
+
+
+def wait_for(predicate: Callable[[], T], timeout: float, *, interval: float = 0.01, what: str = "") -> T:
+    """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            pytest.fail(f"timed out after {timeout:g} s waiting for {what or predicate}")
+        time.sleep(interval)
+
+
+def free_port_base(count: int = 20) -> int:
+    """A base port with ``count`` free ports above it (below 32767: Dynamo parses ports as int16)."""
+    for _ in range(200):
+        base = 20000 + (uuid.uuid4().int % 1200) * 10
+        socks = []
+        try:
+            for port in range(base, base + count):
+                sock = socket.socket()
+                sock.bind(("127.0.0.1", port))
+                socks.append(sock)
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise RuntimeError("no free port range")
+
+
+def marked(value: str) -> list[psutil.Process]:
+    """Live processes (not zombies, not us) whose environment carries ``MARKER=value``."""
+    found = []
+    for proc in psutil.process_iter(["pid"]):
+        if proc.pid == os.getpid():
+            continue
+        try:
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            if proc.environ().get(MARKER) == value:
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie (init here reaps orphans only every ~1 s)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def group_alive(pgid: int) -> bool:
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
+                return True
+        except (OSError, psutil.Error):
+            continue
+    return False
+
+
+def reap_marked(value: str, timeout: float = 5.0) -> list[str]:
+    """Wait for marked processes to go; SIGKILL the rest. Returns descriptions of the leaked ones."""
+    deadline = time.monotonic() + timeout
+    while (left := marked(value)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    leaked = []
+    for proc in left:
+        try:
+            leaked.append(f"{proc.pid} {' '.join(proc.cmdline())[:120]}")
+            os.kill(proc.pid, signal.SIGKILL)
+        except (OSError, psutil.Error):
+            pass
+    return leaked
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_processes() -> Iterator[str]:
+    """Give the test its own marker value and fail it if any marked process outlives it."""
+    value = f"{SESSION}-{uuid.uuid4().hex[:8]}"
+    old = os.environ.get(MARKER)
+    os.environ[MARKER] = value
+    try:
+        yield value
+    finally:
+        if old is None:
+            os.environ.pop(MARKER, None)
+        else:
+            os.environ[MARKER] = old
+        leaked = reap_marked(value)
+        assert not leaked, f"processes left behind: {leaked}"
+
+
+@pytest.fixture(name="wait_for")
+def wait_for_fixture() -> Callable[..., object]:
+    return wait_for
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def python() -> str:
+    return sys.executable
+
+
+@pytest.fixture
+def make_spec(tmp_path: Path) -> Callable[..., object]:
+    """Build a ProcessSpec running the fixture child with ``args``; keyword overrides go to the spec."""
+    from supervisor.spec import ProcessSpec, Role
+
+    def make(name: str, *args: str, **overrides: object) -> ProcessSpec:
+        fields: dict[str, object] = dict(
+            name=name, role=Role.CUSTOM, argv=(sys.executable, FIXTURE_CHILD, *args), env={},
+            gpus=(), ports={}, multiproc_dir=str(tmp_path / "prometheus" / name),
+            log_file=str(tmp_path / "logs" / f"{name}.log"), stop_timeout_s=5.0,
+        )
+        fields.update(overrides)
+        return ProcessSpec(**fields)  # type: ignore[arg-type]
+
+    return make
+
+
+@pytest.fixture
+def make_plan(tmp_path: Path) -> Callable[..., object]:
+    """Build a Plan around ``processes``; no ready URL and no smoke request unless given."""
+    from supervisor.spec import DeploymentSpec, Plan
+
+    def make(*processes: object, ready_url: str = "", smoke: object = None, ready_timeout_s: float = 30.0,
+             base_url: str = "http://127.0.0.1:1") -> Plan:
+        dep = DeploymentSpec(
+            name="test", profile="test", engine="fixture", model="m", served_model_name="m",
+            state_dir=str(tmp_path), base_url=base_url, ready_url=ready_url, smoke=smoke,  # type: ignore[arg-type]
+            ready_timeout_s=ready_timeout_s, discovery="file", discovery_dir=None, etcd_endpoints=(),
+            python=sys.executable, metrics_host="127.0.0.1", metrics_port=None,
+            control_socket=str(tmp_path / "control.sock"), targets_file=str(tmp_path / "targets.json"),
+        )
+        return Plan(deployment=dep, processes=tuple(processes))  # type: ignore[arg-type]
+
+    return make
