@@ -9,7 +9,12 @@ this boundary, not NVML itself.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
+
+import anyio
+import anyio.to_thread
+import psutil
 
 _lock = threading.Lock()
 _state: dict[str, bool] = {}
@@ -49,3 +54,27 @@ def gpu_pids(gpu_indices: Iterable[int]) -> set[int] | None:
     except pynvml.NVMLError:
         return None
     return pids
+
+
+async def wait_released(
+    gpu_indices: tuple[int, ...],
+    dead_pids: set[int],
+    *,
+    gpu_pids: Callable[[tuple[int, ...]], set[int] | None] = gpu_pids,
+    timeout_s: float,
+    interval_s: float = 0.2,
+) -> set[int]:
+    """Wait until no process of a dead group holds memory on these GPUs; the pids still there.
+
+    A pid NVML lists that no longer exists counts as the dead group's too: its memory is simply
+    not freed yet. Returns an empty set when released (or when NVML cannot tell).
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        holding = await anyio.to_thread.run_sync(gpu_pids, gpu_indices)
+        if holding is None:
+            return set()
+        left = {pid for pid in holding if pid in dead_pids or not psutil.pid_exists(pid)}
+        if not left or time.monotonic() >= deadline:
+            return left
+        await anyio.sleep(interval_s)

@@ -15,17 +15,24 @@ import signal
 import subprocess
 import time
 from dataclasses import dataclass
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import anyio
 import httpx
 import psutil
 
-from supervisor.spec import Check, ExecCheck, HttpCheck, Probe, SmokeRequest, TcpCheck
+from supervisor.spec import Check, ExecCheck, HttpCheck, Probe, Probes, SmokeRequest, TcpCheck
 from supervisor.states import ProbeResult
 
+#: Probe cadence while a process is starting: a dependent starts within about this of its health.
+FAST_PROBE_S = 0.1
+#: How long a process that was never ready keeps being probed fast (then at its normal period).
+FAST_WINDOW_S = 120.0
+#: A port's owner, once verified for a pid, is trusted this long before it is checked again.
+OWNER_RECHECK_S = 30.0
 _MISSING = object()
+_owner_verified: dict[tuple[int, int], float] = {}
 
 
 @dataclass(frozen=True)
@@ -165,10 +172,18 @@ async def run_check(
     owned_port = getattr(check, "owned_port", None)
     if error is None and owned_port is not None and owner_pid is not None:
         # Checked after a success only: a refused connection needs no owner, and a success from a
-        # stranger must not count.
-        owned, why = port_owned_by_tree(owned_port, owner_pid)
-        if not owned:
-            error = why
+        # stranger must not count. Once verified, a child keeps its listening socket, so the
+        # (costly: it reads the tree's fds) check is repeated only every OWNER_RECHECK_S.
+        key, now = (owner_pid, owned_port), time.monotonic()
+        if now - _owner_verified.get(key, -OWNER_RECHECK_S) >= OWNER_RECHECK_S:
+            owned, why = port_owned_by_tree(owned_port, owner_pid)
+            if owned:
+                if len(_owner_verified) > 4096:  # pids of long-gone children
+                    _owner_verified.clear()
+                _owner_verified[key] = now
+            else:
+                _owner_verified.pop(key, None)
+                error = why
     return ProbeResult(ok=error is None, latency_s=time.monotonic() - started, error=error)
 
 
@@ -244,3 +259,79 @@ async def smoke(base_url: str, model: str, request: SmokeRequest, *, client: htt
     except httpx.HTTPError as exc:
         error = f"POST {url}: {_describe_oserror(exc)}"
     return ProbeResult(ok=error is None, latency_s=time.monotonic() - started, error=error)
+
+
+async def watch_health(
+    probes: Probes,
+    *,
+    pid: int,
+    started_at: float,
+    client: httpx.AsyncClient,
+    record: Callable[[ProbeResult], None],
+    started: Callable[[], None],
+    readiness: Callable[[bool, str], None],
+) -> str:
+    """Probe one incarnation of a process the Kubernetes way; returns only with a reason to kill it.
+
+    The startup probe runs every ``min(period, FAST_PROBE_S)`` until it passes (then ``started()``)
+    or its budget ``initial_delay + period * failure_threshold`` is spent (returns). Readiness then
+    runs at once, fast until the first success, and reports verdict changes via ``readiness``
+    (never kills); liveness past its failure threshold returns. A check shared by readiness and
+    liveness runs once per tick.
+    """
+
+    async def check(probe: Probe) -> ProbeResult:
+        result = await run_check(probe.check, client=client, timeout_s=probe.timeout_s, owner_pid=pid)
+        record(result)
+        return result
+
+    startup = probes.startup
+    if startup is not None:
+        budget = startup.initial_delay_s + startup.period_s * startup.failure_threshold
+        await anyio.sleep(startup.initial_delay_s)
+        tally, tick = Tally(), time.monotonic()
+        while True:
+            result = await check(startup)
+            tally = tally.observe(result.ok, startup)
+            if tally.passing:
+                break
+            if time.monotonic() - started_at >= budget:
+                return f"startup probe did not pass within {budget:g} s: {result.error}"
+            tick += min(startup.period_s, FAST_PROBE_S)
+            await anyio.sleep(max(0.0, tick - time.monotonic()))
+    started()
+    ready, live = probes.readiness, probes.liveness
+    now = time.monotonic()
+    due: dict[str, float] = {}
+    tallies = {"ready": Tally(), "live": Tally()}
+    if ready is not None:
+        due["ready"] = now if startup else now + ready.initial_delay_s
+    if live is not None:
+        due["live"] = now + max(live.initial_delay_s, live.period_s if startup else 0.0)
+    if not due:
+        await anyio.sleep_forever()
+    ever_ready = False
+    while True:
+        await anyio.sleep(max(0.0, min(due.values()) - time.monotonic()))
+        now = time.monotonic()
+        done: list[tuple[Check, ProbeResult]] = []  # one run per distinct check per tick
+        for kind, probe in (("ready", ready), ("live", live)):
+            if probe is None or due[kind] > now:
+                continue
+            result = next((r for c, r in done if c == probe.check), None)
+            if result is None:
+                result = await check(probe)
+                done.append((probe.check, result))
+            before = tallies[kind]
+            tallies[kind] = tally = before.observe(result.ok, probe)
+            period = probe.period_s
+            if kind == "live":
+                if tally.failures >= max(probe.failure_threshold, 1):
+                    return f"liveness probe failed {tally.failures} times: {result.error}"
+            else:
+                if tally.passing != before.passing or (tally.passing and not ever_ready):
+                    readiness(tally.passing, "ready" if tally.passing else (result.error or "not ready"))
+                ever_ready = ever_ready or tally.passing
+                if not ever_ready and now - started_at < FAST_WINDOW_S:
+                    period = min(period, FAST_PROBE_S)
+            due[kind] = now + period

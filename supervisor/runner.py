@@ -26,16 +26,15 @@ from dataclasses import dataclass, field
 import anyio
 import anyio.abc
 import httpx
-import psutil
 import structlog
 
 from supervisor import gpu
 from supervisor.errors import StartError
 from supervisor.logs import ChildOutput, LogOptions, TerminalEcho
 from supervisor.pidfile import PidFile
-from supervisor.probes import Tally, deployment_ready, run_check, smoke
+from supervisor.probes import FAST_PROBE_S, deployment_ready, smoke, watch_health
 from supervisor.process import Child, Guardian, spawn
-from supervisor.spec import Condition, Plan, Probe, ProcessSpec
+from supervisor.spec import Condition, Plan, ProcessSpec
 from supervisor.states import (
     DeploymentEvent, DeploymentState, DeploymentStatus, ExitInfo, ProbeResult, ProcessEvent,
     ProcessState, ProcessStatus, RestartAction, RunnerEvent, check_deployment_transition,
@@ -45,8 +44,6 @@ from supervisor.states import (
 log = structlog.get_logger("supervisor")
 P, D = ProcessState, DeploymentState
 
-FAST_PROBE_S = 0.1  # probe cadence while starting: a dependent starts within ~this of health
-FAST_WINDOW_S = 120.0  # how long a never-ready process keeps being probed fast
 GPU_CLEAR_TIMEOUT_S = 60.0
 Observer = Callable[[RunnerEvent], None]
 GpuPids = Callable[[tuple[int, ...]], "set[int] | None"]
@@ -359,85 +356,36 @@ class Runner:
 
     # ---- probes -------------------------------------------------------------------------------
 
-    async def _check(self, slot: _Slot, child: Child, probe: Probe) -> ProbeResult:
-        result = await run_check(probe.check, client=self._client, timeout_s=probe.timeout_s,
-                                 owner_pid=child.pid)
-        slot.last_probe = result
-        return result
-
     async def _probe(self, slot: _Slot, child: Child) -> str:
         """Run the probes of one incarnation; returns only with a reason to kill it."""
-        probes = slot.spec.probes
-        if probes.startup is not None:
-            startup = probes.startup
-            budget = startup.initial_delay_s + startup.period_s * startup.failure_threshold
-            await anyio.sleep(startup.initial_delay_s)
-            tally, tick = Tally(), time.monotonic()
-            while not tally.passing:
-                result = await self._check(slot, child, startup)
-                tally = tally.observe(result.ok, startup)
-                if not tally.passing and time.monotonic() - child.started_at >= budget:
-                    return f"startup probe did not pass within {budget:g} s: {result.error}"
-                tick += min(startup.period_s, FAST_PROBE_S)
-                if not tally.passing:
-                    await anyio.sleep(max(0.0, tick - time.monotonic()))
-        child.snapshot_tree()
-        ready, live = probes.readiness, probes.liveness
-        if ready is None:
-            self._set(slot, P.RUNNING, "started")
-        now = time.monotonic()
-        due: dict[str, float] = {}
-        tallies: dict[str, Tally] = {"ready": Tally(), "live": Tally()}
-        if ready is not None:
-            due["ready"] = now if probes.startup else now + ready.initial_delay_s
-        if live is not None:
-            due["live"] = now + max(live.initial_delay_s, live.period_s if probes.startup else 0.0)
-        if not due:
-            await anyio.sleep_forever()
-        while True:
-            await anyio.sleep(max(0.0, min(due.values()) - time.monotonic()))
-            now = time.monotonic()
-            done: list[tuple[object, ProbeResult]] = []  # one run per distinct check per tick
-            for kind, probe in (("ready", ready), ("live", live)):
-                if probe is None or due[kind] > now:
-                    continue
-                result = next((r for c, r in done if c == probe.check), None)
-                if result is None:
-                    result = await self._check(slot, child, probe)
-                    done.append((probe.check, result))
-                tallies[kind] = tally = tallies[kind].observe(result.ok, probe)
-                period = probe.period_s
-                if kind == "live":
-                    if tally.failures >= max(probe.failure_threshold, 1):
-                        return f"liveness probe failed {tally.failures} times: {result.error}"
-                elif tally.passing and slot.state is not P.RUNNING:
-                    self._set(slot, P.RUNNING, "ready")
-                elif not tally.passing and slot.state is P.RUNNING:
-                    self._set(slot, P.NOT_READY, result.error or "readiness probe failing")
-                elif slot.state is P.STARTING and now - child.started_at < FAST_WINDOW_S:
-                    period = min(period, FAST_PROBE_S)
-                due[kind] = now + period
+
+        def record(result: ProbeResult) -> None:
+            slot.last_probe = result
+
+        def started() -> None:
+            child.snapshot_tree()  # vLLM's engine processes exist by now (GPU hygiene needs them)
+            if slot.spec.probes.readiness is None:
+                self._set(slot, P.RUNNING, "started")
+
+        def readiness(ready: bool, why: str) -> None:
+            if ready and slot.state is not P.RUNNING:
+                self._set(slot, P.RUNNING, why)
+            elif not ready and slot.state is P.RUNNING:
+                self._set(slot, P.NOT_READY, why)
+
+        return await watch_health(slot.spec.probes, pid=child.pid, started_at=child.started_at,
+                                  client=self._client, record=record, started=started,
+                                  readiness=readiness)
 
     async def _gpu_clear(self, slot: _Slot) -> None:
         """Before relaunching a GPU worker, wait until its previous incarnation let go of the GPUs."""
         dead = slot.child
-        if not slot.spec.gpus or dead is None:
-            return
-        ours = dead.descendants | {dead.pid}
-        deadline = time.monotonic() + GPU_CLEAR_TIMEOUT_S
-        while True:
-            holding = await anyio.to_thread.run_sync(self._gpu_pids, slot.spec.gpus)
-            if holding is None:
-                return
-            # A pid NVML still lists but that no longer exists is a dead process not yet freed.
-            left = {pid for pid in holding if pid in ours or not psutil.pid_exists(pid)}
-            if not left:
-                return
-            if time.monotonic() >= deadline:
+        if slot.spec.gpus and dead is not None:
+            left = await gpu.wait_released(slot.spec.gpus, dead.descendants | {dead.pid},
+                                           gpu_pids=self._gpu_pids, timeout_s=GPU_CLEAR_TIMEOUT_S)
+            if left:
                 log.warning("GPU memory still held; starting anyway", process=slot.spec.name,
                             gpus=list(slot.spec.gpus), pids=sorted(left))
-                return
-            await anyio.sleep(0.2)
 
     # ---- deployment gate and shutdown ------------------------------------------------------
 
