@@ -270,3 +270,35 @@ async def test_control_api_stop_start_restart(make_spec, make_plan) -> None:
         third = (await until(runner, lambda s: s.process("a").pid not in (None, second)
                              and s.state is D.READY)).process("a").pid
     assert len({first, second, third}) == 3
+
+
+def test_pid_file_is_exclusive_and_found_by_down(tmp_path: Path) -> None:
+    from supervisor import pidfile
+    from supervisor.errors import ControlError, StartError
+
+    with pidfile.PidFile(tmp_path / "demo", "demo"):
+        assert (tmp_path / "demo" / "supervisor.pid").read_text().strip() == str(os.getpid())
+        with pytest.raises(StartError, match=f"pid {os.getpid()}"):
+            # flock locks belong to the open file description: a second open conflicts even here.
+            pidfile.PidFile(tmp_path / "demo", "demo").__enter__()
+        assert pidfile.choose(tmp_path, None).pid == os.getpid()
+        assert pidfile.choose(tmp_path, "demo").deployment == "demo"
+        with pytest.raises(ControlError, match="'other'"):
+            pidfile.choose(tmp_path, "other")
+    assert not (tmp_path / "demo" / "supervisor.pid").exists()
+    (tmp_path / "stale").mkdir()
+    (tmp_path / "stale" / "supervisor.pid").write_text("999999\n")  # nobody holds its lock
+    assert pidfile.running(tmp_path) == []
+    with pytest.raises(ControlError, match="no running deployment"):
+        pidfile.choose(tmp_path, None)
+
+
+def test_down_without_a_running_deployment_says_so(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    cli = str(Path(sys.executable).parent / "lmcache-supervise")
+    env = {**os.environ, "LMCACHE_SUPERVISE_STATE_ROOT": str(tmp_path)}
+    done = subprocess.run([cli, "down"], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert done.stderr.strip() == f"lmcache-supervise: no running deployment under {tmp_path}"
