@@ -23,6 +23,7 @@ that keeps the pipe open cannot hold the supervisor.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import shutil
 import signal
@@ -136,11 +137,10 @@ def reset_multiproc_dir(path: str) -> None:
     os.makedirs(path, exist_ok=True)
 
 
-def _in_child() -> None:
+def _in_child(parent: int) -> None:
     """Runs between fork and exec: die with the spawning thread, even if it died already."""
-    parent = os.getppid()
     _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:  # the parent died before prctl took effect
+    if os.getppid() != parent:  # the supervisor died before prctl took effect: nobody would signal
         os._exit(137)
 
 
@@ -302,7 +302,8 @@ def spawn(spec: ProcessSpec, *, guardian: Guardian | None, env: Mapping[str, str
         popen = subprocess.Popen(
             list(spec.argv), stdin=subprocess.DEVNULL, stdout=write_fd, stderr=write_fd,
             env=child_env(spec) if env is None else dict(env), cwd=spec.cwd,
-            start_new_session=True, close_fds=True, preexec_fn=_in_child,
+            start_new_session=True, close_fds=True,
+            preexec_fn=functools.partial(_in_child, os.getpid()),
         )
     except (OSError, subprocess.SubprocessError) as exc:
         os.close(read_fd)
