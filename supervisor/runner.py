@@ -28,7 +28,7 @@ import anyio.abc
 import httpx
 import structlog
 
-from supervisor import gpu
+from supervisor import discovery, gpu
 from supervisor.errors import StartError
 from supervisor.logs import ChildOutput, LogOptions, TerminalEcho
 from supervisor.pidfile import PidFile
@@ -301,6 +301,7 @@ class Runner:
                 child.snapshot_tree()
             exit_info = await child.stop()
             slot.last_exit = exit_info
+            self._forget_registration(slot)
             healthy_for = time.monotonic() - slot.healthy_since if slot.healthy_since else None
             slot.healthy_since = None
             if kicked:
@@ -376,6 +377,14 @@ class Runner:
         return await watch_health(slot.spec.probes, pid=child.pid, started_at=child.started_at,
                                   client=self._client, record=record, started=started,
                                   readiness=readiness)
+
+    def _forget_registration(self, slot: _Slot) -> None:
+        """A worker that died without deregistering is removed from file discovery right away."""
+        discovery_dir, port = self.plan.deployment.discovery_dir, slot.spec.ports.get("system")
+        if discovery_dir and port and slot.spec.role.is_worker:
+            removed = discovery.forget_worker(discovery_dir, port)
+            if removed:
+                log.info("removed stale discovery entries", process=slot.spec.name, entries=len(removed))
 
     async def _gpu_clear(self, slot: _Slot) -> None:
         """Before relaunching a GPU worker, wait until its previous incarnation let go of the GPUs."""

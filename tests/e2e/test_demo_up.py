@@ -137,6 +137,9 @@ def test_sigkilled_process_is_restarted_and_serves_again(demo: Demo, name: str) 
     assert not alive(old)
     response = demo.chat()
     assert response.status_code == 200, response.text
+    if name == "decode":  # its lingering registration was removed, not left for the lease to lapse
+        forgotten = [e for e in demo.events() if e.get("event") == "removed stale discovery entries"]
+        assert forgotten and forgotten[-1]["process"] == "decode"
 
 
 def test_down_stops_in_reverse_order_and_cleans_up(demo: Demo) -> None:
