@@ -76,12 +76,30 @@ def profile_options(func: F) -> F:
     return click.argument("profile")(func)  # type: ignore[return-value]
 
 
-def load_plan(profile: str, overrides: tuple[str, ...] = (), model: str | None = None) -> Plan:
-    """Profile name or path -> validated profile -> plan (state under the state root)."""
-    from supervisor import paths, plan, profile as profiles
+def node_options(func: F) -> F:
+    """``--role/--head/--advertise``: which part of PROFILE this machine runs (README, "Several machines")."""
+    func = click.option(
+        "--advertise", default=None, metavar="ADDR",
+        help="This machine's address as the other nodes reach it (default: ports.host when it is a concrete "
+             "address; on a worker node, the address this host uses toward --head).",
+    )(func)
+    func = click.option("--head", default=None, metavar="HOST",
+                        help="The head node's address (required with --role worker).")(func)
+    return click.option(  # type: ignore[return-value]
+        "--role", default="all", show_default=True, metavar="all|head|worker",
+        help="head: etcd/NATS, the frontend and workers with node = \"head\"; worker: the other workers, "
+             "pointed at --head; all: everything on this machine.",
+    )(func)
+
+
+def load_plan(profile: str, overrides: tuple[str, ...] = (), model: str | None = None, *, role: str = "all",
+              head: str | None = None, advertise: str | None = None) -> Plan:
+    """Profile name or path -> validated profile -> plan (state under the state root) for this node's role."""
+    from supervisor import nodes, paths, plan, profile as profiles
 
     loaded = profiles.load(profile, overrides=overrides, model=model)
-    return plan.render(loaded, state_root=paths.state_root())
+    options = nodes.node_options(loaded, role, head=head, advertise=advertise)  # type: ignore[arg-type]
+    return plan.render(loaded, state_root=paths.state_root(), **options.as_kwargs())  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------------------------------ plan
@@ -89,15 +107,17 @@ def load_plan(profile: str, overrides: tuple[str, ...] = (), model: str | None =
 
 @main.command("plan")
 @profile_options
+@node_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @handles_errors
-def plan_command(profile: str, overrides: tuple[str, ...], model: str | None, as_json: bool) -> None:
+def plan_command(profile: str, overrides: tuple[str, ...], model: str | None, role: str, head: str | None,
+                 advertise: str | None, as_json: bool) -> None:
     """Show what PROFILE would start, in order, without starting anything."""
     import json
 
     from supervisor.views import plan_view, print_plan_table
 
-    rendered = load_plan(profile, overrides, model)
+    rendered = load_plan(profile, overrides, model, role=role, head=head, advertise=advertise)
     if as_json:
         click.echo(json.dumps(plan_view(rendered), indent=2, sort_keys=False))
     else:
@@ -150,18 +170,19 @@ def print_findings(findings: list[Any]) -> None:
 
 @main.command("check")
 @profile_options
+@node_options
 @skip_check_option
 @click.option("--json", "as_json", is_flag=True,
               help='Print a JSON list of {"check", "status", "message", "hint"} instead of a table.')
 @handles_errors
-def check_command(profile: str, overrides: tuple[str, ...], model: str | None, skip: tuple[str, ...],
-                  as_json: bool) -> None:
+def check_command(profile: str, overrides: tuple[str, ...], model: str | None, role: str, head: str | None,
+                  advertise: str | None, skip: tuple[str, ...], as_json: bool) -> None:
     """Check that this host can run PROFILE: exit 0 when ok or only warnings, 3 on any failure."""
     import json
 
     from supervisor.preflight import Status, enforce
 
-    findings = run_preflight(load_plan(profile, overrides, model), skip)
+    findings = run_preflight(load_plan(profile, overrides, model, role=role, head=head, advertise=advertise), skip)
     if as_json:
         click.echo(json.dumps([f.to_json() for f in findings], indent=2))
     else:
@@ -289,12 +310,13 @@ def systemd_install_command(profile: str, overrides: tuple[str, ...], model: str
 
 @main.command("up")
 @profile_options
+@node_options
 @skip_check_option
 @click.option("--quiet-children", is_flag=True,
               help="Do not copy child output to the terminal (it still goes to the log files).")
 @handles_errors
-def up_command(profile: str, overrides: tuple[str, ...], model: str | None, skip: tuple[str, ...],
-               quiet_children: bool) -> None:
+def up_command(profile: str, overrides: tuple[str, ...], model: str | None, role: str, head: str | None,
+               advertise: str | None, skip: tuple[str, ...], quiet_children: bool) -> None:
     """Start PROFILE in the foreground and supervise it; Ctrl-C or SIGTERM stops it in order.
 
     Exits 0 after an orderly shutdown and 1 when a required process failed for good (crash loop),
@@ -306,7 +328,7 @@ def up_command(profile: str, overrides: tuple[str, ...], model: str | None, skip
     from supervisor.states import DeploymentEvent, DeploymentState, RunnerEvent
 
     started = time.monotonic()
-    rendered = load_plan(profile, overrides, model)
+    rendered = load_plan(profile, overrides, model, role=role, head=head, advertise=advertise)
     findings = run_preflight(rendered, skip)
     if any(f.status is not Status.OK for f in findings):
         print_findings(findings)

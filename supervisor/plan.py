@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import quote
 
-from supervisor import lmcache
+from supervisor import lmcache, plan_infra
 from supervisor.errors import PlanError
 from supervisor.profile import Health, Profile, Worker
 from supervisor.profile import Restart as RestartSettings
@@ -108,39 +109,47 @@ def _ordered_workers(profile: Profile) -> list[tuple[str, Worker]]:
     return sorted(profile.workers.items(), key=lambda item: ROLE_ORDER[item[1].role])
 
 
-def render(profile: Profile, *, state_root: Path, python: str | None = None) -> Plan:
-    """The launch plan for ``profile``, with state under ``state_root/<name>``."""
+def render(profile: Profile, *, state_root: Path, python: str | None = None,
+           node_role: plan_infra.NodeRole = "all", head: str | None = None, advertise: str | None = None,
+           binaries: Mapping[str, str] | None = None) -> Plan:
+    """The launch plan for ``profile``, with state under ``state_root/<name>``.
+
+    ``node_role``: ``all`` runs everything here; ``head`` the infrastructure, the frontend and the
+    workers placed on the head; ``worker`` the other workers, pointed at ``head``. ``advertise`` is
+    the address other nodes reach this one at (see plan_infra). ``binaries`` maps bare infrastructure
+    binary names to the paths the caller found for them (render itself looks at nothing).
+    """
     python = profile.python or python or sys.executable
     state = state_root / profile.name
     src = profile.source
     base, host = profile.ports.base, profile.ports.host
+    here = plan_infra.node(profile, node_role, head=head, advertise=advertise)
     ports = _Ports(src)
     model = _model_path(profile)
     served = profile.model.served_name or profile.model.name
 
+    # Health stays local (ports.host); the planes other machines use bind the advertise address.
     common_env = {
-        "DYN_TCP_RPC_HOST": host,
-        "DYN_EVENT_PLANE_HOST": host,
-        "DYN_TCP_RESPONSE_STREAM_HOST": host,
+        "DYN_TCP_RPC_HOST": here.plane_host,
+        "DYN_EVENT_PLANE_HOST": here.plane_host,
+        "DYN_TCP_RESPONSE_STREAM_HOST": here.plane_host,
         "DYN_SYSTEM_HOST": host,
     }
-    if profile.discovery.backend == "file":
-        discovery_dir: str | None = str(state / "discovery")
-        common_env |= {"DYN_DISCOVERY_BACKEND": "file", "DYN_FILE_KV": discovery_dir}
-    else:
-        discovery_dir = None
-        common_env |= {"DYN_DISCOVERY_BACKEND": "etcd", "ETCD_ENDPOINTS": ",".join(profile.discovery.etcd_endpoints)}
-    if profile.discovery.nats_server:
-        common_env["NATS_SERVER"] = profile.discovery.nats_server
+    discovery_dir = str(state / "discovery") if profile.discovery.backend == "file" else None
+    common_env |= plan_infra.discovery_env(profile, here, discovery_dir)
     common_env |= profile.env
+    infra = plan_infra.infra_processes(profile, here, state=state, claim=ports.claim, binaries=binaries or {})
 
     def paths(name: str) -> dict[str, str]:
         return {"multiproc_dir": str(state / "prometheus" / name), "log_file": str(state / "logs" / f"{name}.log")}
 
     fe = profile.frontend
-    fe_port = ports.claim(fe.port or base + FRONTEND_OFFSET, "frontend.http", "frontend.port")
-    fe_host = "127.0.0.1" if fe.host in ("0.0.0.0", "::", "") else fe.host
-    fe_url = f"http://{fe_host}:{fe_port}"
+    if here.runs_frontend:
+        fe_port = ports.claim(fe.port or base + FRONTEND_OFFSET, "frontend.http", "frontend.port")
+        fe_url = f"http://{plan_infra.url_host(plan_infra.reachable(fe.host))}:{fe_port}"
+    else:  # the head's frontend, for display: the gate on a worker node is its own workers' health
+        fe_port = fe.port or base + FRONTEND_OFFSET
+        fe_url = f"http://{plan_infra.url_host(here.head or '')}:{fe_port}"
     frontend = ProcessSpec(
         name="frontend",
         role=Role.FRONTEND,
@@ -149,6 +158,7 @@ def render(profile: Profile, *, state_root: Path, python: str | None = None) -> 
         env={**common_env, **fe.env},
         gpus=(),
         ports={"http": fe_port},
+        depends_on=plan_infra.infra_dependencies(infra),
         probes=_probes(fe.health, HttpCheck(url=f"{fe_url}/health", owned_port=fe_port),
                        HttpCheck(url=f"{fe_url}/live", owned_port=fe_port), STARTUP_BUDGET_S["frontend"]),
         restart=_restart(fe.restart),
@@ -163,11 +173,14 @@ def render(profile: Profile, *, state_root: Path, python: str | None = None) -> 
     if profile.supervisor.metrics:
         metrics_port = ports.claim(profile.supervisor.metrics_port or base + METRICS_OFFSET, "supervisor.metrics", "supervisor.metrics_port")
 
-    processes = [frontend]
-    decode_names = [n for n, w in profile.workers.items() if w.role == "decode"]
-    for index, (name, worker) in enumerate(_ordered_workers(profile)):
+    processes = [*infra, frontend] if here.runs_frontend else []
+    # Indices (and so ports) come from the whole profile: a worker has the same ports on any node.
+    local = [(i, n, w) for i, (n, w) in enumerate(_ordered_workers(profile)) if here.runs_worker(w.node)]
+    decode_names = [n for _, n, w in local if w.role == "decode"]
+    for index, name, worker in local:
         processes.append(_worker(profile, name, worker, index, python=python, model=model, served=served,
-                                 ports=ports, common_env=common_env, paths=paths(name), decode_names=decode_names))
+                                 ports=ports, common_env=common_env, paths=paths(name), decode_names=decode_names,
+                                 plane_host=here.plane_host, frontend=here.runs_frontend))
 
     sup = profile.supervisor
     deployment = DeploymentSpec(
@@ -178,24 +191,29 @@ def render(profile: Profile, *, state_root: Path, python: str | None = None) -> 
         served_model_name=served,
         state_dir=str(state),
         base_url=fe_url,
-        ready_url=f"{fe_url}/v1/models/{quote(served, safe='')}/ready",
-        smoke=SmokeRequest(prompt=sup.smoke_prompt) if sup.smoke else None,
+        # A worker node is ready when its own workers are: the model's readiness is the head's to judge.
+        ready_url=f"{fe_url}/v1/models/{quote(served, safe='')}/ready" if here.runs_frontend else "",
+        smoke=SmokeRequest(prompt=sup.smoke_prompt) if sup.smoke and here.runs_frontend else None,
         ready_timeout_s=sup.ready_timeout_s or READY_TIMEOUT_S[profile.engine],
         discovery=profile.discovery.backend,
         discovery_dir=discovery_dir,
-        etcd_endpoints=tuple(profile.discovery.etcd_endpoints) if profile.discovery.backend == "etcd" else (),
+        etcd_endpoints=plan_infra.etcd_endpoints(profile, here),
         python=python,
         metrics_host=sup.metrics_host,
         metrics_port=metrics_port,
         control_socket=str(state / "control.sock"),
         targets_file=str(state / "targets.json"),
         lmcache=lmcache.lmcache_env(profile.lmcache) if profile.lmcache.enabled else {},
+        node_role=here.role,
+        head=here.head,
+        advertise=here.advertise,
     )
     return Plan(deployment=deployment, processes=tuple(processes))
 
 
 def _worker(profile: Profile, name: str, worker: Worker, index: int, *, python: str, model: str, served: str,
-            ports: _Ports, common_env: dict[str, str], paths: dict[str, str], decode_names: list[str]) -> ProcessSpec:
+            ports: _Ports, common_env: dict[str, str], paths: dict[str, str], decode_names: list[str],
+            plane_host: str, frontend: bool) -> ProcessSpec:
     src, base, host = profile.source, profile.ports.base, profile.ports.host
     key = f"workers.{name}"
     system_port = worker.system_port or base + SYSTEM_OFFSET + index
@@ -230,7 +248,8 @@ def _worker(profile: Profile, name: str, worker: Worker, index: int, *, python: 
             for rank in range(1, NIXL_BLOCK):
                 ports.claim(nixl + rank, f"{name}.nixl+{rank}", "ports.base")
             port_map["nixl"] = nixl
-            env |= {"VLLM_NIXL_SIDE_CHANNEL_HOST": host, "VLLM_NIXL_SIDE_CHANNEL_PORT": str(nixl)}
+            # The peer worker may sit on another node: the side channel binds the plane address.
+            env |= {"VLLM_NIXL_SIDE_CHANNEL_HOST": plane_host, "VLLM_NIXL_SIDE_CHANNEL_PORT": str(nixl)}
         if profile.frontend.router_mode == "kv":
             kv_port = ports.claim(base + KV_EVENTS_OFFSET + index, f"{name}.kv_events", "ports.base")
             port_map["kv_events"] = kv_port
@@ -255,7 +274,8 @@ def _worker(profile: Profile, name: str, worker: Worker, index: int, *, python: 
     url = f"http://127.0.0.1:{system_port}" if host in ("0.0.0.0", "::") else f"http://{host}:{system_port}"
     ready = HttpCheck(url=f"{url}/health", json_field="status", json_value="ready", owned_port=system_port)
     live = HttpCheck(url=f"{url}/live", owned_port=system_port)
-    depends = [Dependency("frontend", Condition.STARTED)]
+    # Only processes of this node can gate: a worker node has no frontend, a decode worker may be elsewhere.
+    depends = [Dependency("frontend", Condition.STARTED)] if frontend else []
     if worker.role == "prefill":
         depends += [Dependency(d, Condition.HEALTHY) for d in decode_names]
     return ProcessSpec(

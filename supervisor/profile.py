@@ -87,6 +87,7 @@ class Worker(_Process):
     gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = 0.9
     lmcache: bool | None = None  # None: decided by role (see lmcache.worker_loads_lmcache)
     system_port: Port | None = None
+    node: Literal["head", "worker"] = "worker"  # which node runs it under `--role head|worker`
 
 
 class Model(_Model):
@@ -102,9 +103,48 @@ class Model(_Model):
 
 
 class Discovery(_Model):
+    """How Dynamo processes find each other: files on one machine, etcd (+ optional NATS) across several.
+
+    Empty ``etcd_endpoints`` (and no ``nats_server`` while a plane is "nats") means the head node runs
+    that server itself (see :class:`Infra`); listing them points every node at existing servers.
+    """
+
     backend: Literal["file", "etcd"] = "file"
-    etcd_endpoints: list[str] = ["http://127.0.0.1:2379"]
+    etcd_endpoints: list[str] = []
     nats_server: str | None = None
+    request_plane: Literal["tcp", "nats"] = "tcp"  # DYN_REQUEST_PLANE
+    event_plane: Literal["zmq", "nats"] = "zmq"  # DYN_EVENT_PLANE
+    # ETCD_LEASE_TTL: a SIGKILLed worker's registration outlives it by this long (Dynamo's default ~30 s).
+    lease_ttl_s: Annotated[int, Field(ge=2, le=600)] = 10
+
+
+class _Server(_Model):
+    """An infrastructure server the head runs: a binary (a name found on PATH or beside the
+    interpreter, or a path), extra flags, and the usual probes/restart/stop settings."""
+
+    args: list[str] = []
+    health: Health = Health()
+    restart: Restart = Restart()
+    stop_timeout_s: PositiveSeconds = 10.0
+
+
+class Etcd(_Server):
+    binary: str = "etcd"
+    client_port: Port | None = None  # default ports.base + 379
+    peer_port: Port | None = None  # default ports.base + 380
+
+
+class Nats(_Server):
+    binary: str = "nats-server"
+    port: Port | None = None  # default ports.base + 422
+    monitor_port: Port | None = None  # default ports.base + 822
+
+
+class Infra(_Model):
+    """Servers the head node runs when ``discovery`` names none (data under the state directory)."""
+
+    etcd: Etcd = Etcd()
+    nats: Nats = Nats()
 
 
 class Ports(_Model):
@@ -159,6 +199,7 @@ class Profile(_Model):
     python: str | None = None
     model: Model
     discovery: Discovery = Discovery()
+    infra: Infra = Infra()
     ports: Ports = Ports()
     frontend: Frontend = Frontend()
     workers: dict[Name, Worker]

@@ -129,13 +129,38 @@ def _graph_errors(profile: Profile) -> list[ProfileError]:
     return errors
 
 
+# Flags the plan gives the infrastructure servers (plan_infra.py); `args` may not fight them.
+INFRA_FLAGS = {
+    "etcd": ("--name", "--data-dir", "--listen-client-urls", "--advertise-client-urls", "--listen-peer-urls",
+             "--initial-advertise-peer-urls", "--initial-cluster"),
+    "nats": ("-a", "--addr", "--net", "-p", "--port", "-m", "--http_port", "-js", "--jetstream", "-sd", "--store_dir"),
+}
+
+
+def _discovery_errors(profile: Profile) -> list[ProfileError]:
+    src, disc = profile.source, profile.discovery
+    errors = []
+    for index, endpoint in enumerate(disc.etcd_endpoints):
+        scheme, sep, rest = endpoint.partition("://")
+        if not sep or scheme not in ("http", "https") or not rest.strip("/"):
+            errors.append(ProfileError(src, f"discovery.etcd_endpoints.{index}",
+                                       f"expected an etcd client URL like http://host:2379, got {endpoint!r}"))
+    if disc.nats_server is not None and not disc.nats_server.startswith(("nats://", "tls://")):
+        errors.append(ProfileError(src, "discovery.nats_server", f"expected a URL like nats://host:4222, got {disc.nats_server!r}"))
+    for server, flags in INFRA_FLAGS.items():
+        for arg in getattr(profile.infra, server).args:
+            if arg.split("=", 1)[0] in flags:
+                errors.append(ProfileError(src, f"infra.{server}.args",
+                                           f"{arg.split('=', 1)[0]} is set by the supervisor; use ports.base or infra.{server}.*"))
+    return errors
+
+
 def check_rules(profile: Profile) -> None:
     """Raise :class:`ProfileErrors` listing every cross-field rule the profile breaks."""
     errors = _graph_errors(profile) + _lmcache_errors(profile)
     errors += _flag_errors(profile, "frontend", profile.frontend.args, "frontend")
     errors += _env_errors(profile, "frontend", profile.frontend.env)
     errors += _env_errors(profile, "env", profile.env)
-    if profile.discovery.backend == "etcd" and not profile.discovery.etcd_endpoints:
-        errors.append(ProfileError(profile.source, "discovery.etcd_endpoints", "expected at least one endpoint for etcd discovery"))
+    errors += _discovery_errors(profile)
     if errors:
         raise ProfileErrors(errors)

@@ -187,6 +187,11 @@ class DeploymentSpec:
     control_socket: str
     targets_file: str
     lmcache: Mapping[str, str] = field(default_factory=dict)
+    # Several machines: which part of the profile this node runs ("all" on one machine), the head
+    # node's address (worker nodes), and the address this node's peers reach it at.
+    node_role: Literal["all", "head", "worker"] = "all"
+    head: str | None = None
+    advertise: str | None = None
 
 
 @dataclass(frozen=True)
