@@ -191,6 +191,28 @@ def check_command(profile: str, overrides: tuple[str, ...], model: str | None, r
         enforce(findings)  # raises PreflightError: one line on stderr, exit 3
 
 
+# ---------------------------------------------------------------------------------------- reload
+
+
+@main.command("reload")
+@click.argument("deployment", required=False)
+@click.option("--timeout", "timeout_s", type=float, default=1800.0, show_default=True,
+              help="Seconds to wait for the restarted processes to be ready again.")
+@handles_errors
+def reload_command(deployment: str | None, timeout_s: float) -> None:
+    """Re-read a running deployment's profile; restart only the processes whose plan changed.
+
+    A profile that no longer validates is refused (exit 2) and every process keeps running."""
+    from supervisor import paths, pidfile, reload
+
+    entry = pidfile.choose(paths.state_root(), deployment)
+    outcome = reload.request(entry.pid_file.parent, entry.pid, timeout_s=timeout_s)
+    if not outcome.ok:
+        fail(f"reload of {entry.deployment} refused, every process keeps running: {outcome.message}",
+             EXIT_BAD_INPUT)
+    click.echo(f"reloaded {entry.deployment}: {outcome.message}")
+
+
 # --------------------------------------------------------------------------------------- systemd
 
 
@@ -220,7 +242,9 @@ def _unit_for(profile: str, overrides: tuple[str, ...], model: str | None, *, ex
     import shlex
     from pathlib import Path
 
-    from supervisor import plan as plans, profile as profiles, systemd
+    from supervisor import plan as plans
+    from supervisor import profile as profiles
+    from supervisor import systemd
 
     loaded = profiles.load(profile, overrides=overrides, model=model)
     rendered = plans.render(loaded, state_root=Path(systemd.SYSTEM_STATE_ROOT))
@@ -323,11 +347,14 @@ def up_command(profile: str, overrides: tuple[str, ...], model: str | None, role
     so that systemd can take over."""
     import time
 
-    from supervisor import logs, runner
+    from supervisor import logs, notify, reload, runner
     from supervisor.preflight import Status, enforce
     from supervisor.states import DeploymentEvent, DeploymentState, RunnerEvent
 
     started = time.monotonic()
+    # First: read NOTIFY_SOCKET/WATCHDOG_* and drop them from our environment before anything
+    # (preflight's probes included) is spawned. Without systemd this is a no-op.
+    bridge = notify.SystemdBridge(notify.Notifier.from_env())
     rendered = load_plan(profile, overrides, model, role=role, head=head, advertise=advertise)
     findings = run_preflight(rendered, skip)
     if any(f.status is not Status.OK for f in findings):
@@ -343,9 +370,14 @@ def up_command(profile: str, overrides: tuple[str, ...], model: str | None, role
             click.echo(f"ready: OpenAI API at {dep.base_url}/v1 (model {dep.served_model_name}) "
                        f"in {time.monotonic() - started:.1f} s")
 
+    def reread() -> Plan:  # SIGHUP / `reload`: the same profile with the same flags, read again
+        return load_plan(profile, overrides, model, role=role, head=head, advertise=advertise)
+
+    reloader = reload.Reloader(reread, on_begin=bridge.begin_reload, on_end=bridge.end_reload)
     echo = None if quiet_children else logs.TerminalEcho()
     try:
-        code = runner.run(rendered, observers=[announce], echo=echo)
+        code = runner.run(rendered, observers=[announce, bridge], services=[bridge.serve], reload=reloader,
+                          echo=echo)
     finally:
         if echo is not None:
             echo.close()

@@ -11,6 +11,10 @@ if it were the supervisor. ``process.py`` strips them from children's environmen
 
 Sending never raises: a full or vanished socket costs a notification, never supervision. The first
 failure is remembered in :attr:`Notifier.last_error` for the caller to log once.
+
+:class:`SystemdBridge` turns the runner's events into messages (it is an observer, the runner knows
+nothing of systemd) and runs the two periodic senders in the runner's event loop: ``WATCHDOG=1``,
+and ``EXTEND_TIMEOUT_USEC`` while a model is still loading.
 """
 
 from __future__ import annotations
@@ -18,7 +22,15 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
+from typing import Protocol
+
+import anyio
+import structlog
+
+from supervisor.states import DeploymentEvent, DeploymentState, DeploymentStatus, ProcessState, RunnerEvent
+
+log = structlog.get_logger("supervisor")
 
 #: Our own variables that describe systemd's notify and watchdog contract.
 NOTIFY_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
@@ -47,9 +59,8 @@ def watchdog_interval(environ: Mapping[str, str], *, pid: int | None = None) -> 
     if not usec_text.isdigit() or int(usec_text) <= 0:
         return None
     pid_text = environ.get("WATCHDOG_PID", "")
-    if pid_text:
-        if not pid_text.isdigit() or int(pid_text) != (os.getpid() if pid is None else pid):
-            return None
+    if pid_text and (not pid_text.isdigit() or int(pid_text) != (os.getpid() if pid is None else pid)):
+        return None
     return int(usec_text) / 1_000_000 / 2
 
 
@@ -142,3 +153,112 @@ class Notifier:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# ------------------------------------------------------------------------------ runner -> systemd
+
+#: How often to ask for more start time while a model loads (without a watchdog to pace us), and
+#: how much to ask for: three missed ticks before systemd's own timeout may fire.
+EXTEND_TICK_S = 10.0
+EXTEND_TICKS = 3
+
+
+def describe(status: DeploymentStatus) -> str:
+    """One line for ``systemctl status``: the deployment state, healthy count, and what is not healthy."""
+    procs = status.processes
+    healthy = sum(p.state is ProcessState.RUNNING for p in procs)
+    head = f"{status.state.value}: {healthy}/{len(procs)} processes healthy"
+    if status.state is DeploymentState.READY:
+        return f"{head}, OpenAI API at {status.base_url}/v1 (model {status.model})"
+    if status.state is DeploymentState.STOPPED:
+        return "stopped"
+    others = [f"{p.name} {p.state.value}" + (f" ({p.reason})" if p.reason and p.state is not ProcessState.STARTING
+                                             else "")
+              for p in procs if p.state is not ProcessState.RUNNING]
+    return f"{head}; {', '.join(others)}" if others else head
+
+
+class _HasStatus(Protocol):
+    def status(self) -> DeploymentStatus: ...
+
+
+class SystemdBridge:
+    """A runner observer that tells systemd what the deployment is doing.
+
+    ``READY=1`` once the deployment is first READY (and again to end a reload), ``STATUS=`` on every
+    change of the line :func:`describe` gives, ``STOPPING=1`` when the shutdown starts.
+    """
+
+    def __init__(self, notifier: Notifier) -> None:
+        self.notifier = notifier
+        self.ready_sent = False
+        self.reloading = False
+        self._last_status = ""
+        self._source: Callable[[], DeploymentStatus] | None = None
+        self._error_logged = False
+
+    def __call__(self, event: RunnerEvent) -> None:
+        if not isinstance(event, DeploymentEvent):
+            # A process changed: refresh the line (e.g. "decode starting") once we can see the status.
+            if self._source is not None:
+                self.update(describe(self._source()))
+            return
+        text = describe(event.status)
+        if event.new is DeploymentState.READY and not self.ready_sent and not self.reloading:
+            self.ready_sent = True
+            self._sent(text, self.notifier.ready(text))
+        elif event.new is DeploymentState.STOPPING:
+            self._sent(text, self.notifier.stopping(text))
+        else:
+            self.update(text)
+
+    def update(self, text: str) -> None:
+        """``STATUS=text`` unless systemd already shows exactly that."""
+        if text != self._last_status:
+            self._sent(text, self.notifier.status(text))
+
+    def _sent(self, text: str, ok: bool) -> None:
+        self._last_status = text
+        if not ok and self.notifier.enabled and not self._error_logged:
+            self._error_logged = True  # once: a missing socket would otherwise flood the log
+            log.warning("sd_notify failed; systemd may not see our state", socket=str(self.notifier.address),
+                        error=str(self.notifier.last_error))
+
+    async def serve(self, runner: _HasStatus) -> None:
+        """The runner service: status refreshes on process events, the watchdog, start extensions."""
+        self._source = runner.status
+        self.update(describe(runner.status()))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self.watchdog)
+            tg.start_soon(self.extend_while_loading, runner.status)
+
+    def begin_reload(self, text: str) -> None:
+        self.reloading = True
+        self._sent(text, self.notifier.reloading(text))
+
+    def end_reload(self, text: str) -> None:
+        """``READY=1`` ends the reload, whatever its outcome: the deployment runs either way."""
+        self.reloading = False
+        self.ready_sent = True
+        self._sent(text, self.notifier.ready(text))
+
+    async def watchdog(self) -> None:
+        """``WATCHDOG=1`` every half ``WatchdogSec``, from the event loop: a stuck loop stops it."""
+        interval = self.notifier.watchdog_s
+        if interval is None:
+            return
+        while True:
+            self.notifier.watchdog()
+            await anyio.sleep(interval)
+
+    async def extend_while_loading(self, status: Callable[[], DeploymentStatus]) -> None:
+        """While starting (or reloading) and a process is still in its startup probe, ask for more time."""
+        if not self.notifier.enabled:
+            return
+        tick = min(self.notifier.watchdog_s or EXTEND_TICK_S, EXTEND_TICK_S)
+        while True:
+            snapshot = status()
+            loading = any(p.state is ProcessState.STARTING for p in snapshot.processes)
+            if loading and (self.reloading or not self.ready_sent):
+                self.notifier.extend_timeout(tick * EXTEND_TICKS)
+            await anyio.sleep(tick)

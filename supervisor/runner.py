@@ -15,12 +15,13 @@ point with signal handling.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import shutil
 import signal
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 import anyio
@@ -46,6 +47,7 @@ P, D = ProcessState, DeploymentState
 
 GPU_CLEAR_TIMEOUT_S = 60.0
 Observer = Callable[[RunnerEvent], None]
+Service = Callable[["Runner"], Awaitable[None]]
 GpuPids = Callable[[tuple[int, ...]], "set[int] | None"]
 
 
@@ -76,6 +78,7 @@ class Runner:
                  echo: TerminalEcho | None = None, gpu_pids: GpuPids = gpu.gpu_pids,
                  rand: Callable[[], float] = random.random) -> None:
         self.plan = plan
+        self._log_options, self._echo = log_options, echo
         self._slots = {spec.name: _Slot(spec, ChildOutput(spec.name, spec.log_file, log_options, echo))
                        for spec in plan.processes}
         self._observers: list[Observer] = []
@@ -121,6 +124,10 @@ class Runner:
                 await self._changed.wait()
         return status
 
+    @property
+    def shutting_down(self) -> bool:
+        return self._shutdown.is_set()
+
     def request_shutdown(self, *, kill: bool = False, reason: str = "requested") -> None:
         """Begin the orderly shutdown; ``kill`` (a second Ctrl-C) SIGKILLs every group at once."""
         if kill:
@@ -153,6 +160,34 @@ class Runner:
         if slot.kick is not None and slot.finished is not None and not slot.finished.is_set():
             slot.kick.set()
         else:
+            await self.start(name)
+
+    async def apply(self, plan: Plan, *, restart: Iterable[str] = (), start: Iterable[str] = (),
+                    stop: Iterable[str] = ()) -> None:
+        """Swap in ``plan`` (a reload): stop ``stop``, restart ``restart`` with its new spec, start
+        ``start``; every other process keeps running untouched. Nothing starts once shutting down."""
+        restart, start, stop = tuple(restart), tuple(start), tuple(stop)
+        for name in reversed([s.name for s in self.plan.processes if s.name in stop]):
+            await self.stop(name)
+            self._slots.pop(name).output.close()
+        for name in restart:
+            await self.stop(name)
+        if start or stop:
+            self._worker_baseline = None  # the frontend's worker counts change with the set
+        old = self._slots
+        self.plan = plan
+        self._slots = {}
+        for spec in plan.processes:  # plan order is start order: shutdown walks it backwards
+            slot = old.get(spec.name) or _Slot(spec, ChildOutput(spec.name, spec.log_file, self._log_options,
+                                                                 self._echo))
+            if slot.spec.log_file != spec.log_file:
+                slot.output.close()
+                slot.output = ChildOutput(spec.name, spec.log_file, self._log_options, self._echo)
+            slot.spec = spec  # the dead child stays: GPU hygiene waits for it to let go
+            self._slots[spec.name] = slot
+        for name in (*restart, *start):
+            if self._shutdown.is_set():
+                return
             await self.start(name)
 
     async def serve(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> int:
@@ -400,9 +435,9 @@ class Runner:
 
     async def _gate(self) -> None:
         """Turn the deployment READY: all required processes up, model ready, one smoke request."""
-        dep = self.plan.deployment
-        deadline = self._started_at + dep.ready_timeout_s
+        deadline = self._started_at + self.plan.deployment.ready_timeout_s
         while self._deployment not in (D.FAILED, D.STOPPING, D.STOPPED):
+            dep = self.plan.deployment  # re-read: a reload may have changed the URLs or the smoke test
             if self._gate_passed or not self._required_running():
                 await self._changed.wait()
                 continue
@@ -457,12 +492,15 @@ class Runner:
         self._set_deployment(D.STOPPED, "every process stopped")
 
 
-def run(plan: Plan, *, observers: Iterable[Observer] = (), log_options: LogOptions = LogOptions(),
+def run(plan: Plan, *, observers: Iterable[Observer] = (), services: Iterable[Service] = (),
+        reload: Service | None = None, log_options: LogOptions = LogOptions(),
         echo: TerminalEcho | None = None) -> int:
     """Supervise ``plan`` in the foreground until SIGINT/SIGTERM; returns the exit code.
 
     Signal handlers only enqueue (anyio's receiver); the first SIGINT/SIGTERM starts the orderly
-    shutdown, a second one SIGKILLs every group. The pid file is held throughout.
+    shutdown, a second one SIGKILLs every group. The pid file is held throughout. ``services`` run
+    in the event loop beside the runner (sd_notify's watchdog); ``reload`` runs once per SIGHUP, one
+    at a time, SIGHUPs arriving meanwhile folded into one more.
     """
 
     async def main() -> int:
@@ -472,17 +510,30 @@ def run(plan: Plan, *, observers: Iterable[Observer] = (), log_options: LogOptio
         with PidFile(plan.deployment.state_dir, plan.deployment.name), anyio.open_signal_receiver(
                 signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             async with anyio.create_task_group() as tg:
+                reloads, reload_requests = anyio.create_memory_object_stream[None](1)
 
                 async def handle_signals() -> None:
                     count = 0
                     async for signum in signals:
                         if signum == signal.SIGHUP:
-                            log.info("SIGHUP ignored: reload is not implemented yet")
+                            if reload is None:
+                                log.info("SIGHUP ignored: nothing to reload")
+                            else:
+                                with contextlib.suppress(anyio.WouldBlock):  # one already queued
+                                    reloads.send_nowait(None)
                             continue
                         count += 1
                         runner.request_shutdown(kill=count > 1, reason=signal.Signals(signum).name)
 
+                async def reloader() -> None:
+                    async for _ in reload_requests:
+                        if reload is not None and not runner.shutting_down:
+                            await reload(runner)
+
                 tg.start_soon(handle_signals)
+                tg.start_soon(reloader)
+                for service in services:
+                    tg.start_soon(service, runner)
                 code = await runner.serve()
                 tg.cancel_scope.cancel()
         return code

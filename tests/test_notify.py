@@ -13,10 +13,12 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import anyio
 import pytest
 
 from supervisor import notify
-from supervisor.notify import Notifier
+from supervisor.notify import Notifier, SystemdBridge, describe
+from supervisor.states import DeploymentEvent, DeploymentState, DeploymentStatus, ProcessState, ProcessStatus
 
 SO_PASSCRED = getattr(socket, "SO_PASSCRED", 16)
 SCM_CREDENTIALS = getattr(socket, "SCM_CREDENTIALS", 2)
@@ -162,4 +164,83 @@ def test_a_vanished_socket_costs_the_message_not_the_caller(tmp_path: Path) -> N
     os.unlink(server.address)
     assert notifier.status("second") is False
     assert isinstance(notifier.last_error, (FileNotFoundError, ConnectionRefusedError))
+    notifier.close()
+
+
+# ---- the bridge from runner events to sd_notify ------------------------------------------------
+
+
+def snapshot(state: DeploymentState, **procs: ProcessState) -> DeploymentStatus:
+    return DeploymentStatus(
+        name="demo", state=state, base_url="http://127.0.0.1:18000", model="demo", ready_since_wall=None,
+        processes=tuple(ProcessStatus(name=n, role="decode", state=s, required=True, pid=None, started_wall=None,
+                                      uptime_s=None, restarts=0, last_exit=None, last_probe=None,
+                                      reason="pid 7 exit code 1; restarting in 0.5 s" if s is ProcessState.BACKOFF
+                                      else "") for n, s in procs.items()))
+
+
+def event(old: DeploymentState, new: DeploymentState, status: DeploymentStatus) -> DeploymentEvent:
+    return DeploymentEvent(old=old, new=new, reason="test", at=0.0, status=status)
+
+
+P, D = ProcessState, DeploymentState
+
+
+def test_describe_says_what_is_not_healthy() -> None:
+    assert describe(snapshot(D.READY, frontend=P.RUNNING, decode=P.RUNNING, prefill=P.RUNNING)) == (
+        "ready: 3/3 processes healthy, OpenAI API at http://127.0.0.1:18000/v1 (model demo)")
+    assert describe(snapshot(D.STARTING, frontend=P.RUNNING, decode=P.STARTING, prefill=P.WAITING)) == (
+        "starting: 1/3 processes healthy; decode starting, prefill waiting")
+    assert describe(snapshot(D.DEGRADED, frontend=P.RUNNING, decode=P.BACKOFF)) == (
+        "degraded: 1/2 processes healthy; decode backoff (pid 7 exit code 1; restarting in 0.5 s)")
+    assert describe(snapshot(D.STOPPED, frontend=P.STOPPED)) == "stopped"
+
+
+def test_bridge_sends_ready_once_then_status_then_stopping(listener: Listener) -> None:
+    bridge = SystemdBridge(Notifier(listener.address))
+    bridge(event(D.STARTING, D.STARTING, snapshot(D.STARTING, decode=P.STARTING)))
+    assert listener.receive()[0] == ["STATUS=starting: 0/1 processes healthy; decode starting"]
+    ready = snapshot(D.READY, decode=P.RUNNING)
+    bridge(event(D.STARTING, D.READY, ready))
+    assert listener.receive()[0] == ["READY=1", f"STATUS={describe(ready)}"]
+    bridge(event(D.READY, D.DEGRADED, snapshot(D.DEGRADED, decode=P.BACKOFF)))
+    assert listener.receive()[0][0].startswith("STATUS=degraded: 0/1")
+    bridge(event(D.DEGRADED, D.READY, ready))  # READY=1 is for the start (and reloads) only
+    assert listener.receive()[0] == [f"STATUS={describe(ready)}"]
+    bridge(event(D.READY, D.STOPPING, snapshot(D.STOPPING, decode=P.RUNNING)))
+    assert listener.receive()[0] == ["STOPPING=1", "STATUS=stopping: 1/1 processes healthy"]
+    bridge.notifier.close()
+
+
+def test_bridge_reload_is_bracketed_by_reloading_and_ready(listener: Listener) -> None:
+    bridge = SystemdBridge(Notifier(listener.address))
+    bridge.ready_sent = True
+    bridge.begin_reload("reloading: re-reading profile demo")
+    fields = listener.receive()[0]
+    assert fields[0] == "RELOADING=1" and fields[1].startswith("MONOTONIC_USEC=")
+    # The deployment turning READY mid-reload does not end the reload: only end_reload does.
+    bridge(event(D.DEGRADED, D.READY, snapshot(D.READY, decode=P.RUNNING)))
+    assert listener.receive()[0][0].startswith("STATUS=ready")
+    bridge.end_reload("reloaded: restarted decode")
+    assert listener.receive()[0] == ["READY=1", "STATUS=reloaded: restarted decode"]
+    bridge.notifier.close()
+
+
+@pytest.mark.anyio
+async def test_watchdog_and_extend_keep_coming_from_the_loop(listener: Listener) -> None:
+    notifier = Notifier(listener.address, watchdog_s=0.05)
+    bridge = SystemdBridge(notifier)
+    loading = snapshot(D.STARTING, decode=P.STARTING)
+    got: list[str] = []
+    listener.sock.setblocking(False)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(bridge.watchdog)
+        tg.start_soon(bridge.extend_while_loading, lambda: loading)
+        with anyio.fail_after(5):
+            while got.count("WATCHDOG=1") < 4 or not any(f.startswith("EXTEND_TIMEOUT_USEC=") for f in got):
+                await anyio.wait_readable(listener.sock)
+                got += listener.sock.recv(4096).decode().split("\n")
+        tg.cancel_scope.cancel()
+    # extend asks for three ticks (the tick follows the watchdog's pace): 3 x 0.05 s.
+    assert "EXTEND_TIMEOUT_USEC=150000" in got
     notifier.close()
