@@ -400,3 +400,35 @@ def down_command(deployment: str | None, timeout_s: float) -> None:
 
 _ = EXIT_BAD_INPUT  # re-exported for command modules that map click errors
 
+# ---------------------------------------------------------------------------------------- export
+
+
+@main.group("export")
+def export_group() -> None:
+    """Render PROFILE for another deployment system (the supervisor is not involved there)."""
+
+
+@export_group.command("k8s")
+@profile_options
+@click.option("--image", default=None, metavar="IMAGE",
+              help="Container image for every component (default: Dynamo 1.6.1's runtime image for the engine).")
+@click.option("--namespace", default=None, metavar="NS", help="metadata.namespace of the manifest.")
+@click.option("--secret-name", default=None, metavar="NAME",
+              help="The Secret that credentials are referenced from (default: <name>-secrets).")
+@handles_errors
+def export_k8s_command(profile: str, overrides: tuple[str, ...], model: str | None, image: str | None,
+                       namespace: str | None, secret_name: str | None) -> None:
+    """Print PROFILE as a Kubernetes DynamoGraphDeployment (nvidia.com/v1beta1, Dynamo 1.6.1) in YAML.
+
+    Credentials become secretKeyRef entries; what to create is printed on stderr."""
+    import yaml
+
+    from supervisor import k8s
+
+    rendered = load_plan(profile, overrides, model)
+    out = k8s.export(rendered, image=image, namespace=namespace, secret_name=secret_name)
+    click.echo(f"# {k8s.KIND} for Dynamo {k8s.DYNAMO_VERSION} ({k8s.API_VERSION}), "
+               f"rendered by lmcache-supervise from {rendered.deployment.profile}")
+    click.echo(yaml.safe_dump(out.manifest, sort_keys=False, width=100000), nl=False)
+    for note in out.notes:
+        click.echo(f"lmcache-supervise: note: {note}", err=True)
