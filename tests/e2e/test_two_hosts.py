@@ -1,0 +1,262 @@
+"""Two machines on one: a head and a worker node in two network namespaces joined by a veth pair.
+
+The head namespace runs `up demo --role head` (a real etcd + the real Dynamo frontend); the worker
+namespace runs `up demo --role worker --head <head>` (real mocker decode + prefill). Requests go to
+the head's frontend from inside the head namespace. Killing the worker node's supervisor (SIGKILL:
+its guardian takes the workers with it, nothing deregisters) must make the head drop the model once
+the etcd leases expire; starting the worker node again must make the model ready again.
+
+Needs root and iproute2 (CI runs as root; `make system-deps` installs iproute2). Where namespaces
+cannot be made, the test is skipped with the reason; it never passes silently without running.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from conftest import MARKER, SESSION, reap_marked, wait_for
+
+pytestmark = pytest.mark.e2e
+CLI = str(Path(sys.executable).parent / "lmcache-supervise")
+HEAD_IP, WORKER_IP = "10.213.0.1", "10.213.0.2"
+BASE = 21000  # fresh namespaces: every port is free there
+LEASE_TTL_S = 3  # how long a SIGKILLed worker's registration outlives it (discovery.lease_ttl_s)
+COMMON = ("demo", "--set", "discovery.backend=etcd", "--set", f"ports.base={BASE}",
+          "--set", f"discovery.lease_ttl_s={LEASE_TTL_S}",
+          "--set", "workers.decode.stop_timeout_s=3", "--set", "workers.prefill.stop_timeout_s=3")
+READY_URL = f"http://127.0.0.1:{BASE}/v1/models/demo/ready"
+_CLONE_NEWNET = 0x40000000
+_LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+def ip(*args: str) -> None:
+    result = subprocess.run(["ip", *args], check=False, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"ip {' '.join(args)}: {result.stderr.strip()}")
+
+
+class NetnsClient:
+    """HTTP from inside a network namespace: one thread that entered it with setns(2).
+
+    A network namespace switch applies to the calling thread only, so the test process itself
+    stays where it is; every request runs on that one thread."""
+
+    def __init__(self, netns: str) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, initializer=self._enter, initargs=(netns,))
+
+    @staticmethod
+    def _enter(netns: str) -> None:
+        fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
+        try:
+            if _LIBC.setns(fd, _CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), f"setns into {netns}")
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _request(method: str, url: str, body: dict | None, timeout: float) -> tuple[int, str]:
+        try:
+            with httpx.Client(trust_env=False, timeout=timeout) as client:
+                response = client.request(method, url, json=body)
+                return response.status_code, response.text
+        except httpx.HTTPError as exc:
+            return 0, f"{type(exc).__name__}: {exc}"
+
+    def get(self, url: str, timeout: float = 2.0) -> tuple[int, str]:
+        return self._pool.submit(self._request, "GET", url, None, timeout).result()
+
+    def chat(self) -> tuple[int, str]:
+        body = {"model": "demo", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 5}
+        return self._pool.submit(self._request, "POST", f"http://127.0.0.1:{BASE}/v1/chat/completions",
+                                 body, 30.0).result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+@dataclass(frozen=True)
+class Pair:
+    head: str
+    worker: str
+
+
+@pytest.fixture
+def netns_pair() -> Iterator[Pair]:
+    """Two namespaces, loopback up in each, joined by a veth pair with HEAD_IP and WORKER_IP."""
+    if os.geteuid() != 0:
+        pytest.skip("two-host test: creating network namespaces needs root (CI runs the suite as root)")
+    if shutil.which("ip") is None:
+        pytest.skip("two-host test: iproute2's `ip` is missing (`make system-deps` installs it)")
+    tag = uuid.uuid4().hex[:6]
+    pair = Pair(head=f"lmcs-head-{tag}", worker=f"lmcs-worker-{tag}")
+    made: list[str] = []
+    try:
+        for name in (pair.head, pair.worker):
+            try:
+                ip("netns", "add", name)
+            except RuntimeError as exc:
+                if not made:
+                    pytest.skip(f"two-host test: this host cannot make network namespaces ({exc})")
+                raise
+            made.append(name)
+            ip("-n", name, "link", "set", "lo", "up")
+        ip("link", "add", f"lmh{tag}", "type", "veth", "peer", "name", f"lmw{tag}")
+        for dev, name, addr in ((f"lmh{tag}", pair.head, HEAD_IP), (f"lmw{tag}", pair.worker, WORKER_IP)):
+            ip("link", "set", dev, "netns", name)
+            ip("-n", name, "addr", "add", f"{addr}/24", "dev", dev)
+            ip("-n", name, "link", "set", dev, "up")
+        yield pair
+    finally:
+        subprocess.run(["ip", "link", "del", f"lmh{tag}"], check=False, capture_output=True)  # if it never moved
+        for name in made:
+            pids = subprocess.run(["ip", "netns", "pids", name], check=False, capture_output=True, text=True).stdout.split()
+            for pid in pids:  # only our own processes can live in a namespace this test made
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except OSError:
+                    pass
+            ip("netns", "del", name)
+
+
+@dataclass
+class Node:
+    """One `up` in a namespace, with its own state root and leak marker, as on its own machine."""
+
+    netns: str
+    args: tuple[str, ...]
+    tmp: Path
+    marker: str = ""
+    proc: subprocess.Popen[bytes] | None = None
+    runs: int = 0
+
+    def env(self) -> dict[str, str]:
+        env = {**os.environ, "LMCACHE_SUPERVISE_STATE_ROOT": str(self.tmp / "state"), MARKER: self.marker}
+        env.pop("LMCACHE_SUPERVISE_DEBUG", None)
+        return env
+
+    def start(self) -> None:
+        self.runs += 1
+        self.marker = f"{SESSION}-2h-{uuid.uuid4().hex[:8]}"
+        self.out, self.err = self.tmp / f"up{self.runs}.out", self.tmp / f"up{self.runs}.err"
+        with open(self.out, "wb") as out, open(self.err, "wb") as err:
+            # `ip netns exec` execs the command in place: this pid is the supervisor itself.
+            self.proc = subprocess.Popen(["ip", "netns", "exec", self.netns, CLI, "up", "--quiet-children", *self.args],
+                                         stdout=out,
+                                         stderr=err, stdin=subprocess.DEVNULL, env=self.env())
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def said(self, text: str) -> bool:
+        if not self.alive():
+            pytest.fail(f"{self.netns} supervisor exited {self.proc.returncode if self.proc else '?'}: "
+                        f"{self.err.read_text(errors='replace')[-3000:]}")
+        return text in self.out.read_text(errors="replace")
+
+    def events(self, name: str) -> list[dict]:
+        found = []
+        for line in self.err.read_text(errors="replace").splitlines():
+            if line.startswith("{") and f'"{name}"' in line:
+                found.append(json.loads(line))
+        return [e for e in found if e.get("event") == name]
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.alive():
+            assert self.proc is not None
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        leaked = reap_marked(self.marker)
+        assert not leaked, f"{self.netns}: processes left behind: {leaked}"
+
+
+NATS_PLANES = ("--set", "discovery.request_plane=nats", "--set", "discovery.event_plane=nats")
+
+
+@pytest.mark.parametrize("planes", [(), NATS_PLANES], ids=["tcp-zmq-planes", "nats-planes"])
+def test_worker_node_joins_leaves_and_rejoins_the_head(netns_pair: Pair, tmp_path: Path,
+                                                       planes: tuple[str, ...]) -> None:
+    started = time.monotonic()
+    (tmp_path / "head").mkdir()
+    (tmp_path / "worker").mkdir()
+    profile = (*COMMON, *planes)
+    head = Node(netns_pair.head, (*profile, "--role", "head", "--advertise", HEAD_IP), tmp_path / "head")
+    # No --advertise: the worker node finds its own address as the route toward the head.
+    worker = Node(netns_pair.worker, (*profile, "--role", "worker", "--head", HEAD_IP), tmp_path / "worker")
+    at_head, at_worker = NetnsClient(netns_pair.head), NetnsClient(netns_pair.worker)
+    try:
+        # `check` on a worker node asks the head's etcd; with no head yet it fails, exit 3.
+        check = ["ip", "netns", "exec", netns_pair.worker, CLI, "check", *profile, "--role", "worker",
+                 "--head", HEAD_IP, "--json"]
+        down = subprocess.run(check, check=False, capture_output=True, text=True, env=worker.env(), timeout=120)
+        found = {f["check"]: f for f in json.loads(down.stdout)}
+        assert down.returncode == 3 and found["discovery"]["status"] == "fail", down.stdout
+        assert f"http://{HEAD_IP}:{BASE + 379}" in found["discovery"]["message"]
+
+        head.start()
+        wait_for(lambda: any(e["process"] == "frontend" for e in head.events("process running")), 30, interval=0.1,
+                 what="the head's etcd and frontend running")
+        infra = ["etcd", "nats"] if planes else ["etcd"]
+        assert [e["process"] for e in head.events("process starting")] == [*infra, "frontend"]
+        assert at_head.get(READY_URL)[0] != 200  # no workers anywhere yet
+        status, body = at_worker.get(f"http://{HEAD_IP}:{BASE + 379}/health")  # across the veth
+        assert status == 200 and json.loads(body)["health"] == "true"
+        up = subprocess.run(check, check=False, capture_output=True, text=True, env=worker.env(), timeout=120)
+        found = {f["check"]: f for f in json.loads(up.stdout)}
+        assert found["discovery"]["status"] == "ok", found["discovery"]
+
+        joined = time.monotonic()
+        worker.start()
+        wait_for(lambda: worker.said("ready:"), 30, interval=0.1, what="the worker node ready")
+        wait_for(lambda: at_head.get(READY_URL)[0] == 200, 30, interval=0.1, what="the model ready at the head")
+        ready_s = time.monotonic() - joined
+        wait_for(lambda: head.said("ready:"), 30, interval=0.1, what="the head's gate (ready + smoke request)")
+        for _ in range(3):
+            status, text = at_head.chat()
+            assert status == 200, text
+            assert json.loads(text)["usage"]["completion_tokens"] > 0
+        # The workers really are in the other namespace, serving through the veth.
+        assert worker.events("process running") and not [e for e in head.events("process starting")
+                                                          if e["process"] in ("decode", "prefill")]
+
+        assert worker.proc is not None and "lmcache-supervise" in " ".join(psutil.Process(worker.proc.pid).cmdline())
+        killed = time.monotonic()
+        worker.stop(signal.SIGKILL)  # the guardian takes decode and prefill down with it, unregistered
+        wait_for(lambda: at_head.get(READY_URL)[0] not in (200, 0), 10 * LEASE_TTL_S, interval=0.1,
+                 what="the head to drop the killed worker node")
+        dropped_s = time.monotonic() - killed
+        assert dropped_s >= 0.5 * LEASE_TTL_S  # the lease, not an orderly deregistration, removed them
+
+        rejoined = time.monotonic()
+        worker.start()
+        wait_for(lambda: at_head.get(READY_URL)[0] == 200, 30, interval=0.1, what="the model ready again")
+        again_s = time.monotonic() - rejoined
+        status, text = at_head.chat()
+        assert status == 200, text
+        print(f"two hosts ({'nats' if planes else 'tcp/zmq'} planes): worker node ready at the head in {ready_s:.1f} s; killed worker node dropped in "
+              f"{dropped_s:.1f} s (lease {LEASE_TTL_S} s); ready again in {again_s:.1f} s; "
+              f"whole test {time.monotonic() - started:.1f} s")
+    finally:
+        at_head.close()
+        at_worker.close()
+        worker.stop()
+        head.stop()
