@@ -237,17 +237,23 @@ def _this_executable() -> str:
 
 
 def _unit_for(profile: str, overrides: tuple[str, ...], model: str | None, *, executable: str | None,
-              user: str, template: bool) -> tuple[Plan, str]:
-    """The plan (state under the system state root) and the unit text for PROFILE."""
+              user: str, template: bool, role: str = "all", head: str | None = None,
+              advertise: str | None = None) -> tuple[Plan, str]:
+    """The plan (state under the system state root) and the unit text for PROFILE on this node."""
     import shlex
     from pathlib import Path
 
+    from supervisor import nodes, systemd
     from supervisor import plan as plans
     from supervisor import profile as profiles
-    from supervisor import systemd
 
     loaded = profiles.load(profile, overrides=overrides, model=model)
-    rendered = plans.render(loaded, state_root=Path(systemd.SYSTEM_STATE_ROOT))
+    node = nodes.node_options(loaded, role, head=head, advertise=advertise)  # type: ignore[arg-type]
+    state_root = Path(systemd.SYSTEM_STATE_ROOT)
+    rendered = plans.render(loaded, state_root=state_root, **node.as_kwargs())  # type: ignore[arg-type]
+    # The node flags as given: `up` resolves a left-out --advertise itself, on the machine it runs on.
+    node_args = (["--role", role] if role != "all" else []) + (["--head", head] if head else [])
+    node_args += ["--advertise", advertise] if advertise else []
     # A path is made absolute (systemd starts us in /); a built-in name stays a name.
     is_path = profile.endswith(".toml") or os.sep in profile
     ref = str(profiles.resolve(profile).resolve()) if is_path else profile
@@ -256,9 +262,11 @@ def _unit_for(profile: str, overrides: tuple[str, ...], model: str | None, *, ex
     for override in overrides:
         words += ["--set", override]
     words += ["--model", model] if model is not None else []
+    words += node_args
     words += ["--template", "--executable", exe] if template else []
     options = systemd.UnitOptions(executable=exe, profile_ref=None if template else ref, overrides=overrides,
-                                  model=model, user=user, group=user, command=shlex.join(words))
+                                  model=model, up_args=tuple(node_args), user=user, group=user,
+                                  command=shlex.join(words))
     return rendered, systemd.render_unit(rendered, options)
 
 
@@ -272,25 +280,30 @@ def unit_options(func: F) -> F:
 
 @systemd_group.command("render")
 @profile_options
+@node_options
 @unit_options
 @click.option("--template", is_flag=True,
               help="Print the lmcache-supervise@.service template (%i for the profile), with PROFILE's timeouts.")
 @handles_errors
-def systemd_render_command(profile: str, overrides: tuple[str, ...], model: str | None, executable: str | None,
-                           user: str, template: bool) -> None:
+def systemd_render_command(profile: str, overrides: tuple[str, ...], model: str | None, role: str,
+                           head: str | None, advertise: str | None, executable: str | None, user: str,
+                           template: bool) -> None:
     """Print the unit for PROFILE: ExecStart with this installation's paths, timeouts from its plan."""
-    _, text = _unit_for(profile, overrides, model, executable=executable, user=user, template=template)
+    _, text = _unit_for(profile, overrides, model, executable=executable, user=user, template=template,
+                        role=role, head=head, advertise=advertise)
     click.echo(text, nl=False)
 
 
 @systemd_group.command("install")
 @profile_options
+@node_options
 @unit_options
 @click.option("--unit-dir", default="/etc/systemd/system", show_default=True, metavar="DIR",
               help="Where to write the unit.")
 @handles_errors
-def systemd_install_command(profile: str, overrides: tuple[str, ...], model: str | None, executable: str | None,
-                            user: str, unit_dir: str) -> None:
+def systemd_install_command(profile: str, overrides: tuple[str, ...], model: str | None, role: str,
+                            head: str | None, advertise: str | None, executable: str | None, user: str,
+                            unit_dir: str) -> None:
     """Write lmcache-supervise@DEPLOYMENT.service (as root) and print the systemctl commands to run."""
     import pwd
     import shlex
@@ -299,7 +312,8 @@ def systemd_install_command(profile: str, overrides: tuple[str, ...], model: str
 
     from supervisor import systemd
 
-    rendered, text = _unit_for(profile, overrides, model, executable=executable, user=user, template=False)
+    rendered, text = _unit_for(profile, overrides, model, executable=executable, user=user, template=False,
+                               role=role, head=head, advertise=advertise)
     name = systemd.unit_name(rendered.deployment.name)
     target = Path(unit_dir) / name
     try:

@@ -64,13 +64,15 @@ class UnitOptions:
 
     ``executable``: absolute path of ``lmcache-supervise``. ``profile_ref``: what ``up`` is given (a
     built-in name or an absolute path); None renders the template, which passes ``%i``.
-    ``overrides``/``model``: the ``--set``/``--model`` flags, passed on to ``up`` unchanged.
+    ``overrides``/``model``: the ``--set``/``--model`` flags, passed on to ``up`` unchanged, as are
+    ``up_args`` (this node's ``--role``/``--head``/``--advertise`` on a several-machine deployment).
     """
 
     executable: str
     profile_ref: str | None
     overrides: tuple[str, ...] = ()
     model: str | None = None
+    up_args: tuple[str, ...] = ()
     user: str = "lmcache"
     group: str = "lmcache"
     watchdog_s: int = WATCHDOG_SEC
@@ -209,6 +211,7 @@ def render_unit(plan: Plan, options: UnitOptions) -> str:
         up += ["--set", override]
     if options.model is not None:
         up += ["--model", options.model]
+    up += options.up_args
     state_env = f"%S/{STATE_DIRECTORY}"
     writable = _writable_paths(plan)
     read_paths = [exe, plan.deployment.python, plan.deployment.model, options.profile_ref or ""]

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from supervisor import nodes
 from supervisor import plan as planmod
 from supervisor import profile as profiles
 from supervisor import systemd
@@ -257,3 +258,21 @@ def test_install_without_permission_says_to_use_root() -> None:
     result = CliRunner().invoke(main, ["systemd", "install", "demo", "--unit-dir", "/sys"])
     assert result.exit_code == 1, result.output
     assert "/sys: permission denied" in result.output and "sudo" in result.output
+
+
+def test_a_node_of_a_several_machine_deployment_keeps_its_flags(tmp_path: Path) -> None:
+    etcd = ["--set", "discovery.backend=etcd"]
+    head = CliRunner().invoke(main, ["systemd", "render", "demo", *etcd, "--role", "head", "--advertise", "10.0.0.1"])
+    assert head.exit_code == 0, head.output
+    assert one(head.output, "ExecStart") == (
+        f"{EXE} up demo --set discovery.backend=etcd --role head --advertise 10.0.0.1")
+    # The head runs etcd and the frontend (the workers run elsewhere): its timeouts are that plan's.
+    loaded = profiles.load("demo", overrides=["discovery.backend=etcd"])
+    node = nodes.node_options(loaded, "head", advertise="10.0.0.1")
+    head_plan = planmod.render(loaded, state_root=Path(systemd.SYSTEM_STATE_ROOT), **node.as_kwargs())
+    assert [p.name for p in head_plan.processes] == ["etcd", "frontend"]
+    assert one(head.output, "TimeoutStopSec") == str(round(sum(p.stop_timeout_s + 5 for p in head_plan.processes)) + 30)
+    assert_verifies(write_unit(tmp_path, "demo", head.output))
+    worker = CliRunner().invoke(main, ["systemd", "render", "demo", *etcd, "--role", "worker", "--head", "10.0.0.1"])
+    assert worker.exit_code == 0, worker.output
+    assert one(worker.output, "ExecStart") == f"{EXE} up demo --set discovery.backend=etcd --role worker --head 10.0.0.1"
