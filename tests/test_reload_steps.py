@@ -159,3 +159,29 @@ async def test_runner_apply_restarts_changed_starts_added_stops_removed(make_spe
         assert runner.plan is new_plan
         runner.request_shutdown()
     assert not any(alive(pid) for pid in new_pids.values())
+
+
+@pytest.mark.anyio
+async def test_shutdown_during_apply_starts_nothing_new_and_leaves_nothing(make_spec, make_plan) -> None:
+    slow = make_spec("slow", stop_timeout_s=1.0)
+    runner = Runner(make_plan(slow))
+    started: list[str] = []
+    runner.subscribe(lambda e: started.append(e.name) if getattr(e, "new", None) is ProcessState.STARTING else None)
+    codes: list[int] = []
+    async with anyio.create_task_group() as tg:
+
+        async def serve() -> None:
+            codes.append(await runner.serve())
+
+        tg.start_soon(serve)
+        first = await runner.wait_until(lambda s: s.process("slow").state is ProcessState.RUNNING, timeout_s=10)
+        old_pid = first.process("slow").pid
+        new_plan = make_plan(make_spec("slow", env={"X": "1"}, stop_timeout_s=1.0), make_spec("extra"))
+        tg.start_soon(lambda: runner.apply(new_plan, restart=("slow",), start=("extra",)))
+        await anyio.sleep(0)  # apply is now stopping the old "slow"
+        runner.request_shutdown(reason="test")
+    assert codes == [0]
+    assert started == ["slow"]  # the first start only: neither the new "slow" nor "extra" after shutdown
+    final = runner.status()
+    assert all(p.pid is None for p in final.processes), final
+    assert old_pid is not None and not alive(old_pid)
