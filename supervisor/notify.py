@@ -224,23 +224,36 @@ class SystemdBridge:
             log.warning("sd_notify failed; systemd may not see our state", socket=str(self.notifier.address),
                         error=str(self.notifier.last_error))
 
+    def follow(self, status: Callable[[], DeploymentStatus]) -> None:
+        """Read the deployment's status from ``status`` (the runner's) on process events and reloads."""
+        self._source = status
+        self.update(describe(status()))
+
     async def serve(self, runner: _HasStatus) -> None:
         """The runner service: status refreshes on process events, the watchdog, start extensions."""
-        self._source = runner.status
-        self.update(describe(runner.status()))
+        self.follow(runner.status)
         async with anyio.create_task_group() as tg:
             tg.start_soon(self.watchdog)
             tg.start_soon(self.extend_while_loading, runner.status)
 
     def begin_reload(self, text: str) -> None:
+        """``RELOADING=1``; before the first ``READY=1`` systemd would ignore it, so only ``STATUS=``."""
         self.reloading = True
-        self._sent(text, self.notifier.reloading(text))
+        self._sent(text, self.notifier.reloading(text) if self.ready_sent else self.notifier.status(text))
 
     def end_reload(self, text: str) -> None:
-        """``READY=1`` ends the reload, whatever its outcome: the deployment runs either way."""
+        """``READY=1`` ends the reload, whatever its outcome: the deployment runs either way.
+
+        A reload during the start ends without ``READY=1`` unless the deployment is ready by now:
+        systemd must not consider a model that is still loading started.
+        """
         self.reloading = False
-        self.ready_sent = True
-        self._sent(text, self.notifier.ready(text))
+        ready_now = self._source is not None and self._source().state is DeploymentState.READY
+        if self.ready_sent or ready_now:
+            self.ready_sent = True
+            self._sent(text, self.notifier.ready(text))
+        else:
+            self._sent(text, self.notifier.status(text))
 
     async def watchdog(self) -> None:
         """``WATCHDOG=1`` every half ``WatchdogSec``, from the event loop: a stuck loop stops it."""

@@ -244,3 +244,18 @@ async def test_watchdog_and_extend_keep_coming_from_the_loop(listener: Listener)
     # extend asks for three ticks (the tick follows the watchdog's pace): 3 x 0.05 s.
     assert "EXTEND_TIMEOUT_USEC=150000" in got
     notifier.close()
+
+
+def test_a_reload_during_the_start_does_not_claim_ready(listener: Listener) -> None:
+    bridge = SystemdBridge(Notifier(listener.address))
+    loading = snapshot(D.STARTING, decode=P.STARTING)
+    bridge.follow(lambda: loading)  # what serve() does with the runner's status
+    assert listener.receive()[0][0].startswith("STATUS=starting")
+    bridge.begin_reload("reloading: re-reading profile demo")
+    assert listener.receive()[0] == ["STATUS=reloading: re-reading profile demo"]  # no RELOADING=1 yet
+    bridge.end_reload("reloaded: restarted decode")
+    assert listener.receive()[0] == ["STATUS=reloaded: restarted decode"]  # and no READY=1
+    ready = snapshot(D.READY, decode=P.RUNNING)
+    bridge(event(D.STARTING, D.READY, ready))
+    assert listener.receive()[0] == ["READY=1", f"STATUS={describe(ready)}"]
+    bridge.notifier.close()
