@@ -80,10 +80,8 @@ def _probes(health: Health, ready: HttpCheck, live: HttpCheck, budget_s: float) 
 
 
 def _model_path(profile: Profile) -> str:
-    """Local paths written ./x or ../x are relative to the profile's own directory; others stay as given."""
+    """``~`` expanded; relative paths were anchored to their profile file by the loader."""
     name = profile.model.name
-    if name.startswith(("./", "../")):
-        return str((Path(profile.base_dir) / name).resolve())
     if name.startswith("~"):
         return str(Path(name).expanduser())
     return name

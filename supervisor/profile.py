@@ -207,7 +207,6 @@ class Profile(_Model):
     supervisor: Supervisor = Supervisor()
     env: dict[str, str] = {}
     source: str = ""
-    base_dir: str = ""
 
 
 # ----------------------------------------------------------------------------------------- loading
@@ -273,9 +272,9 @@ def load_raw(path: Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise ProfileError(_display(_chain[0]), "extends", f"cycle: {cycle}")
     data = read_toml(path)
     data.setdefault("name", path.stem)
+    _anchor_model(data, path.parent)
     parent_ref = data.pop("extends", None)
     if parent_ref is None:
-        data.setdefault("base_dir", str(path.parent))
         return data
     if not isinstance(parent_ref, str):
         raise ProfileError(_display(path), "extends", f"expected a profile name or path, got {parent_ref!r}")
@@ -291,8 +290,14 @@ def load_raw(path: Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     parent = load_raw(parent_path, (*_chain, path))
     parent.pop("name", None)
     parent.pop("description", None)
-    data.setdefault("base_dir", str(path.parent))
     return deep_merge(parent, data)
+
+
+def _anchor_model(data: dict[str, Any], base: Path) -> None:
+    """A relative model path (``./x``, ``../x``) is relative to the file, or the shell, that wrote it."""
+    model = data.get("model")
+    if isinstance(model, dict) and isinstance(model.get("name"), str) and model["name"].startswith(("./", "../")):
+        data["model"] = {**model, "name": str((base / model["name"]).resolve())}
 
 
 _KEY = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
@@ -392,7 +397,7 @@ def _to_profile_errors(exc: ValidationError, source: str) -> ProfileErrors:
                 allowed = list(Worker.model_fields)
             else:
                 allowed = _fields_at(Profile, parent)
-            allowed = [a for a in allowed if a not in ("source", "base_dir")]
+            allowed = [a for a in allowed if a != "source"]
             close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             errors.append(ProfileError(source, key, f"unknown key{hint}"))
@@ -422,6 +427,7 @@ def load(
     data = apply_overrides(data, overrides)
     if model is not None:
         data = deep_merge(data, {"model": {"name": model}})
+        _anchor_model(data, Path.cwd())
     try:
         return validate(data, _display(path))
     except ProfileErrors as exc:

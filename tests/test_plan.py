@@ -198,3 +198,16 @@ def test_system_port_above_16_bit_is_refused() -> None:
 def test_port_collision_names_both_owners() -> None:
     with pytest.raises(PlanError, match="port 18081 .* already used by"):
         render("demo", "frontend.port=18081")
+
+
+def test_relative_model_path_is_relative_to_the_file_that_wrote_it(tmp_path: Path) -> None:
+    child = tmp_path / "elsewhere" / "mine.toml"
+    child.parent.mkdir()
+    child.write_text(f'extends = "{ROOT / "profiles" / "demo.toml"}"\n[ports]\nbase = 19000\n')
+    plan = planmod.render(profiles.load(str(child)), state_root=STATE, python="/opt/py/bin/python")
+    assert Path(plan.deployment.model) == ROOT / "profiles" / "demo-model"  # the parent's ./demo-model
+
+    (tmp_path / "local-model").mkdir()
+    child.write_text(f'extends = "{ROOT / "profiles" / "demo.toml"}"\n[model]\nname = "../local-model"\n')
+    plan = planmod.render(profiles.load(str(child)), state_root=STATE, python="/opt/py/bin/python")
+    assert Path(plan.deployment.model) == tmp_path / "local-model"
