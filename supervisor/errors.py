@@ -9,6 +9,7 @@
     ├── ReadinessError              a process or the deployment never turned ready        (exit 1)
     ├── StateError                  an illegal lifecycle transition (a bug, not input)    (exit 1)
     └── ControlError                the control socket is missing, refused or failed      (exit 1)
+        └── BadRequestError         the running supervisor refused a request as bad input (exit 2)
 
 Messages are whole sentences naming the file, key, process, pid or port; those values are kept as
 attributes so callers never parse a message.
@@ -111,3 +112,9 @@ class StateError(SupervisorError):
 
 class ControlError(SupervisorError):
     """Talking to a running supervisor over its control socket failed."""
+
+
+class BadRequestError(ControlError):
+    """The running supervisor refused a request as bad input (an unknown process, a bad value)."""
+
+    exit_code = EXIT_BAD_INPUT
