@@ -361,7 +361,7 @@ def up_command(profile: str, overrides: tuple[str, ...], model: str | None, role
     so that systemd can take over."""
     import time
 
-    from supervisor import logs, notify, reload, runner
+    from supervisor import cli_control, logs, notify, reload, runner
     from supervisor.preflight import Status, enforce
     from supervisor.states import DeploymentEvent, DeploymentState, RunnerEvent
 
@@ -389,9 +389,10 @@ def up_command(profile: str, overrides: tuple[str, ...], model: str | None, role
 
     reloader = reload.Reloader(reread, on_begin=bridge.begin_reload, on_end=bridge.end_reload)
     echo = None if quiet_children else logs.TerminalEcho()
+    observers, services = cli_control.observability(rendered)  # control socket, metrics, progress
     try:
-        code = runner.run(rendered, observers=[announce, bridge], services=[bridge.serve], reload=reloader,
-                          echo=echo)
+        code = runner.run(rendered, observers=[announce, bridge, *observers], services=[bridge.serve, *services],
+                          reload=reloader, echo=echo)
     finally:
         if echo is not None:
             echo.close()
@@ -400,16 +401,15 @@ def up_command(profile: str, overrides: tuple[str, ...], model: str | None, role
 
 @main.command("down")
 @click.argument("deployment", required=False)
+@click.option("--deployment", "-d", "named", default=None, metavar="NAME", help="Same as DEPLOYMENT.")
 @click.option("--timeout", "timeout_s", type=float, default=120.0, show_default=True,
               help="Seconds to wait for the supervisor to finish its orderly shutdown.")
 @handles_errors
-def down_command(deployment: str | None, timeout_s: float) -> None:
-    """Stop a running deployment (the only one running when DEPLOYMENT is not given)."""
-    from supervisor import paths, pidfile
+def down_command(deployment: str | None, named: str | None, timeout_s: float) -> None:
+    """Stop a running deployment (the only one running when DEPLOYMENT is not given), over its control socket."""
+    from supervisor import cli_control
 
-    entry = pidfile.choose(paths.state_root(), deployment)
-    took = pidfile.stop(entry, timeout_s=timeout_s)
-    click.echo(f"stopped {entry.deployment} (supervisor pid {entry.pid}) in {took:.1f} s")
+    cli_control.down(named or deployment, timeout_s)
 
 
 _ = EXIT_BAD_INPUT  # re-exported for command modules that map click errors
@@ -446,3 +446,8 @@ def export_k8s_command(profile: str, overrides: tuple[str, ...], model: str | No
     click.echo(yaml.safe_dump(out.manifest, sort_keys=False, width=100000), nl=False)
     for note in out.notes:
         click.echo(f"lmcache-supervise: note: {note}", err=True)
+
+
+# Commands that talk to a running deployment (status, restart, stop, start, logs, metrics, smoke) live in
+# cli_control.py; importing it registers them on ``main``.
+from supervisor import cli_control as _cli_control  # noqa: E402,F401
