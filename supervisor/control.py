@@ -194,13 +194,15 @@ class ControlServer:
         async with stream:
             try:
                 pid, uid, _ = peer_credentials(stream.extra(anyio.abc.SocketAttribute.raw_socket))
+                # Read the request even from a peer about to be refused: closing a socket with unread
+                # data resets it, and the peer would see ECONNRESET instead of the refusal.
+                with anyio.fail_after(READ_TIMEOUT_S):
+                    line = await BufferedByteReceiveStream(stream).receive_until(b"\n", MESSAGE_MAX)
                 if not peer_allowed(uid):
                     log.warning("control connection refused", peer_pid=pid, peer_uid=uid)
                     await _send(stream, _error(f"refused: peer uid {uid} is not the uid {os.geteuid()} "
                                                f"this supervisor runs as"))
                     return
-                with anyio.fail_after(READ_TIMEOUT_S):
-                    line = await BufferedByteReceiveStream(stream).receive_until(b"\n", MESSAGE_MAX)
                 try:
                     request = json.loads(line)
                 except ValueError:
