@@ -476,7 +476,12 @@ class Runner:
             shutil.rmtree(slot.spec.multiproc_dir, ignore_errors=True)
 
     async def _stop_all(self) -> None:
-        """Stop every process in reverse start order; nothing restarts meanwhile."""
+        """Stop every process after everything that depends on it; nothing restarts meanwhile.
+
+        Processes with no dependency between them stop at the same time (as systemd and
+        process-compose do): a shutdown takes as long as its slowest chain, not the sum of every
+        process's stop time. A chain (prefill -> decode -> frontend) still stops one by one.
+        """
         if self._deployment is not D.FAILED:
             self._recompute(reason="shutdown")
         self._set_deployment(D.STOPPING, "shutdown")
@@ -487,8 +492,20 @@ class Runner:
         for slot in slots:
             if slot.finished is not None:
                 await slot.finished.wait()
-        for slot in reversed(slots):
-            await self._stop_child(slot, "shutdown")
+        stopped = {slot.spec.name: anyio.Event() for slot in slots}
+
+        async def stop_after_dependents(slot: _Slot) -> None:
+            try:
+                for other in slots:
+                    if any(dep.name == slot.spec.name for dep in other.spec.depends_on):
+                        await stopped[other.spec.name].wait()
+                await self._stop_child(slot, "shutdown")
+            finally:
+                stopped[slot.spec.name].set()
+
+        async with anyio.create_task_group() as tg:
+            for slot in reversed(slots):  # reverse start order among the ones free to stop together
+                tg.start_soon(stop_after_dependents, slot)
         self._set_deployment(D.STOPPED, "every process stopped")
 
 
