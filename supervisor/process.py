@@ -261,6 +261,10 @@ class Child:
         if not self._released:
             if self.running or group_members(self.pgid):
                 self.signal(sig)
+                if sig not in (signal.SIGKILL, signal.SIGCONT):
+                    # As systemd does: a frozen (SIGSTOPped) group acts on the signal only once continued;
+                    # without this it would sit out the whole timeout until the SIGKILL.
+                    self.signal(signal.SIGCONT)
                 if not await _wait_group(self, timeout_s):
                     self.signal(signal.SIGKILL)
                     await _wait_group(self, GROUP_KILL_WAIT_S)
@@ -296,7 +300,11 @@ def spawn(spec: ProcessSpec, *, guardian: Guardian | None, env: Mapping[str, str
 
     The caller must run :meth:`Child.watch` as a task right away.
     """
-    reset_multiproc_dir(spec.multiproc_dir)
+    try:
+        reset_multiproc_dir(spec.multiproc_dir)
+    except OSError as exc:  # a full or read-only disk: this start fails, the supervisor does not
+        raise StartError(spec.name, f"PROMETHEUS_MULTIPROC_DIR {spec.multiproc_dir}: "
+                                    f"{exc.strerror or exc}") from exc
     read_fd, write_fd = os.pipe()
     try:
         popen = subprocess.Popen(

@@ -44,7 +44,9 @@ class ProcessState(enum.Enum):
 
 _P = ProcessState
 PROCESS_TRANSITIONS: Mapping[ProcessState, frozenset[ProcessState]] = {
-    _P.STOPPED: frozenset({_P.WAITING, _P.STARTING}),
+    # STOPPED/EXITED -> FAILED: the spawn itself failed (no interpreter, no metrics directory) for a
+    # process that had no dependencies to wait for, so it never got as far as WAITING or STARTING.
+    _P.STOPPED: frozenset({_P.WAITING, _P.STARTING, _P.FAILED}),
     _P.WAITING: frozenset({_P.STARTING, _P.STOPPED, _P.FAILED}),
     _P.STARTING: frozenset({_P.RUNNING, _P.NOT_READY, _P.STOPPING, _P.BACKOFF, _P.EXITED, _P.FAILED}),
     _P.RUNNING: frozenset({_P.NOT_READY, _P.STOPPING, _P.BACKOFF, _P.EXITED, _P.FAILED}),
@@ -53,7 +55,7 @@ PROCESS_TRANSITIONS: Mapping[ProcessState, frozenset[ProcessState]] = {
     # restarted and takes its dependents along) or FAILED (crash loop detected on that path).
     _P.STOPPING: frozenset({_P.STOPPED, _P.BACKOFF, _P.WAITING, _P.EXITED, _P.FAILED}),
     _P.BACKOFF: frozenset({_P.WAITING, _P.STARTING, _P.STOPPED, _P.FAILED}),
-    _P.EXITED: frozenset({_P.WAITING, _P.STARTING, _P.STOPPED}),
+    _P.EXITED: frozenset({_P.WAITING, _P.STARTING, _P.STOPPED, _P.FAILED}),
     _P.FAILED: frozenset({_P.WAITING, _P.STARTING, _P.STOPPED}),
 }
 
