@@ -1,0 +1,274 @@
+"""``lmcache-supervise up demo`` in a process of its own, watched from outside.
+
+Its stderr (JSON lines: stderr is not a terminal) is read by a thread as it comes; each event is
+stamped with our ``time.monotonic()`` on arrival, so fault times and the supervisor's state changes
+share one clock. Everything it starts inherits ``LMCACHE_SUPERVISE_SOAK_MARKER`` set to a value
+unique to this run: a marked process outside the supervisor's tree is an orphan, and
+:meth:`Deployment.close` SIGKILLs whatever marked process is left, whatever happened before.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+import psutil
+
+CLI = str(Path(sys.executable).parent / "lmcache-supervise")
+MARKER = "LMCACHE_SUPERVISE_SOAK_MARKER"
+NAMES = ("frontend", "decode", "prefill")
+DEMO_PORT_SPAN = 602  # frontend +0, system +81/+82, metrics +90, prefill bootstrap +601
+# The e2e tests' shorter worker stop timeouts: a mocker prefill whose decode peer died can wait
+# ~30 s in its graceful shutdown; SIGKILL follows the timeout.
+FAST_STOP = ("--set", "workers.decode.stop_timeout_s=3", "--set", "workers.prefill.stop_timeout_s=3")
+LIVE_STATES = ("starting", "running", "not-ready")
+DEPLOYMENT_STATES = ("starting", "ready", "degraded", "failed", "stopping", "stopped")
+
+
+@dataclass(frozen=True)
+class Event:
+    """One supervisor event as it arrived: ``at`` is our monotonic clock, ``data`` the JSON object."""
+
+    at: float
+    data: Mapping[str, Any]
+
+    @property
+    def name(self) -> str:
+        return str(self.data.get("event", ""))
+
+
+def free_port_base(span: int = DEMO_PORT_SPAN) -> int:
+    """A base with ``span`` free loopback ports above it, below 32767 (Dynamo's int16 system ports)."""
+    for _ in range(200):
+        base = 20000 + (uuid.uuid4().int % 110) * 100
+        socks = []
+        try:
+            for port in range(base, base + span):
+                sock = socket.socket()
+                sock.bind(("127.0.0.1", port))
+                socks.append(sock)
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise RuntimeError("no free port range")
+
+
+class Deployment:
+    """A running ``up demo``; use as a context manager so that nothing outlives it."""
+
+    def __init__(self, workdir: Path, *, extra: Sequence[str] = (), echo_children: bool = False,
+                 base: int | None = None, state_root: Path | None = None) -> None:
+        self.workdir = workdir
+        self.base = base or free_port_base()
+        self.state_root = state_root or workdir / "state"
+        self.marker = f"soak-{uuid.uuid4().hex[:12]}"
+        self.env = {**os.environ, "LMCACHE_SUPERVISE_STATE_ROOT": str(self.state_root), MARKER: self.marker}
+        self.env.pop("LMCACHE_SUPERVISE_DEBUG", None)
+        self.argv = [CLI, "up", "demo", "--set", f"ports.base={self.base}", *FAST_STOP, *extra]
+        if not echo_children:
+            self.argv.append("--quiet-children")
+        self.events: list[Event] = []
+        self.stdout_lines: list[str] = []
+        self.stderr_text: list[str] = []
+        self.exit_code: int | None = None
+        self._cond = threading.Condition()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._readers: list[threading.Thread] = []
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def __enter__(self) -> Deployment:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, env=self.env)
+        for stream, sink in ((self._proc.stdout, self._on_stdout), (self._proc.stderr, self._on_stderr)):
+            thread = threading.Thread(target=self._read, args=(stream, sink), daemon=True)
+            thread.start()
+            self._readers.append(thread)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def pid(self) -> int:
+        assert self._proc is not None
+        return self._proc.pid
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.base}"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.state_root / "demo"
+
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def wait_ready(self, timeout_s: float = 90.0) -> None:
+        """Until ``up`` printed its ready line; raises with the supervisor's last words otherwise."""
+        self.wait(lambda: any(line.startswith("ready:") for line in self.stdout_lines) or not self.running(),
+                  timeout_s, "the deployment's first ready")
+        if not self.running():
+            last_words = "".join(self.stderr_text)[-2000:]
+            raise RuntimeError(f"up demo exited with {self._proc.poll()}: {last_words}")
+
+    def stop(self, timeout_s: float = 60.0) -> int:
+        """SIGTERM (what ``down`` sends) and wait for the orderly shutdown; returns the exit code."""
+        assert self._proc is not None
+        if self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGTERM)
+        self.exit_code = self._proc.wait(timeout=timeout_s)
+        for thread in self._readers:
+            thread.join(timeout=5)
+        return self.exit_code
+
+    def close(self) -> list[str]:
+        """Kill the supervisor if it still runs and SIGKILL every marked process; returns those."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        deadline = time.monotonic() + 5.0
+        while (left := self.marked()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        leaked = []
+        for proc in left:
+            try:
+                leaked.append(f"{proc.pid} {' '.join(proc.cmdline())[:100]}")
+                proc.kill()
+            except psutil.Error:
+                pass
+        return leaked
+
+    # ---- output ----------------------------------------------------------------------------
+
+    def _read(self, stream: IO[bytes], sink: Callable[[str], None]) -> None:
+        for raw in stream:
+            sink(raw.decode("utf-8", "replace"))
+        stream.close()
+
+    def _on_stdout(self, line: str) -> None:
+        with self._cond:
+            self.stdout_lines.append(line)
+            self._cond.notify_all()
+
+    def _on_stderr(self, line: str) -> None:
+        at = time.monotonic()
+        data = None
+        if line.startswith("{"):
+            try:
+                data = json.loads(line)
+            except ValueError:
+                pass
+        with self._cond:
+            self.stderr_text.append(line)
+            if isinstance(data, dict):
+                self.events.append(Event(at, data))
+            self._cond.notify_all()
+
+    def wait(self, predicate: Callable[[], object], timeout_s: float, what: str) -> None:
+        """Re-check ``predicate`` whenever output arrives (and every 0.1 s); TimeoutError after
+        ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while not predicate():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"timed out after {timeout_s:g} s waiting for {what}")
+                self._cond.wait(min(left, 0.1))
+
+    def snapshot(self) -> list[Event]:
+        with self._cond:
+            return list(self.events)
+
+    def named(self, event: str, process: str | None = None) -> list[Event]:
+        return [e for e in self.snapshot()
+                if e.name == event and (process is None or e.data.get("process") == process)]
+
+    # ---- the supervisor's view, from its events ------------------------------------------
+
+    def process_state(self, name: str) -> tuple[str, int | None]:
+        """``(state, pid)`` of ``name`` after its latest event (pid of its latest incarnation)."""
+        state, pid = "stopped", None
+        for event in self.snapshot():
+            if event.data.get("process") == name and event.name.startswith("process "):
+                state = event.name.removeprefix("process ")
+                pid = event.data.get("pid") if event.name == "process starting" else pid
+        return state, pid
+
+    def deployment_state(self) -> str:
+        states = [e.name.removeprefix("deployment ") for e in self.snapshot()
+                  if e.name.removeprefix("deployment ") in DEPLOYMENT_STATES and "deployment" in e.data]
+        return states[-1] if states else "starting"
+
+    def all_ready(self) -> bool:
+        """Deployment ready and every process running (its latest incarnation)."""
+        running = all(self.process_state(name)[0] == "running" for name in NAMES)
+        return running and self.deployment_state() == "ready"
+
+    def starts(self, name: str) -> int:
+        return len(self.named("process starting", name))
+
+    # ---- the host's view -------------------------------------------------------------------
+
+    def usage(self) -> tuple[int, int]:
+        """The supervisor's open descriptors and resident memory (bytes)."""
+        proc = psutil.Process(self.pid)
+        return proc.num_fds(), proc.memory_info().rss
+
+    def tree(self) -> set[int]:
+        proc = psutil.Process(self.pid)
+        return {self.pid} | {p.pid for p in proc.children(recursive=True)}
+
+    def marked(self) -> list[psutil.Process]:
+        """Live (non-zombie) processes carrying this run's marker, the supervisor excluded."""
+        found = []
+        for proc in psutil.process_iter(["pid"]):
+            if proc.pid in (os.getpid(), self.pid):
+                continue
+            try:
+                if proc.status() != psutil.STATUS_ZOMBIE and proc.environ().get(MARKER) == self.marker:
+                    found.append(proc)
+            except psutil.Error:
+                continue
+        return found
+
+    def orphans(self) -> list[int]:
+        """Marked processes outside the supervisor's tree (every one is a leak)."""
+        tree = self.tree() if self.running() else set()
+        return sorted(p.pid for p in self.marked() if p.pid not in tree)
+
+    def multiproc_dirs(self) -> list[str]:
+        root = self.state_dir / "prometheus"
+        return sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+
+    def chat(self, client: httpx.Client, *, timeout_s: float) -> str | None:
+        """One small chat request; None when it succeeded, else why it failed."""
+        body = {"model": "demo", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}
+        try:
+            response = client.post(f"{self.url}/v1/chat/completions", json=body, timeout=timeout_s)
+        except httpx.HTTPError as exc:
+            return f"{type(exc).__name__}: {exc}"[:200]
+        if response.status_code != 200:
+            return f"HTTP {response.status_code}: {response.text[:150]}"
+        return None
+
+
+def text_of(lines: Iterable[str]) -> str:
+    return "".join(lines)
