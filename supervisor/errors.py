@@ -8,6 +8,7 @@
     ├── StartError                  a child could not be spawned                          (exit 1)
     ├── ReadinessError              a process or the deployment never turned ready        (exit 1)
     ├── StateError                  an illegal lifecycle transition (a bug, not input)    (exit 1)
+    ├── StateDirError               the state directory is unsafe (another user owns it)  (exit 2)
     └── ControlError                the control socket is missing, refused or failed      (exit 1)
         └── BadRequestError         the running supervisor refused a request as bad input (exit 2)
 
@@ -108,6 +109,17 @@ class StateError(SupervisorError):
         super().__init__(
             f"process {process!r} cannot go from {current} to {target} (allowed: {allowed_text})"
         )
+
+
+class StateDirError(SupervisorError):
+    """The deployment's state directory cannot be trusted: it belongs to another user or is not a
+    plain directory. Bad environment, not a runtime failure: nothing has started (exit 2)."""
+
+    exit_code = EXIT_BAD_INPUT
+
+    def __init__(self, path: str, problem: str) -> None:
+        self.path, self.problem = path, problem
+        super().__init__(one_line(f"state directory {path}: {problem}"))
 
 
 class ControlError(SupervisorError):

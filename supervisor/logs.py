@@ -23,6 +23,8 @@ from typing import Any, TextIO
 
 import structlog
 
+from supervisor.redact import MASK, is_secret_name, redact_text
+
 log = structlog.get_logger("supervisor")
 
 _RETRY_AFTER_S = 30.0
@@ -42,12 +44,32 @@ def configure(*, json: bool | None = None, level: str = "info", stream: TextIO |
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=not stream.isatty()),
             structlog.processors.format_exc_info,
+            redact_event,  # after format_exc_info: a traceback may quote a URL with its password
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
         logger_factory=structlog.PrintLoggerFactory(file=stream),
         cache_logger_on_first_use=False,
     )
+
+
+def redact_event(logger: object, method: str, event: dict[str, Any]) -> dict[str, Any]:
+    """structlog processor: no event leaves with a secret, whatever a caller put into it.
+
+    Redaction at the sink, not at each call site: a reason, an error text or a URL carried by any
+    event (ours or a future module's) has URL passwords masked, and a text field named like a
+    credential (``token``, ``HF_TOKEN``, ...) is masked whole."""
+    return {key: _redact_value(key, value) for key, value in event.items()}
+
+
+def _redact_value(key: object, value: Any) -> Any:
+    if isinstance(value, str):
+        return MASK if value and isinstance(key, str) and is_secret_name(key) else redact_text(value)
+    if isinstance(value, (list, tuple)):
+        return [_redact_value(key, item) for item in value]
+    if isinstance(value, dict):
+        return {k: _redact_value(k, v) for k, v in value.items()}
+    return value
 
 
 @dataclass(frozen=True)

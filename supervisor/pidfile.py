@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from supervisor.errors import ControlError, StartError
+from supervisor.paths import secure_state_dir
 
 PID_FILE = "supervisor.pid"
 
@@ -38,7 +39,7 @@ class PidFile:
         self._fd: int | None = None
 
     def __enter__(self) -> PidFile:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        secure_state_dir(self.path.parent)  # 0700, ours: refuses a directory planted by another user
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from supervisor.errors import ProfileError, ProfileErrors
 from supervisor.paths import profiles_dir
@@ -30,6 +30,16 @@ NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,47}$"
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
 Port = Annotated[int, Field(ge=1, le=65535)]
 PositiveSeconds = Annotated[float, Field(gt=0)]
+
+
+def _bind_host(value: str) -> str:
+    """A bind address is one word: a value like ``--help`` or ``a -b`` lands in argv (``--http-host``)."""
+    if value.startswith("-") or not re.fullmatch(r"[A-Za-z0-9_.:%-]+", value):
+        raise ValueError(f"expected a host name or IP address, got {value!r}")
+    return value
+
+
+Host = Annotated[str, AfterValidator(_bind_host)]
 SIGNALS = ("SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGKILL")
 
 
@@ -75,7 +85,7 @@ class _Process(_Model):
 
 
 class Frontend(_Process):
-    host: str = "127.0.0.1"
+    host: Host = "127.0.0.1"
     port: Port | None = None
     router_mode: Literal["round-robin", "random", "kv", "least-loaded", "power-of-two"] = "round-robin"
 
@@ -149,7 +159,7 @@ class Infra(_Model):
 
 class Ports(_Model):
     base: Annotated[int, Field(ge=1024, le=65000)] = 8000
-    host: str = "127.0.0.1"
+    host: Host = "127.0.0.1"
 
 
 class Remote(_Model):
@@ -182,7 +192,7 @@ class LMCache(_Model):
 
 
 class Supervisor(_Model):
-    metrics_host: str = "127.0.0.1"
+    metrics_host: Host = "127.0.0.1"
     metrics_port: Port | None = None  # default: ports.base + 90
     metrics: bool = True
     ready_timeout_s: PositiveSeconds | None = None

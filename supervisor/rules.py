@@ -51,6 +51,13 @@ def _flag_errors(profile: Profile, where: str, args: list[str], kind: str) -> li
             errors.append(
                 ProfileError(profile.source, f"{where}.args", f"{flag} is set by the supervisor; use {MANAGED_FLAGS[kind][flag]}")
             )
+            continue
+        # argparse (the frontend's and the mocker's parsers) takes any unambiguous prefix of a long
+        # flag, and the last one wins: `--http-ho 0.0.0.0` would move the frontend off loopback.
+        owned = sorted(f for f in MANAGED_FLAGS[kind] if flag.startswith("--") and len(flag) > 2 and f.startswith(flag))
+        if owned:
+            errors.append(ProfileError(profile.source, f"{where}.args", f"{flag} abbreviates {owned[0]}, which is set by "
+                                                                       f"the supervisor; use {MANAGED_FLAGS[kind][owned[0]]}"))
     return errors
 
 
