@@ -26,6 +26,11 @@ def start_mocker(kv: Path, port: int, mode: str, extra: list[str]) -> subprocess
                             stderr=subprocess.DEVNULL, start_new_session=True)
 
 
+def entries(kv: Path) -> set[Path]:
+    """Registered entries; Dynamo writes each through a temporary file renamed into place."""
+    return {p.relative_to(kv) for p in kv.rglob("*") if p.is_file() and not p.name.startswith(".tmp")}
+
+
 def test_forget_worker_removes_only_the_dead_workers_entries(tmp_path: Path) -> None:
     kv = tmp_path / "kv"
     base = free_port_base(3)
@@ -37,7 +42,7 @@ def test_forget_worker_removes_only_the_dead_workers_entries(tmp_path: Path) -> 
             return sorted(p.read_text() for p in mdc.iterdir()) if mdc.is_dir() else []
 
         wait_for(lambda: len(cards()) == 2, 30, what="both mockers registered")
-        before = {p.relative_to(kv) for p in kv.rglob("*") if p.is_file()}
+        before = entries(kv)
         os.killpg(decode.pid, signal.SIGKILL)
         decode.wait(timeout=10)
 
@@ -45,7 +50,7 @@ def test_forget_worker_removes_only_the_dead_workers_entries(tmp_path: Path) -> 
 
         assert any(r.startswith("instances/") and "backend" in r for r in removed), removed
         assert any(r.startswith("mdc/") for r in removed), removed
-        after = {p.relative_to(kv) for p in kv.rglob("*") if p.is_file()}
+        after = entries(kv)
         assert after == before - {Path("v1") / r for r in removed}
         assert len(cards()) == 1 and f":{base + 1}/v1/metadata/" in cards()[0]  # prefill's card stays
         assert forget_worker(str(kv), base) == []  # idempotent
