@@ -191,6 +191,75 @@ def check_command(profile: str, overrides: tuple[str, ...], model: str | None, r
         enforce(findings)  # raises PreflightError: one line on stderr, exit 3
 
 
+# -------------------------------------------------------------------------------------- up, down
+
+
+@main.command("up")
+@profile_options
+@node_options
+@skip_check_option
+@click.option("--quiet-children", is_flag=True,
+              help="Do not copy child output to the terminal (it still goes to the log files).")
+@handles_errors
+def up_command(profile: str, overrides: tuple[str, ...], model: str | None, role: str, head: str | None,
+               advertise: str | None, skip: tuple[str, ...], quiet_children: bool) -> None:
+    """Start PROFILE in the foreground and supervise it; Ctrl-C or SIGTERM stops it in order.
+
+    Exits 0 after an orderly shutdown and 1 when a required process failed for good (crash loop),
+    so that systemd can take over."""
+    import time
+
+    from supervisor import cli_control, logs, notify, reload, runner
+    from supervisor.preflight import Status, enforce
+    from supervisor.states import DeploymentEvent, DeploymentState, RunnerEvent
+
+    started = time.monotonic()
+    # First: read NOTIFY_SOCKET/WATCHDOG_* and drop them from our environment before anything
+    # (preflight's probes included) is spawned. Without systemd this is a no-op.
+    bridge = notify.SystemdBridge(notify.Notifier.from_env())
+    rendered = load_plan(profile, overrides, model, role=role, head=head, advertise=advertise)
+    findings = run_preflight(rendered, skip)
+    if any(f.status is not Status.OK for f in findings):
+        print_findings(findings)
+    enforce(findings)
+    logs.configure()
+    dep = rendered.deployment
+    announced: list[bool] = []
+
+    def announce(event: RunnerEvent) -> None:
+        if isinstance(event, DeploymentEvent) and event.new is DeploymentState.READY and not announced:
+            announced.append(True)
+            click.echo(f"ready: OpenAI API at {dep.base_url}/v1 (model {dep.served_model_name}) "
+                       f"in {time.monotonic() - started:.1f} s")
+
+    def reread() -> Plan:  # SIGHUP / `reload`: the same profile with the same flags, read again
+        return load_plan(profile, overrides, model, role=role, head=head, advertise=advertise)
+
+    reloader = reload.Reloader(reread, on_begin=bridge.begin_reload, on_end=bridge.end_reload)
+    echo = None if quiet_children else logs.TerminalEcho()
+    observers, services = cli_control.observability(rendered)  # control socket, metrics, progress
+    try:
+        code = runner.run(rendered, observers=[announce, bridge, *observers], services=[bridge.serve, *services],
+                          reload=reloader, echo=echo)
+    finally:
+        if echo is not None:
+            echo.close()
+    sys.exit(code)
+
+
+@main.command("down")
+@click.argument("deployment", required=False)
+@click.option("--deployment", "-d", "named", default=None, metavar="NAME", help="Same as DEPLOYMENT.")
+@click.option("--timeout", "timeout_s", type=float, default=120.0, show_default=True,
+              help="Seconds to wait for the supervisor to finish its orderly shutdown.")
+@handles_errors
+def down_command(deployment: str | None, named: str | None, timeout_s: float) -> None:
+    """Stop a running deployment (the only one running when DEPLOYMENT is not given), over its control socket."""
+    from supervisor import cli_control
+
+    cli_control.down(named or deployment, timeout_s)
+
+
 # ---------------------------------------------------------------------------------------- reload
 
 
@@ -343,76 +412,6 @@ def systemd_install_command(profile: str, overrides: tuple[str, ...], model: str
     click.echo(f"after editing the profile: systemctl reload {name}")
 
 
-# -------------------------------------------------------------------------------------- up, down
-
-
-@main.command("up")
-@profile_options
-@node_options
-@skip_check_option
-@click.option("--quiet-children", is_flag=True,
-              help="Do not copy child output to the terminal (it still goes to the log files).")
-@handles_errors
-def up_command(profile: str, overrides: tuple[str, ...], model: str | None, role: str, head: str | None,
-               advertise: str | None, skip: tuple[str, ...], quiet_children: bool) -> None:
-    """Start PROFILE in the foreground and supervise it; Ctrl-C or SIGTERM stops it in order.
-
-    Exits 0 after an orderly shutdown and 1 when a required process failed for good (crash loop),
-    so that systemd can take over."""
-    import time
-
-    from supervisor import cli_control, logs, notify, reload, runner
-    from supervisor.preflight import Status, enforce
-    from supervisor.states import DeploymentEvent, DeploymentState, RunnerEvent
-
-    started = time.monotonic()
-    # First: read NOTIFY_SOCKET/WATCHDOG_* and drop them from our environment before anything
-    # (preflight's probes included) is spawned. Without systemd this is a no-op.
-    bridge = notify.SystemdBridge(notify.Notifier.from_env())
-    rendered = load_plan(profile, overrides, model, role=role, head=head, advertise=advertise)
-    findings = run_preflight(rendered, skip)
-    if any(f.status is not Status.OK for f in findings):
-        print_findings(findings)
-    enforce(findings)
-    logs.configure()
-    dep = rendered.deployment
-    announced: list[bool] = []
-
-    def announce(event: RunnerEvent) -> None:
-        if isinstance(event, DeploymentEvent) and event.new is DeploymentState.READY and not announced:
-            announced.append(True)
-            click.echo(f"ready: OpenAI API at {dep.base_url}/v1 (model {dep.served_model_name}) "
-                       f"in {time.monotonic() - started:.1f} s")
-
-    def reread() -> Plan:  # SIGHUP / `reload`: the same profile with the same flags, read again
-        return load_plan(profile, overrides, model, role=role, head=head, advertise=advertise)
-
-    reloader = reload.Reloader(reread, on_begin=bridge.begin_reload, on_end=bridge.end_reload)
-    echo = None if quiet_children else logs.TerminalEcho()
-    observers, services = cli_control.observability(rendered)  # control socket, metrics, progress
-    try:
-        code = runner.run(rendered, observers=[announce, bridge, *observers], services=[bridge.serve, *services],
-                          reload=reloader, echo=echo)
-    finally:
-        if echo is not None:
-            echo.close()
-    sys.exit(code)
-
-
-@main.command("down")
-@click.argument("deployment", required=False)
-@click.option("--deployment", "-d", "named", default=None, metavar="NAME", help="Same as DEPLOYMENT.")
-@click.option("--timeout", "timeout_s", type=float, default=120.0, show_default=True,
-              help="Seconds to wait for the supervisor to finish its orderly shutdown.")
-@handles_errors
-def down_command(deployment: str | None, named: str | None, timeout_s: float) -> None:
-    """Stop a running deployment (the only one running when DEPLOYMENT is not given), over its control socket."""
-    from supervisor import cli_control
-
-    cli_control.down(named or deployment, timeout_s)
-
-
-_ = EXIT_BAD_INPUT  # re-exported for command modules that map click errors
 
 # ---------------------------------------------------------------------------------------- export
 
