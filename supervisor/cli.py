@@ -209,7 +209,7 @@ def up_command(profile: str, overrides: tuple[str, ...], model: str | None, role
     so that systemd can take over."""
     import time
 
-    from supervisor import cli_control, logs, notify, reload, runner
+    from supervisor import cli_control, foreground, logs, notify, reload
     from supervisor.preflight import Status, enforce
     from supervisor.states import DeploymentEvent, DeploymentState, RunnerEvent
 
@@ -239,7 +239,7 @@ def up_command(profile: str, overrides: tuple[str, ...], model: str | None, role
     echo = None if quiet_children else logs.TerminalEcho()
     observers, services = cli_control.observability(rendered)  # control socket, metrics, progress
     try:
-        code = runner.run(rendered, observers=[announce, bridge, *observers], services=[bridge.serve, *services],
+        code = foreground.run(rendered, observers=[announce, bridge, *observers], services=[bridge.serve, *services],
                           reload=reloader, echo=echo)
     finally:
         if echo is not None:

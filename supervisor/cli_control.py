@@ -31,7 +31,7 @@ def deployment_option(func: F) -> F:
 
 
 def observability(plan: Plan) -> tuple[list[Any], list[Any]]:
-    """``(observers, services)`` for ``runner.run``: control socket, metrics + targets file, progress."""
+    """``(observers, services)`` for ``foreground.run``: control socket, metrics + targets file, progress."""
     from supervisor import control, metrics, progress
 
     timeline = progress.Timeline()

@@ -9,16 +9,14 @@ URL, then a smoke request). Exits are seen through pidfds the moment they happen
 The narrow API other features use (control socket, metrics, sd_notify) is: :meth:`Runner.status`,
 :meth:`Runner.subscribe` (synchronous observers of :data:`~supervisor.states.RunnerEvent`),
 :meth:`Runner.start` / :meth:`Runner.stop` / :meth:`Runner.restart`,
-:meth:`Runner.request_shutdown` and :meth:`Runner.wait_until`. :func:`run` is the blocking entry
-point with signal handling.
+:meth:`Runner.request_shutdown` and :meth:`Runner.wait_until`.
+:func:`supervisor.foreground.run` is the blocking entry point with signals and the pid file.
 """
 
 from __future__ import annotations
 
-import contextlib
 import random
 import shutil
-import signal
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
@@ -32,7 +30,6 @@ import structlog
 from supervisor import discovery, gpu
 from supervisor.errors import StartError
 from supervisor.logs import ChildOutput, LogOptions, TerminalEcho
-from supervisor.pidfile import PidFile
 from supervisor.probes import FAST_PROBE_S, deployment_ready, smoke, watch_health
 from supervisor.process import Child, Guardian, spawn
 from supervisor.spec import Condition, Plan, ProcessSpec
@@ -507,53 +504,4 @@ class Runner:
             for slot in reversed(slots):  # reverse start order among the ones free to stop together
                 tg.start_soon(stop_after_dependents, slot)
         self._set_deployment(D.STOPPED, "every process stopped")
-
-
-def run(plan: Plan, *, observers: Iterable[Observer] = (), services: Iterable[Service] = (),
-        reload: Service | None = None, log_options: LogOptions = LogOptions(),
-        echo: TerminalEcho | None = None) -> int:
-    """Supervise ``plan`` in the foreground until SIGINT/SIGTERM; returns the exit code.
-
-    Signal handlers only enqueue (anyio's receiver); the first SIGINT/SIGTERM starts the orderly
-    shutdown, a second one SIGKILLs every group. The pid file is held throughout. ``services`` run
-    in the event loop beside the runner (sd_notify's watchdog); ``reload`` runs once per SIGHUP, one
-    at a time, SIGHUPs arriving meanwhile folded into one more.
-    """
-
-    async def main() -> int:
-        runner = Runner(plan, log_options=log_options, echo=echo)
-        for observer in observers:
-            runner.subscribe(observer)
-        with PidFile(plan.deployment.state_dir, plan.deployment.name), anyio.open_signal_receiver(
-                signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
-            async with anyio.create_task_group() as tg:
-                reloads, reload_requests = anyio.create_memory_object_stream[None](1)
-
-                async def handle_signals() -> None:
-                    count = 0
-                    async for signum in signals:
-                        if signum == signal.SIGHUP:
-                            if reload is None:
-                                log.info("SIGHUP ignored: nothing to reload")
-                            else:
-                                with contextlib.suppress(anyio.WouldBlock):  # one already queued
-                                    reloads.send_nowait(None)
-                            continue
-                        count += 1
-                        runner.request_shutdown(kill=count > 1, reason=signal.Signals(signum).name)
-
-                async def reloader() -> None:
-                    async for _ in reload_requests:
-                        if reload is not None and not runner.shutting_down:
-                            await reload(runner)
-
-                tg.start_soon(handle_signals)
-                tg.start_soon(reloader)
-                for service in services:
-                    tg.start_soon(service, runner)
-                code = await runner.serve()
-                tg.cancel_scope.cancel()
-        return code
-
-    return anyio.run(main, backend="asyncio")
 

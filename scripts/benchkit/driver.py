@@ -1,7 +1,7 @@
 """The supervisor under test, in a process of its own: ``python driver.py SCENARIO.json``.
 
 It builds a :class:`~supervisor.spec.Plan` by hand (as the tests do: profiles describe Dynamo
-processes, not bench fixtures) and runs it with :func:`supervisor.runner.run`, the same entry point
+processes, not bench fixtures) and runs it with :func:`supervisor.foreground.run`, the same entry point
 ``lmcache-supervise up`` uses, signal handling and pid file included. Every runner event goes to
 stdout as one JSON line, with the runner's own timestamp (``time.monotonic()``); supervisor logs go
 to stderr as JSON, as under ``up`` without a terminal. SIGTERM is the orderly shutdown.
@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from supervisor import logs, plan, profile, runner
+from supervisor import foreground, logs, plan, profile
 from supervisor.spec import (
     Condition,
     Dependency,
@@ -89,7 +89,7 @@ def emit(event: RunnerEvent) -> None:
 def main() -> int:
     scenario = json.loads(Path(sys.argv[1]).read_text())
     logs.configure(json=True, stream=sys.stderr)
-    code = runner.run(build(scenario), observers=[emit])
+    code = foreground.run(build(scenario), observers=[emit])
     sys.stdout.write(json.dumps({"kind": "exit", "at": time.monotonic(), "reason": str(code)}) + "\n")
     sys.stdout.flush()
     return code
