@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
-    from supervisor.profile import LMCache, Worker
+    from supervisor.schema import LMCache, Worker
 
 LMCACHE = {"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"}
 NIXL = {"kv_connector": "NixlConnector", "kv_role": "kv_both"}

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from supervisor.errors import PlanError
 from supervisor.plan_infra import WILDCARDS, NodeRole
-from supervisor.profile import Profile
+from supervisor.schema import Profile
 
 
 @dataclass(frozen=True)

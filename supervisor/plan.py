@@ -15,8 +15,8 @@ from urllib.parse import quote
 
 from supervisor import lmcache, plan_infra
 from supervisor.errors import PlanError
-from supervisor.profile import Health, Profile, Worker
-from supervisor.profile import Restart as RestartSettings
+from supervisor.schema import Health, Profile, Worker
+from supervisor.schema import Restart as RestartSettings
 from supervisor.spec import (
     Condition,
     DeploymentSpec,

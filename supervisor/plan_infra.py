@@ -26,7 +26,7 @@ from supervisor.errors import PlanError
 from supervisor.spec import Condition, Dependency, HttpCheck, ProcessSpec, Role
 
 if TYPE_CHECKING:
-    from supervisor.profile import Profile
+    from supervisor.schema import Profile
 
 NodeRole = Literal["all", "head", "worker"]
 NODE_ROLES: tuple[NodeRole, ...] = ("all", "head", "worker")

@@ -13,7 +13,7 @@ from supervisor.errors import ProfileError, ProfileErrors
 from supervisor.lmcache import check_env_value, remote_backend
 
 if TYPE_CHECKING:
-    from supervisor.profile import Profile
+    from supervisor.schema import Profile
 
 # Flags the supervisor sets itself; a profile that passes them in `args` would fight the plan.
 MANAGED_FLAGS = {

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from supervisor import foreground, logs, plan, profile
+from supervisor import foreground, logs, plan, schema
 from supervisor.spec import (
     Condition,
     Dependency,
@@ -47,7 +47,7 @@ def default_probes(raw: dict[str, Any] | None) -> Probes:
                       json_value="ready" if raw.get("json_status") else None)
     live = HttpCheck(url=raw["live_url"], owned_port=raw.get("owned_port"))
     # The plan's own function, so that "default probes" cannot drift from what profiles get.
-    return plan._probes(profile.Health(), ready, live, STARTUP_BUDGET_S)
+    return plan._probes(schema.Health(), ready, live, STARTUP_BUDGET_S)
 
 
 def build(scenario: dict[str, Any]) -> Plan:

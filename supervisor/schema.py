@@ -1,0 +1,205 @@
+"""The deployment profile's schema: pydantic models, strict, unknown keys forbidden.
+
+Strict on purpose: "10GB" is not a number and "yes" is not a boolean here, where LMCache itself
+would read both silently wrong. Loading, ``extends`` and ``--set`` live in :mod:`supervisor.profile`;
+rules that need several fields at once in :mod:`supervisor.rules`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+
+NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,47}$"
+Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+PositiveSeconds = Annotated[float, Field(gt=0)]
+
+
+def _bind_host(value: str) -> str:
+    """A bind address is one word: a value like ``--help`` or ``a -b`` lands in argv (``--http-host``)."""
+    if value.startswith("-") or not re.fullmatch(r"[A-Za-z0-9_.:%-]+", value):
+        raise ValueError(f"expected a host name or IP address, got {value!r}")
+    return value
+
+
+Host = Annotated[str, AfterValidator(_bind_host)]
+SIGNALS = ("SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGKILL")
+
+
+class _Model(BaseModel):
+    # strict: "10GB" is not a number and "yes" is not a boolean; LMCache itself would read both
+    # silently wrong. Ints are accepted where floats are expected (TOML writes 5 for 5.0).
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
+
+
+class Health(_Model):
+    """How a process is probed. ``startup_timeout_s`` is the load budget (minutes for a real model)."""
+
+    startup_timeout_s: PositiveSeconds | None = None
+    startup_period_s: Annotated[float, Field(gt=0, le=10)] = 0.1
+    period_s: PositiveSeconds = 5.0
+    timeout_s: PositiveSeconds = 2.0
+    failure_threshold: Annotated[int, Field(ge=1, le=100)] = 3
+    liveness: bool = True
+
+
+class Restart(_Model):
+    policy: Literal["always", "on-failure", "never"] = "always"
+    backoff_initial_s: Annotated[float, Field(ge=0)] = 0.5
+    backoff_factor: Annotated[float, Field(ge=1)] = 2.0
+    backoff_max_s: Annotated[float, Field(ge=0)] = 30.0
+    jitter: Annotated[float, Field(ge=0, le=1)] = 0.1
+    reset_after_s: PositiveSeconds = 60.0
+    limit_starts: Annotated[int, Field(ge=1)] = 5
+    limit_window_s: PositiveSeconds = 120.0
+    restart_dependents: bool = False
+
+
+class _Process(_Model):
+    """What every supervised process has: extra args and env, probes, restart, stop."""
+
+    args: list[str] = []
+    env: dict[str, str] = {}
+    health: Health = Health()
+    restart: Restart = Restart()
+    stop_signal: Literal[SIGNALS] = "SIGTERM"  # type: ignore[valid-type]
+    stop_timeout_s: PositiveSeconds = 30.0
+    required: bool = True
+
+
+class Frontend(_Process):
+    host: Host = "127.0.0.1"
+    port: Port | None = None
+    router_mode: Literal["round-robin", "random", "kv", "least-loaded", "power-of-two"] = "round-robin"
+
+
+class Worker(_Process):
+    role: Literal["agg", "decode", "prefill"]
+    gpus: list[Annotated[int, Field(ge=0)]] = []
+    tensor_parallel_size: Annotated[int, Field(ge=1, le=64)] = 1
+    gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = 0.9
+    lmcache: bool | None = None  # None: decided by role (see lmcache.worker_loads_lmcache)
+    system_port: Port | None = None
+    node: Literal["head", "worker"] = "worker"  # which node runs it under `--role head|worker`
+
+
+class Model(_Model):
+    name: str  # an HF id (org/name) or a local path: absolute, ~, or ./relative to the profile
+    served_name: str | None = None
+
+    @field_validator("name", "served_name")
+    @classmethod
+    def _no_flag(cls, value: str | None) -> str | None:
+        if value is not None and (not value.strip() or value.startswith("-")):
+            raise ValueError(f"expected a model name or path, got {value!r} (it would be read as a flag)")
+        return value
+
+
+class Discovery(_Model):
+    """How Dynamo processes find each other: files on one machine, etcd (+ optional NATS) across several.
+
+    Empty ``etcd_endpoints`` (and no ``nats_server`` while a plane is "nats") means the head node runs
+    that server itself (see :class:`Infra`); listing them points every node at existing servers.
+    """
+
+    backend: Literal["file", "etcd"] = "file"
+    etcd_endpoints: list[str] = []
+    nats_server: str | None = None
+    request_plane: Literal["tcp", "nats"] = "tcp"  # DYN_REQUEST_PLANE
+    event_plane: Literal["zmq", "nats"] = "zmq"  # DYN_EVENT_PLANE
+    # ETCD_LEASE_TTL: a SIGKILLed worker's registration outlives it by this long (Dynamo's default ~30 s).
+    lease_ttl_s: Annotated[int, Field(ge=2, le=600)] = 10
+
+
+class _Server(_Model):
+    """An infrastructure server the head runs: a binary (a name found on PATH or beside the
+    interpreter, or a path), extra flags, and the usual probes/restart/stop settings."""
+
+    args: list[str] = []
+    health: Health = Health()
+    restart: Restart = Restart()
+    stop_timeout_s: PositiveSeconds = 10.0
+
+
+class Etcd(_Server):
+    binary: str = "etcd"
+    client_port: Port | None = None  # default ports.base + 379
+    peer_port: Port | None = None  # default ports.base + 380
+
+
+class Nats(_Server):
+    binary: str = "nats-server"
+    port: Port | None = None  # default ports.base + 422
+    monitor_port: Port | None = None  # default ports.base + 822
+
+
+class Infra(_Model):
+    """Servers the head node runs when ``discovery`` names none (data under the state directory)."""
+
+    etcd: Etcd = Etcd()
+    nats: Nats = Nats()
+
+
+class Ports(_Model):
+    base: Annotated[int, Field(ge=1024, le=65000)] = 8000
+    host: Host = "127.0.0.1"
+
+
+class Remote(_Model):
+    """One remote LMCache backend; the URL scheme picks it (redis, rediss, redis-sentinel, ...)."""
+
+    url: str
+    service_name: str | None = None  # redis-sentinel master name (REDIS_SERVICE_NAME)
+    config_path: str | None = None  # mooncake JSON config (MOONCAKE_CONFIG_PATH)
+    serde: Literal["naive", "cachegen"] = "naive"
+
+
+class Gds(_Model):
+    path: str
+    buffer_size_mib: Annotated[int, Field(ge=1)] | None = None
+
+
+class LMCache(_Model):
+    enabled: bool = True
+    chunk_size: Annotated[int, Field(ge=16, le=65536)] = 256
+    local_cpu: bool = True
+    max_local_cpu_size: Annotated[float, Field(ge=0)] = 5.0
+    local_disk: str | None = None
+    max_local_disk_size: Annotated[float, Field(ge=0)] = 0.0
+    remote: Remote | None = None
+    gds: Gds | None = None
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    track_usage: bool = False
+    hash_seed: Annotated[int, Field(ge=0, le=4294967295)] = 0
+    extra: dict[str, str | int | float | bool] = {}
+
+
+class Supervisor(_Model):
+    metrics_host: Host = "127.0.0.1"
+    metrics_port: Port | None = None  # default: ports.base + 90
+    metrics: bool = True
+    ready_timeout_s: PositiveSeconds | None = None
+    smoke: bool = True
+    smoke_prompt: str = "Hello"
+
+
+class Profile(_Model):
+    """A validated deployment profile. ``source`` is the file it came from (for messages)."""
+
+    name: Name
+    description: str = ""
+    engine: Literal["vllm", "mocker"] = "vllm"
+    python: str | None = None
+    model: Model
+    discovery: Discovery = Discovery()
+    infra: Infra = Infra()
+    ports: Ports = Ports()
+    frontend: Frontend = Frontend()
+    workers: dict[Name, Worker]
+    lmcache: LMCache = LMCache()
+    supervisor: Supervisor = Supervisor()
+    env: dict[str, str] = {}
+    source: str = ""
