@@ -8,93 +8,48 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import stat
 import subprocess
-import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import MARKER, SESSION, alive, free_port_base, reap_marked, wait_for
+from conftest import alive, wait_for
+from updemo import CLI, FAST_STOP, Up
 
 pytestmark = pytest.mark.e2e
-CLI = str(Path(sys.executable).parent / "lmcache-supervise")
-# A prefill request whose decode side died keeps the mocker prefill's graceful stop waiting for the
-# worker stop timeout (see test_demo_up.py): short timeouts keep the module fast.
-FAST_STOP = ("--set", "workers.decode.stop_timeout_s=3", "--set", "workers.prefill.stop_timeout_s=3")
 
 
-@dataclass
-class Up:
-    proc: subprocess.Popen[bytes]
-    base: int
-    env: dict[str, str]
-    marker: str
-    out: Path
-    err: Path
+def status(up: Up) -> dict:
+    done = up.cli("status", "--json")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
 
-    @property
-    def state_dir(self) -> Path:
-        return Path(self.env["LMCACHE_SUPERVISE_STATE_ROOT"]) / "demo"
 
-    def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([CLI, *args], env=self.env, capture_output=True, text=True, timeout=timeout, check=False)
-
-    def status(self) -> dict:
-        done = self.cli("status", "--json")
-        assert done.returncode == 0, done.stderr
-        return json.loads(done.stdout)
-
-    def pids(self) -> dict[str, int]:
-        return {p["name"]: p["pid"] for p in self.status()["processes"]}
-
-    def chat(self) -> httpx.Response:
-        body = {"model": "demo", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}
-        with httpx.Client(trust_env=False) as client:
-            return client.post(f"http://127.0.0.1:{self.base}/v1/chat/completions", json=body, timeout=30)
+def pids(up: Up) -> dict[str, int]:
+    return {p["name"]: p["pid"] for p in status(up)["processes"]}
 
 
 @pytest.fixture(scope="module")
 def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
-    tmp = tmp_path_factory.mktemp("control")
-    base = free_port_base(602)
-    marker = f"{SESSION}-ctl-{uuid.uuid4().hex[:8]}"
-    env = {**os.environ, "LMCACHE_SUPERVISE_STATE_ROOT": str(tmp / "state"), MARKER: marker}
-    env.pop("LMCACHE_SUPERVISE_DEBUG", None)
-    out, err = tmp / "up.out", tmp / "up.err"
-    with open(out, "wb") as o, open(err, "wb") as e:
-        proc = subprocess.Popen([CLI, "up", "demo", "--set", f"ports.base={base}", *FAST_STOP, "--quiet-children"],
-                                stdout=o, stderr=e, stdin=subprocess.DEVNULL, env=env)
-    running = Up(proc, base, env, marker, out, err)
+    running = Up.start(tmp_path_factory.mktemp("control"), *FAST_STOP, "--quiet-children")
     try:
-        wait_for(lambda: "ready:" in out.read_text() or proc.poll() is not None, 60, what="demo ready")
-        assert proc.poll() is None, err.read_text()[-3000:]
+        running.wait_ready()
         yield running
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        leaked = reap_marked(marker)
-        assert not leaked, f"processes left behind: {leaked}"
+        running.stop()
 
 
 def test_status_table_json_and_the_private_socket(up: Up) -> None:
     socket_path = up.state_dir / "control.sock"
     info = os.stat(socket_path)
     assert stat.S_ISSOCK(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o600
-    doc = up.status()
+    doc = status(up)
     dep = doc["deployment"]
     assert doc["schema"] == 1 and dep["name"] == "demo" and dep["state"] == "ready"
     assert dep["base_url"] == f"http://127.0.0.1:{up.base}" and dep["supervisor_pid"] == up.proc.pid
@@ -129,7 +84,7 @@ def test_bad_input_and_a_missing_deployment_are_one_line(up: Up, tmp_path: Path)
 
 
 def test_supervisor_metrics_and_the_file_sd_targets(up: Up) -> None:
-    dep = up.status()["deployment"]
+    dep = status(up)["deployment"]
     assert dep["metrics_url"] == f"http://127.0.0.1:{up.base + 90}/metrics"
     with httpx.Client(trust_env=False) as client:
         text = client.get(dep["metrics_url"], timeout=10).text
@@ -156,16 +111,16 @@ def test_supervisor_metrics_and_the_file_sd_targets(up: Up) -> None:
 
 
 def test_restart_changes_only_that_pid_and_the_model_is_ready_again(up: Up) -> None:
-    before = up.pids()
+    before = pids(up)
     started = time.monotonic()
     done = up.cli("restart", "decode")
     took = time.monotonic() - started
     assert done.returncode == 0, done.stderr
-    after = up.pids()
+    after = pids(up)
     assert after["decode"] != before["decode"] and not alive(before["decode"])
     assert {k: v for k, v in after.items() if k != "decode"} == {k: v for k, v in before.items() if k != "decode"}
     assert f"pid {before['decode']} -> {after['decode']}, healthy; deployment ready" in done.stdout
-    assert up.status()["deployment"]["state"] == "ready"
+    assert status(up)["deployment"]["state"] == "ready"
     assert up.chat().status_code == 200
     assert took < 30, f"restart took {took:.1f} s"
 
@@ -173,13 +128,13 @@ def test_restart_changes_only_that_pid_and_the_model_is_ready_again(up: Up) -> N
 def test_stop_then_start(up: Up) -> None:
     stopped = up.cli("stop", "prefill")
     assert stopped.returncode == 0, stopped.stderr
-    doc = up.status()
+    doc = status(up)
     prefill = next(p for p in doc["processes"] if p["name"] == "prefill")
     assert prefill["state"] == "stopped" and prefill["pid"] is None and doc["deployment"]["state"] == "degraded"
     started = up.cli("start", "prefill")
     assert started.returncode == 0, started.stderr
     assert "started prefill" in started.stdout and "deployment ready" in started.stdout
-    assert up.status()["deployment"]["state"] == "ready" and up.chat().status_code == 200
+    assert status(up)["deployment"]["state"] == "ready" and up.chat().status_code == 200
 
 
 def test_logs_tail_and_follow(up: Up) -> None:
@@ -219,13 +174,13 @@ def test_smoke_sends_the_prompt_twice_and_reports_honestly(up: Up) -> None:
 
 
 def test_down_ends_everything(up: Up) -> None:
-    pids = up.pids()
+    before = pids(up)
     socket_path = up.state_dir / "control.sock"
     done = up.cli("down", timeout=90)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(f"stopped demo (supervisor pid {up.proc.pid}) in ")
     assert up.proc.wait(timeout=30) == 0
-    assert not any(alive(pid) for pid in pids.values())
+    assert not any(alive(pid) for pid in before.values())
     assert not socket_path.exists() and not (up.state_dir / "targets.json").exists()
     gone = up.cli("status")
     assert gone.returncode == 1 and "no running deployment" in gone.stderr

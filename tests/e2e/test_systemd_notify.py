@@ -8,23 +8,21 @@ every datagram with the sender's kernel-checked pid (what NotifyAccess=main reli
 from __future__ import annotations
 
 import itertools
-import os
 import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
 
-from conftest import MARKER, SESSION, free_port_base, reap_marked, wait_for
+from conftest import wait_for
 from fake_systemd import FakeSystemd
+from updemo import Up
 
 pytestmark = pytest.mark.e2e
-CLI = str(Path(sys.executable).parent / "lmcache-supervise")
 WATCHDOG_USEC = 1_000_000
 # What systemd does between fork and exec, in Python: WATCHDOG_PID is the pid that will run the
 # service, known only in the child. (No shell: argv is passed through untouched.)
@@ -32,30 +30,20 @@ EXEC_AS_SERVICE = "import os, sys; os.environ['WATCHDOG_PID'] = str(os.getpid())
 
 
 @pytest.fixture
-def supervised(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], FakeSystemd, str]]:
-    base = free_port_base(602)
-    marker = f"{SESSION}-e2e-{uuid.uuid4().hex[:8]}"
-    fake = FakeSystemd(str(tmp_path / "notify.sock"), f"http://127.0.0.1:{base}/v1/models/demo/ready")
-    env = {**os.environ, "LMCACHE_SUPERVISE_STATE_ROOT": str(tmp_path / "state"), MARKER: marker,
-           "NOTIFY_SOCKET": fake.path, "WATCHDOG_USEC": str(WATCHDOG_USEC)}
-    env.pop("LMCACHE_SUPERVISE_DEBUG", None)
-    argv = [sys.executable, "-c", EXEC_AS_SERVICE, CLI, "up", "demo", "--quiet-children",
-            "--set", f"ports.base={base}"]
-    with open(tmp_path / "up.out", "wb") as out, open(tmp_path / "up.err", "wb") as err:
-        proc = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env)
+def supervised(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], FakeSystemd]]:
+    fake = FakeSystemd(str(tmp_path / "notify.sock"), "")
+    up = Up.start(tmp_path, "--quiet-children", env={"NOTIFY_SOCKET": fake.path, "WATCHDOG_USEC": str(WATCHDOG_USEC)},
+                  wrapper=(sys.executable, "-c", EXEC_AS_SERVICE))
+    fake.ready_url = f"{up.url}/v1/models/demo/ready"  # set long before READY=1 can come (~1 s)
     try:
-        yield proc, fake, marker
+        yield up.proc, fake
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        up.stop()
         fake.close()
-        leaked = reap_marked(marker)
-        assert not leaked, f"processes left behind: {leaked}"
 
 
 def test_ready_only_once_serving_watchdog_keeps_coming_stopping_at_sigterm(supervised) -> None:
-    proc, fake, _ = supervised
+    proc, fake = supervised
     ready = wait_for(lambda: fake.with_field("READY=1") or proc.poll() is not None, 60, what="READY=1")
     assert proc.poll() is None, "supervisor exited before READY=1"
     first = ready[0]
