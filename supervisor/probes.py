@@ -229,8 +229,9 @@ async def deployment_ready(
     """GET the frontend's model-ready URL: 200 once every needed worker type registered.
 
     Returns the result and the worker counts it reported. ``max_workers`` (per worker type) also
-    fails the check while the frontend counts MORE workers than that: after a SIGKILL, the dead
-    worker's discovery entry lingers (~10 s with file discovery) and requests routed to it fail.
+    fails the check while the frontend counts MORE workers than that: after a SIGKILL, a dead
+    worker's registration lingers until removed (the runner does so for file discovery) or until
+    its etcd lease lapses, and requests routed to it fail meanwhile.
     """
     started = time.monotonic()
     counts: dict[str, int] = {}
