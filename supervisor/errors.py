@@ -6,7 +6,6 @@
     ├── PlanError                   a valid profile that renders to an impossible plan    (exit 2)
     ├── PreflightError              the host cannot run the plan                          (exit 3)
     ├── StartError                  a child could not be spawned                          (exit 1)
-    ├── ReadinessError              a process or the deployment never turned ready        (exit 1)
     ├── StateError                  an illegal lifecycle transition (a bug, not input)    (exit 1)
     ├── StateDirError               the state directory is unsafe (another user owns it)  (exit 2)
     └── ControlError                the control socket is missing, refused or failed      (exit 1)
@@ -90,14 +89,6 @@ class StartError(SupervisorError):
     def __init__(self, process: str, problem: str) -> None:
         self.process, self.problem = process, problem
         super().__init__(f"process {process!r} could not start: {problem}")
-
-
-class ReadinessError(SupervisorError):
-    """A process, or the deployment as a whole, did not become ready."""
-
-    def __init__(self, what: str, problem: str) -> None:
-        self.what, self.problem = what, problem
-        super().__init__(f"{what} did not become ready: {problem}")
 
 
 class StateError(SupervisorError):
