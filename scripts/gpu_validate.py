@@ -64,6 +64,8 @@ import anyio  # noqa: E402
 import httpx  # noqa: E402
 import psutil  # noqa: E402
 
+import proctools  # noqa: E402
+
 from gpu_analysis import (  # noqa: E402
     Poll, Sample, Transition, cuda_to_nvml, findings_for, names_holder, normalize_uuid,
     preconditions, restart_timeline,
@@ -210,32 +212,9 @@ def holder(gpu_index: int, gib: float, *, timeout_s: float = 120.0) -> Iterator[
             proc.wait()
 
 
-def marked_processes(value: str) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter(["pid"]):
-        if proc.pid == os.getpid():
-            continue
-        try:
-            if proc.status() != psutil.STATUS_ZOMBIE and proc.environ().get(MARKER) == value:
-                found.append(proc)
-        except psutil.Error:
-            continue
-    return found
-
-
 def reap_leftovers(value: str, timeout_s: float) -> list[str]:
     """Wait ``timeout_s`` for this run's processes to go, SIGKILL the rest; describe the leaked ones."""
-    deadline = time.monotonic() + timeout_s
-    while (left := marked_processes(value)) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    leaked = []
-    for proc in left:
-        try:
-            leaked.append(f"pid {proc.pid}: {' '.join(proc.cmdline())[:160]}")
-            proc.kill()
-        except psutil.Error:
-            pass
-    return leaked
+    return proctools.reap_marked(MARKER, value, timeout_s)
 
 
 # ---- section: env ------------------------------------------------------------------------------

@@ -8,8 +8,6 @@ carrying that value in its environment is a leak: it is killed and the test fail
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import sys
 import time
 import uuid
@@ -19,6 +17,9 @@ from typing import TypeVar
 
 import psutil
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+import proctools  # noqa: E402  (shared with the benchmarks, the soak and the GPU validation)
 
 MARKER = "LMCACHE_SUPERVISE_TEST_MARKER"
 SESSION = uuid.uuid4().hex[:12]
@@ -44,37 +45,12 @@ def wait_for(predicate: Callable[[], T], timeout: float, *, interval: float = 0.
 
 def free_port_base(count: int = 20) -> int:
     """A base port with ``count`` free ports above it (below 32767: Dynamo parses ports as int16)."""
-    for _ in range(200):
-        base = 20000 + (uuid.uuid4().int % 1200) * 10
-        socks = []
-        try:
-            for port in range(base, base + count):
-                sock = socket.socket()
-                sock.bind(("127.0.0.1", port))
-                socks.append(sock)
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
-    raise RuntimeError("no free port range")
+    return proctools.free_port_base(range(count))
 
 
 def marked(value: str) -> list[psutil.Process]:
     """Live processes (not zombies, not us) whose environment carries ``MARKER=value``."""
-    found = []
-    for proc in psutil.process_iter(["pid"]):
-        if proc.pid == os.getpid():
-            continue
-        try:
-            if proc.status() == psutil.STATUS_ZOMBIE:
-                continue
-            if proc.environ().get(MARKER) == value:
-                found.append(proc)
-        except psutil.Error:
-            continue
-    return found
+    return proctools.marked(MARKER, value)
 
 
 def alive(pid: int) -> bool:
@@ -97,17 +73,7 @@ def group_alive(pgid: int) -> bool:
 
 def reap_marked(value: str, timeout: float = 5.0) -> list[str]:
     """Wait for marked processes to go; SIGKILL the rest. Returns descriptions of the leaked ones."""
-    deadline = time.monotonic() + timeout
-    while (left := marked(value)) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    leaked = []
-    for proc in left:
-        try:
-            leaked.append(f"{proc.pid} {' '.join(proc.cmdline())[:120]}")
-            os.kill(proc.pid, signal.SIGKILL)
-        except (OSError, psutil.Error):
-            pass
-    return leaked
+    return proctools.reap_marked(MARKER, value, timeout)
 
 
 @pytest.fixture(autouse=True)

@@ -18,7 +18,6 @@ import math
 import os
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+
+import proctools  # scripts/ is on sys.path wherever benchkit is importable
 
 ROOT = Path(__file__).resolve().parents[2]
 KIT = Path(__file__).resolve().parent
@@ -72,22 +73,10 @@ def summary_ms(seconds: Sequence[float]) -> dict[str, float]:
 def free_port_base(offsets: Iterable[int]) -> int:
     """A base port such that ``base + o`` is free on loopback for every offset (below 32767: Dynamo
     reads ports as int16)."""
-    offsets = tuple(offsets)
-    for _ in range(500):
-        base = 20000 + (uuid.uuid4().int % 1100) * 10
-        socks: list[socket.socket] = []
-        try:
-            for offset in offsets:
-                sock = socket.socket()
-                sock.bind(("127.0.0.1", base + offset))
-                socks.append(sock)
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
-    raise BenchError("no free port range on loopback")
+    try:
+        return proctools.free_port_base(offsets, tries=500)
+    except RuntimeError as exc:
+        raise BenchError(str(exc)) from None
 
 
 # ---- clean-up ---------------------------------------------------------------------------------
@@ -102,30 +91,11 @@ class Reaper:
 
     def marked(self) -> list[psutil.Process]:
         """Live processes (not zombies, not us) carrying our value."""
-        found = []
-        for proc in psutil.process_iter(["pid"]):
-            if proc.pid == os.getpid():
-                continue
-            try:
-                if proc.status() != psutil.STATUS_ZOMBIE and proc.environ().get(BENCH_ENV) == self.value:
-                    found.append(proc)
-            except psutil.Error:
-                continue
-        return found
+        return proctools.marked(BENCH_ENV, self.value)
 
     def sweep(self, *, grace_s: float = 2.0) -> list[str]:
         """Wait up to ``grace_s`` for stragglers to go, SIGKILL the rest; returns what was killed."""
-        deadline = time.monotonic() + grace_s
-        while (left := self.marked()) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        killed = []
-        for proc in left:
-            try:
-                killed.append(f"{proc.pid} {' '.join(proc.cmdline())[:100]}")
-                proc.kill()
-            except psutil.Error:
-                pass
-        return killed
+        return proctools.reap_marked(BENCH_ENV, self.value, grace_s)
 
 
 def stop_group(proc: subprocess.Popen[Any], *, sig: int = signal.SIGTERM, timeout_s: float = 15.0) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +24,8 @@ from typing import IO, Any
 
 import httpx
 import psutil
+
+import proctools  # scripts/ is on sys.path wherever soakkit is importable
 
 CLI = str(Path(sys.executable).parent / "lmcache-supervise")
 MARKER = "LMCACHE_SUPERVISE_SOAK_MARKER"
@@ -51,21 +52,7 @@ class Event:
 
 def free_port_base(span: int = DEMO_PORT_SPAN) -> int:
     """A base with ``span`` free loopback ports above it, below 32767 (Dynamo's int16 system ports)."""
-    for _ in range(200):
-        base = 20000 + (uuid.uuid4().int % 110) * 100
-        socks = []
-        try:
-            for port in range(base, base + span):
-                sock = socket.socket()
-                sock.bind(("127.0.0.1", port))
-                socks.append(sock)
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
-    raise RuntimeError("no free port range")
+    return proctools.free_port_base(range(span))
 
 
 class Deployment:
@@ -144,17 +131,7 @@ class Deployment:
         if self._proc is not None and self._proc.poll() is None:
             self._proc.kill()
             self._proc.wait()
-        deadline = time.monotonic() + 5.0
-        while (left := self.marked()) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        leaked = []
-        for proc in left:
-            try:
-                leaked.append(f"{proc.pid} {' '.join(proc.cmdline())[:100]}")
-                proc.kill()
-            except psutil.Error:
-                pass
-        return leaked
+        return proctools.reap_marked(MARKER, self.marker, 5.0)
 
     # ---- output ----------------------------------------------------------------------------
 
@@ -238,16 +215,7 @@ class Deployment:
 
     def marked(self) -> list[psutil.Process]:
         """Live (non-zombie) processes carrying this run's marker, the supervisor excluded."""
-        found = []
-        for proc in psutil.process_iter(["pid"]):
-            if proc.pid in (os.getpid(), self.pid):
-                continue
-            try:
-                if proc.status() != psutil.STATUS_ZOMBIE and proc.environ().get(MARKER) == self.marker:
-                    found.append(proc)
-            except psutil.Error:
-                continue
-        return found
+        return [p for p in proctools.marked(MARKER, self.marker) if p.pid != self.pid]
 
     def orphans(self) -> list[int]:
         """Marked processes outside the supervisor's tree (every one is a leak)."""

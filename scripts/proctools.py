@@ -1,0 +1,72 @@
+"""Two things every harness here needs: a free block of loopback ports, and no process left behind.
+
+Shared by the test suite (``tests/conftest.py``), the benchmarks, the soak and the GPU validation.
+A harness sets an environment variable to a value of its own before it starts anything; every
+child, grandchild and supervisor inherits it, so :func:`reap_marked` can find what outlived the run.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import uuid
+from collections.abc import Iterable
+
+import psutil
+
+SYSTEM_PORT_MAX = 32767  # Dynamo reads DYN_SYSTEM_PORT as a signed 16-bit number
+
+
+def free_port_base(offsets: Iterable[int], *, low: int = 20000, tries: int = 500) -> int:
+    """A base port such that ``base + offset`` is free on loopback for every offset.
+
+    Bases are drawn at random (in steps of 10, from ``low``) so parallel harnesses rarely collide,
+    and kept low enough that the highest offset stays a valid Dynamo system port.
+    """
+    offsets = tuple(offsets)
+    choices = max(1, (SYSTEM_PORT_MAX - max(offsets, default=0) - low) // 10)
+    for _ in range(tries):
+        base = low + (uuid.uuid4().int % choices) * 10
+        socks: list[socket.socket] = []
+        try:
+            for offset in offsets:
+                sock = socket.socket()
+                sock.bind(("127.0.0.1", base + offset))
+                socks.append(sock)
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise RuntimeError("no free port range on loopback")
+
+
+def marked(variable: str, value: str) -> list[psutil.Process]:
+    """Live processes (not zombies, not us) whose environment carries ``variable=value``."""
+    found = []
+    for proc in psutil.process_iter(["pid"]):
+        if proc.pid == os.getpid():
+            continue
+        try:
+            if proc.status() != psutil.STATUS_ZOMBIE and proc.environ().get(variable) == value:
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+def reap_marked(variable: str, value: str, timeout_s: float = 5.0) -> list[str]:
+    """Wait up to ``timeout_s`` for marked processes to go, SIGKILL the rest; describe those."""
+    deadline = time.monotonic() + timeout_s
+    while (left := marked(variable, value)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    leaked = []
+    for proc in left:
+        try:
+            leaked.append(f"{proc.pid} {' '.join(proc.cmdline())[:120]}")
+            proc.kill()
+        except psutil.Error:
+            pass
+    return leaked
