@@ -18,6 +18,10 @@ Exit detection waits on a pidfd (readable when the child exits): no polling, no 
 Output is one pipe (stdout and stderr merged, in the order the child wrote them) read without
 blocking; after the child exits it is drained for a short grace and then closed, so a grandchild
 that keeps the pipe open cannot hold the supervisor.
+
+A descendant that calls ``setsid()`` (or ``setpgid``) leaves the child's group, so group signals
+miss it. Every tree snapshot (at start-up, readiness and stop) records such strays: they get the
+group's signals, the stop waits for them too, and the guardian knows their groups.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from collections.abc import Callable, Mapping
 
 import anyio
 import anyio.abc
+import psutil
 
 from supervisor.errors import StartError
 from supervisor.spec import ProcessSpec
@@ -193,6 +198,8 @@ class Child:
         self.started_wall = time.time()
         self.exit: ExitInfo | None = None
         self.descendants: set[int] = set()  # pids seen in its tree (for GPU hygiene after death)
+        self._strays: dict[int, psutil.Process] = {}  # descendants that left its process group
+        self._stray_groups: set[int] = set()  # their groups, registered with the guardian
         self._popen = popen
         self._pidfd = os.pidfd_open(popen.pid)
         self._out_fd = out_fd
@@ -242,13 +249,37 @@ class Child:
         return self.exit
 
     def snapshot_tree(self) -> None:
-        """Remember the pids in the child's tree: after its death NVML may still list them."""
-        from supervisor.probes import _tree_pids  # the one psutil tree walk, shared
+        """Remember the pids in the child's tree (after its death NVML may still list them) and
+        adopt the descendants that left its group."""
+        try:
+            tree = psutil.Process(self.pid).children(recursive=True)
+        except psutil.Error:
+            return  # the leader is gone: its orphans are out of reach, strays seen before are kept
+        self.descendants |= {self.pid, *(proc.pid for proc in tree)}
+        for proc in tree:
+            try:
+                pgid = os.getpgid(proc.pid)
+            except OSError:
+                continue
+            if pgid != self.pgid and proc.pid not in self._strays:
+                self._strays[proc.pid] = proc  # psutil.Process: signals refuse a reused pid
+                if self._guardian is not None and pgid not in self._stray_groups:
+                    self._guardian.register(pgid)
+                self._stray_groups.add(pgid)
 
-        self.descendants |= _tree_pids(self.pid)
+    def live_strays(self) -> list[int]:
+        return [pid for pid, proc in self._strays.items() if _alive(proc)]
 
     def signal(self, sig: int) -> bool:
-        return signal_group(self.pgid, sig)
+        """Signal the group and any stray; False when none of them exists any more."""
+        sent = signal_group(self.pgid, sig)
+        for proc in self._strays.values():
+            try:
+                proc.send_signal(sig)
+                sent = True
+            except psutil.Error:
+                pass  # gone, or its pid now belongs to someone else
+        return sent
 
     async def stop(self, *, sig: int | None = None, timeout_s: float | None = None) -> ExitInfo:
         """Signal the group, wait ``timeout_s``, SIGKILL it, wait until it is empty; idempotent.
@@ -259,7 +290,9 @@ class Child:
         sig = sig if sig is not None else signal.Signals[self.spec.stop_signal]
         timeout_s = self.spec.stop_timeout_s if timeout_s is None else timeout_s
         if not self._released:
-            if self.running or group_members(self.pgid):
+            if self.running:
+                self.snapshot_tree()
+            if self.running or group_members(self.pgid) or self.live_strays():
                 self.signal(sig)
                 if sig not in (signal.SIGKILL, signal.SIGCONT):
                     # As systemd does: a frozen (SIGSTOPped) group acts on the signal only once continued;
@@ -277,8 +310,16 @@ class Child:
 
     def _release(self) -> None:
         if self._guardian is not None:
-            self._guardian.unregister(self.pgid)
+            for pgid in (self.pgid, *self._stray_groups):
+                self._guardian.unregister(pgid)
         self._released = True
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 async def _wait_group(child: Child, timeout_s: float) -> bool:
@@ -287,7 +328,7 @@ async def _wait_group(child: Child, timeout_s: float) -> bool:
     with anyio.move_on_after(timeout_s):
         await child.wait()
     delay = 0.002
-    while group_members(child.pgid):
+    while group_members(child.pgid) or child.live_strays():
         if time.monotonic() >= deadline:
             return False
         await anyio.sleep(delay)

@@ -149,6 +149,40 @@ def test_unwritable_log_dir_drops_output_and_keeps_going(tmp_path: Path, capsys)
     assert sink.dropped_bytes == 12
 
 
+def _grandchild_pid(pidfile: Path) -> int:
+    """The fixture child writes its own pid, then its grandchild's."""
+    wait_for(lambda: pidfile.exists() and len(pidfile.read_text().split()) == 2, 10, what="grandchild started")
+    return int(pidfile.read_text().split()[1])
+
+
+async def test_a_grandchild_that_left_the_group_is_stopped_with_it(make_spec, tmp_path: Path) -> None:
+    pids = tmp_path / "pids"
+    spec = make_spec("daemonizer", "--grandchild", "escape", "--pidfile", str(pids), "--ignore-term")
+    async with anyio.create_task_group() as tg:
+        child = spawn(spec, guardian=None)
+        tg.start_soon(child.watch, lambda data: None)
+        grandchild = _grandchild_pid(pids)
+        assert os.getpgid(grandchild) != child.pgid  # setsid(): out of reach of the group signals
+        info = await child.stop(timeout_s=0.5)
+    assert info.signal == signal.SIGKILL  # --ignore-term: the escalation reached the stray too
+    assert not alive(grandchild)
+
+
+async def test_a_stray_seen_while_running_is_stopped_after_the_leader_died(make_spec, tmp_path: Path) -> None:
+    pids = tmp_path / "pids"
+    spec = make_spec("daemonizer", "--grandchild", "escape", "--pidfile", str(pids))
+    async with anyio.create_task_group() as tg:
+        child = spawn(spec, guardian=None)
+        tg.start_soon(child.watch, lambda data: None)
+        grandchild = _grandchild_pid(pids)
+        child.snapshot_tree()  # what the runner does once the process has started
+        os.kill(child.pid, signal.SIGKILL)  # the leader crashes; its stray is now init's
+        await child.wait()
+        assert alive(grandchild)
+        await child.stop()  # the clean-up after an unexpected exit
+    assert not alive(grandchild)
+
+
 async def test_guardian_kills_registered_groups_when_the_supervisor_goes(make_spec) -> None:
     guardian = Guardian()
     spec = make_spec("orphan-to-be", "--grandchild", "group")
@@ -160,5 +194,21 @@ async def test_guardian_kills_registered_groups_when_the_supervisor_goes(make_sp
         await child.wait()
         wait_for(lambda: not group_members(child.pgid), 5, what="group killed by the guardian")
         assert child.exit is not None and child.exit.signal == signal.SIGKILL
+        await child.stop()
+    guardian._proc.wait(timeout=5)
+
+
+async def test_guardian_also_kills_a_stray_group_it_was_told_of(make_spec, tmp_path: Path) -> None:
+    guardian = Guardian()
+    pids = tmp_path / "pids"
+    spec = make_spec("daemonizer", "--grandchild", "escape", "--pidfile", str(pids))
+    async with anyio.create_task_group() as tg:
+        child = spawn(spec, guardian=guardian)
+        tg.start_soon(child.watch, lambda data: None)
+        grandchild = _grandchild_pid(pids)
+        child.snapshot_tree()
+        os.close(guardian._fd)  # the supervisor dies
+        await child.wait()
+        wait_for(lambda: not alive(grandchild), 5, what="stray killed by the guardian")
         await child.stop()
     guardian._proc.wait(timeout=5)
