@@ -128,7 +128,8 @@ def plan_command(profile: str, overrides: tuple[str, ...], model: str | None, ro
 
 # The check names, spelled out so the CLI needs no import of preflight (and psutil) to build --help;
 # tests/test_preflight.py asserts they equal preflight.CHECKS.
-CHECK_NAMES = ("arch", "gpu", "host-memory", "disk", "ports", "remote-cache", "software", "model", "discovery")
+CHECK_NAMES = ("arch", "gpu", "lmcache-config", "host-memory", "disk", "ports", "remote-cache", "software",
+               "model", "discovery")
 
 
 def skip_check_option(func: F) -> F:
@@ -145,7 +146,9 @@ def run_preflight(rendered: Plan, skip: tuple[str, ...] = ()) -> list[Any]:
     ``up`` calls this, prints with :func:`print_findings`, then ``preflight.enforce(findings)``."""
     from supervisor import host, preflight
 
-    return preflight.check(rendered, host.gather(preflight.facts_request(rendered)), skip=skip)
+    # The LMCache config files first: the remote URL or disk cache they name are probed too.
+    files = host.read_lmcache_files(preflight.lmcache_file_requests(rendered))
+    return preflight.check(rendered, host.gather(preflight.facts_request(rendered, files)), skip=skip)
 
 
 def print_findings(findings: list[Any]) -> None:

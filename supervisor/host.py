@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import yaml
 
 from supervisor.host_gpu import GpuFacts, gpu_facts
 from supervisor.host_redis import RemoteFacts, RemoteTarget, probe_remote
@@ -39,6 +40,7 @@ __all__ = [
     "FactsRequest",
     "HostFacts",
     "InterpreterRequest",
+    "LMCacheFileFacts",
     "MemoryFacts",
     "ModelFacts",
     "ModelRequest",
@@ -72,10 +74,23 @@ class FactsRequest:
     remotes: tuple[RemoteTarget, ...] = ()
     interpreters: tuple[InterpreterRequest, ...] = ()
     executables: tuple[ExecutableRequest, ...] = ()
+    # Read beforehand (read_lmcache_files): what they name decides what else is probed.
+    lmcache_files: tuple[LMCacheFileFacts, ...] = ()
     model: ModelRequest | None = None
     etcd: tuple[str, ...] = ()
     network_timeout_s: float = 2.0
     interpreter_timeout_s: float = 180.0
+
+
+@dataclass(frozen=True)
+class LMCacheFileFacts:
+    """An ``LMCACHE_CONFIG_FILE`` (``path`` as the env names it, relative to ``cwd``) as LMCache reads
+    it: its top-level keys with scalar values as env text; ``problem`` when LMCache could not load it."""
+
+    path: str
+    cwd: str | None
+    values: tuple[tuple[str, str], ...] = ()
+    problem: str | None = None
 
 
 @dataclass(frozen=True)
@@ -137,6 +152,7 @@ class HostFacts:
     remotes: tuple[RemoteFacts, ...] = ()
     software: tuple[SoftwareFacts, ...] = ()
     executables: tuple[ExecutableFacts, ...] = ()
+    lmcache_files: tuple[LMCacheFileFacts, ...] = ()
     model: ModelFacts | None = None
     etcd: tuple[EndpointFacts, ...] = ()
 
@@ -232,6 +248,31 @@ def _env(pairs: tuple[tuple[str, str], ...]) -> dict[str, str]:
     return {**os.environ, **dict(pairs)}
 
 
+def lmcache_file_facts(path: str, cwd: str | None) -> LMCacheFileFacts:
+    """Load the file as LMCache 0.5.6 does (``yaml.safe_load``; JSON is YAML too)."""
+    full = Path(cwd or os.getcwd(), path)  # an absolute path replaces the base
+    try:
+        data = yaml.safe_load(full.read_text(encoding="utf-8"))
+    except OSError as exc:
+        return LMCacheFileFacts(path, cwd, problem=f"cannot be read: {exc.strerror or exc}")
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        return LMCacheFileFacts(path, cwd, problem=f"is not valid YAML: {str(exc).splitlines()[0]}")
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        kind = type(data).__name__
+        return LMCacheFileFacts(path, cwd, problem=f"holds a {kind}, not a mapping of LMCache keys")
+    values = tuple(
+        (str(key), ("true" if value else "false") if isinstance(value, bool) else str(value))
+        for key, value in data.items() if isinstance(value, (str, int, float, bool))
+    )
+    return LMCacheFileFacts(path, cwd, values)
+
+
+def read_lmcache_files(requests: tuple[tuple[str, str | None], ...]) -> tuple[LMCacheFileFacts, ...]:
+    return tuple(lmcache_file_facts(path, cwd) for path, cwd in dict.fromkeys(requests))
+
+
 def hf_cache_dirs(env: Mapping[str, str]) -> tuple[Path, ...]:
     """The hub cache huggingface_hub would use under ``env``: HF_HUB_CACHE, HF_HOME/hub, XDG, home."""
     if env.get("HF_HUB_CACHE"):
@@ -299,6 +340,7 @@ def gather(request: FactsRequest, *, nvml: Any | None = None, arch: str | None =
         remotes=tuple(probe_remote(t, timeout) for t in dict.fromkeys(request.remotes)),
         software=tuple(software_facts(i, request.interpreter_timeout_s) for i in request.interpreters),
         executables=tuple(executable_facts(e) for e in dict.fromkeys(request.executables)),
+        lmcache_files=request.lmcache_files,
         model=model_facts(request.model) if request.model else None,
         etcd=tuple(etcd_facts(e, timeout) for e in dict.fromkeys(request.etcd)),
     )

@@ -18,17 +18,18 @@ from dataclasses import replace
 
 from supervisor.errors import PreflightError, ProfileError
 from supervisor.host import HostFacts
+from supervisor.lmcache import check_env_value
 from supervisor.preflight_findings import Finding, Status, fail, gib, names, ok, warn
 from supervisor.preflight_gpu import check_gpu
 from supervisor.preflight_needs import (
-    GIB, HOST_MEMORY_MARGIN, LMCACHE_DEFAULT_CPU_GB, RUNTIME_RESERVE_DEFAULT_GB, RUNTIME_RESERVE_GB,
-    discovery_dir, dynamo_processes, etcd_endpoints, facts_request, float_env, interpreter_requests,
-    lmcache_processes, local_disk, other_processes, parse_remote_url, planned_ports, remote_urls,
-    required_modules, served_by_plan,
+    CONFIG_FILE_ENV, GIB, HOST_MEMORY_MARGIN, LMCACHE_DEFAULT_CPU_GB, RUNTIME_RESERVE_DEFAULT_GB,
+    RUNTIME_RESERVE_GB, as_lmcache_sees, discovery_dir, dynamo_processes, etcd_endpoints, facts_request,
+    float_env, interpreter_requests, lmcache_file_of, lmcache_file_requests, lmcache_processes, local_disk,
+    other_processes, parse_remote_url, planned_ports, remote_urls, required_modules, served_by_plan,
 )
 from supervisor.spec import Plan, Role
 
-__all__ = ["CHECKS", "Finding", "Status", "check", "enforce", "facts_request"]
+__all__ = ["CHECKS", "Finding", "Status", "check", "enforce", "facts_request", "lmcache_file_requests"]
 
 X86 = ("x86_64", "amd64")
 # The seed document's platform note, kept in its words so users can find it there.
@@ -59,6 +60,51 @@ def check_arch(plan: Plan, facts: HostFacts) -> list[Finding]:
     return [fail("arch", f"{facts.arch} host, but {names(users)} load(s) LMCache: {SEED_PLATFORM_NOTE}",
                  "run on an x86_64 host, or use a profile without LMCache (lmcache.enabled = false, "
                  "e.g. disagg-nolmcache)")]
+
+
+def check_lmcache_config(plan: Plan, facts: HostFacts) -> list[Finding]:
+    """An operator's LMCACHE_CONFIG_FILE: LMCache must load it and read its values as meant, and a key
+    whose value the supervisor's env replaces is named (LMCache lets the env win over the file)."""
+    users = [spec for spec in lmcache_processes(plan) if spec.env.get(CONFIG_FILE_ENV)]
+    if not users:
+        return [ok("lmcache-config", "no LMCACHE_CONFIG_FILE: LMCache reads only the plan's LMCACHE_* env")]
+    out = []
+    for spec in users:
+        where = f"{spec.name}: LMCACHE_CONFIG_FILE {spec.env[CONFIG_FILE_ENV]}"
+        found = lmcache_file_of(spec, facts.lmcache_files)
+        if found is None:
+            out.append(warn("lmcache-config", f"{where} was not read"))
+            continue
+        if found.problem:
+            out.append(fail("lmcache-config", f"{where} {found.problem}",
+                            "LMCache fails at start without a readable file: fix it or drop the variable"))
+            continue
+        misread = [f"{key}: {why}" for key, value in found.values if (why := check_env_value(key, value))]
+        if misread:
+            out.append(fail("lmcache-config", f"{where}: {'; '.join(misread)}", "fix the value in the file"))
+        replaced = [f"{key}={value} (the env sets {spec.env[_env_name(key)]})"
+                    for key, value in found.values if not _same_value(spec.env[_env_name(key)], value)]
+        if replaced:
+            out.append(warn("lmcache-config", f"{where}: the env wins over {', '.join(replaced)}",
+                            "set these in the profile's lmcache section (or lmcache.extra), not in the file"))
+        if not misread and not replaced:
+            keys = ", ".join(key for key, _ in found.values) or "no keys"
+            out.append(ok("lmcache-config", f"{where} loads ({keys}); checked with the env below"))
+    return out
+
+
+def _env_name(key: str) -> str:
+    return f"LMCACHE_{key.upper()}"
+
+
+def _same_value(a: str, b: str) -> bool:
+    """Whether LMCache reads the two texts alike: "5" and "5.0", "True" and "true" are one value."""
+    if a.strip().lower() == b.strip().lower():
+        return True
+    try:
+        return float(a) == float(b)
+    except ValueError:
+        return False
 
 
 def check_host_memory(plan: Plan, facts: HostFacts) -> list[Finding]:
@@ -301,6 +347,7 @@ def check_discovery(plan: Plan, facts: HostFacts) -> list[Finding]:
 CHECKS: dict[str, Callable[[Plan, HostFacts], list[Finding]]] = {
     "arch": check_arch,
     "gpu": check_gpu,
+    "lmcache-config": check_lmcache_config,
     "host-memory": check_host_memory,
     "disk": check_disk,
     "ports": check_ports,
@@ -312,11 +359,14 @@ CHECKS: dict[str, Callable[[Plan, HostFacts], list[Finding]]] = {
 
 
 def check(plan: Plan, facts: HostFacts, *, skip: Iterable[str] = ()) -> list[Finding]:
-    """Every check's findings, in :data:`CHECKS` order. Failures of a skipped check become warnings."""
+    """Every check's findings, in :data:`CHECKS` order. Failures of a skipped check become warnings.
+
+    The plan is judged as LMCache will see it, with its config files folded in (:func:`as_lmcache_sees`)."""
     skipped = set(skip)
     unknown = sorted(skipped - CHECKS.keys())
     if unknown:
         raise ProfileError("--skip-check", unknown[0], f"unknown check (choose from {', '.join(CHECKS)})")
+    plan = as_lmcache_sees(plan, facts.lmcache_files)
     findings: list[Finding] = []
     for name, run in CHECKS.items():
         for found in run(plan, facts):

@@ -10,10 +10,12 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from urllib.parse import unquote, urlsplit
 
-from supervisor.host import ExecutableRequest, FactsRequest, InterpreterRequest, ModelRequest
+from supervisor.host import (
+    ExecutableRequest, FactsRequest, InterpreterRequest, LMCacheFileFacts, ModelRequest,
+)
 from supervisor.host_redis import RemoteTarget
 from supervisor.spec import Plan, ProcessSpec, Role
 
@@ -59,6 +61,35 @@ def float_env(spec: ProcessSpec, key: str) -> tuple[float | None, str | None]:
 
 def lmcache_processes(plan: Plan) -> tuple[ProcessSpec, ...]:
     return tuple(p for p in plan.processes if p.loads_lmcache)
+
+
+CONFIG_FILE_ENV = "LMCACHE_CONFIG_FILE"
+
+
+def lmcache_file_requests(plan: Plan) -> tuple[tuple[str, str | None], ...]:
+    """Each (path, cwd) of an LMCACHE_CONFIG_FILE that a process loading LMCache names."""
+    return tuple(dict.fromkeys(
+        (p.env[CONFIG_FILE_ENV], p.cwd) for p in lmcache_processes(plan) if p.env.get(CONFIG_FILE_ENV)
+    ))
+
+
+def lmcache_file_of(spec: ProcessSpec, files: tuple[LMCacheFileFacts, ...]) -> LMCacheFileFacts | None:
+    path = spec.env.get(CONFIG_FILE_ENV) if spec.loads_lmcache else None
+    return next((f for f in files if (f.path, f.cwd) == (path, spec.cwd)), None) if path else None
+
+
+def as_lmcache_sees(plan: Plan, files: tuple[LMCacheFileFacts, ...]) -> Plan:
+    """``plan`` with each LMCACHE_CONFIG_FILE folded into its process's env the way LMCache folds it:
+    the file first, the env on top. Preflight judges this view (a remote URL or disk cache set only
+    in the file is probed too); what is launched is unchanged."""
+    processes = []
+    for spec in plan.processes:
+        found = lmcache_file_of(spec, files)
+        if found and found.values:
+            from_file = {f"LMCACHE_{key.upper()}": value for key, value in found.values}
+            spec = replace(spec, env={**from_file, **spec.env})
+        processes.append(spec)
+    return replace(plan, processes=tuple(processes))
 
 
 def local_disk(spec: ProcessSpec) -> tuple[str, float] | None:
@@ -259,9 +290,11 @@ def needs_gpus(plan: Plan) -> bool:
 
 
 def facts_request(
-    plan: Plan, *, network_timeout_s: float = 2.0, interpreter_timeout_s: float = 180.0
+    plan: Plan, lmcache_files: tuple[LMCacheFileFacts, ...] = (), *, network_timeout_s: float = 2.0,
+    interpreter_timeout_s: float = 180.0,
 ) -> FactsRequest:
-    """Exactly the probes ``plan`` needs."""
+    """Exactly the probes ``plan`` needs, the settings in its LMCache config files (already read) included."""
+    plan = as_lmcache_sees(plan, lmcache_files)
     paths = [d for d in (plan.deployment.state_dir, discovery_dir(plan)) if d]
     paths.extend(disk[0] for disk in map(local_disk, lmcache_processes(plan)) if disk)
     remotes = []
@@ -276,6 +309,7 @@ def facts_request(
         remotes=tuple(remotes),
         interpreters=interpreter_requests(plan),
         executables=executable_requests(plan),
+        lmcache_files=lmcache_files,
         model=model_request(plan),
         etcd=etcd_endpoints(plan),
         network_timeout_s=network_timeout_s,

@@ -51,6 +51,7 @@ def test_demo_passes_on_this_machine_in_both_forms(tmp_path: Path) -> None:
     assert [r["check"] for r in rows] == [
         "arch",
         "gpu",
+        "lmcache-config",
         "host-memory",
         "disk",
         "ports",
@@ -85,6 +86,18 @@ def test_a_missing_etcd_binary_fails_check_with_exit_3(tmp_path: Path) -> None:
     (row,) = [r for r in as_json(done) if r["status"] == "fail"]
     assert (row["check"], row["message"]) == ("software", f"etcd cannot start: {absent} does not exist")
     assert f"preflight failed: software: etcd cannot start: {absent} does not exist" in done.stderr
+
+
+def test_an_lmcache_config_file_is_read_and_a_misread_value_fails_check(tmp_path: Path) -> None:
+    config = tmp_path / "lmcache.yaml"
+    config.write_text("max_local_disk_size: 10GB\n")
+    done = run(tmp_path, "disagg", "--set", f"ports.base={free_base()}", "--set",
+               f'workers.prefill.env.LMCACHE_CONFIG_FILE="{config}"', "--skip-check", "gpu",
+               "--skip-check", "software", "--skip-check", "model", "--json")
+    assert done.returncode == 3, done.stdout + done.stderr
+    (row,) = [r for r in as_json(done) if r["status"] == "fail"]
+    assert row["check"] == "lmcache-config"
+    assert row["message"].startswith(f"prefill: LMCACHE_CONFIG_FILE {config}: max_local_disk_size: expected a number")
 
 
 def test_disagg_without_a_driver_exits_3_with_the_nvml_message_and_hint(tmp_path: Path) -> None:

@@ -325,3 +325,23 @@ def test_executables_resolve_as_the_spawn_would(tmp_path: Path) -> None:
     gone = executable_facts(ExecutableRequest(str(tmp_path / "nope"), ""))
     assert gone.problem == f"{tmp_path / 'nope'} does not exist"
 
+
+def test_lmcache_config_files_are_read_as_lmcache_reads_them(tmp_path: Path) -> None:
+    good = tmp_path / "lmcache.yaml"
+    good.write_text("chunk_size: 512\nlocal_cpu: yes\nremote_url: redis://r:6379\nextra_config: {a: 1}\nx: null\n")
+    found = host.lmcache_file_facts("lmcache.yaml", str(tmp_path))  # relative to the process's cwd
+    assert found.problem is None
+    assert found.values == (("chunk_size", "512"), ("local_cpu", "true"), ("remote_url", "redis://r:6379"))
+    (tmp_path / "c.json").write_text('{"max_local_cpu_size": 2.5}')
+    assert host.lmcache_file_facts(str(tmp_path / "c.json"), "/").values == (("max_local_cpu_size", "2.5"),)
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    assert host.lmcache_file_facts(str(tmp_path / "list.yaml"), None).problem == \
+        "holds a list, not a mapping of LMCache keys"
+    (tmp_path / "bad.yaml").write_text("chunk_size: [1, 2\n")
+    assert host.lmcache_file_facts(str(tmp_path / "bad.yaml"), None).problem.startswith("is not valid YAML: ")
+    missing = host.lmcache_file_facts(str(tmp_path / "none.yaml"), None)
+    assert missing.problem == "cannot be read: No such file or directory"
+    assert host.lmcache_file_facts(str(tmp_path / "empty.yaml"), None).problem  # absent too
+    (tmp_path / "empty.yaml").write_text("")
+    assert host.lmcache_file_facts(str(tmp_path / "empty.yaml"), None).values == ()
+

@@ -13,6 +13,7 @@ from supervisor import profile as profiles
 from supervisor.errors import EXIT_PREFLIGHT, PreflightError, ProfileError
 from supervisor.host import (
     ExecutableFacts,
+    LMCacheFileFacts,
     EndpointFacts,
     HostFacts,
     MemoryFacts,
@@ -25,7 +26,7 @@ from supervisor.host import (
 )
 from supervisor.host_gpu import NO_DRIVER, Gpu, GpuFacts, GpuProcess, MigMode
 from supervisor.host_redis import RemoteFacts
-from supervisor.preflight import CHECKS, Finding, Status, check, enforce, facts_request
+from supervisor.preflight import CHECKS, Finding, Status, check, enforce, facts_request, lmcache_file_requests
 from supervisor.preflight_needs import parse_remote_url, planned_ports
 from supervisor.spec import Plan, ProcessSpec, Role
 
@@ -73,9 +74,9 @@ def good_software(plan: Plan) -> tuple[SoftwareFacts, ...]:
     )
 
 
-def healthy(plan: Plan, **changes: object) -> HostFacts:
+def healthy(plan: Plan, lmcache_files: tuple[LMCacheFileFacts, ...] = (), **changes: object) -> HostFacts:
     """Facts under which ``plan`` passes every check; tests change one thing at a time."""
-    req = facts_request(plan)
+    req = facts_request(plan, lmcache_files)
     facts = HostFacts(
         arch="x86_64",
         memory=MemoryFacts(64 * GIB, 60 * GIB),
@@ -89,6 +90,7 @@ def healthy(plan: Plan, **changes: object) -> HostFacts:
         executables=tuple(ExecutableFacts(e.name, f"/usr/bin/{e.name}") for e in req.executables),
         model=ModelFacts(plan.deployment.model, False, True, "/cache/snap") if req.model else None,
         etcd=tuple(EndpointFacts(e, True) for e in req.etcd),
+        lmcache_files=lmcache_files,
     )
     return dataclasses.replace(facts, **changes)
 
@@ -491,6 +493,61 @@ def test_a_missing_infrastructure_binary_fails_before_anything_starts() -> None:
     assert any(f.status is Status.OK and f.message == "nats: /usr/bin/nats-server" for f in found)
     with pytest.raises(PreflightError):
         enforce(check(plan, healthy(plan, executables=missing)))
+
+
+# ---------------------------------------------------------------------------- LMCACHE_CONFIG_FILE
+
+CONFIG = "/etc/lmcache/prefill.yaml"
+
+
+def with_config_file(*values: tuple[str, str], problem: str | None = None) -> tuple[Plan, HostFacts]:
+    """disagg with a config file for its prefill worker, and healthy facts for what the file adds."""
+    plan = render("disagg", f'workers.prefill.env.LMCACHE_CONFIG_FILE="{CONFIG}"')
+    return plan, healthy(plan, (LMCacheFileFacts(CONFIG, None, tuple(values), problem),))
+
+
+def test_no_config_file_is_fine_and_only_lmcache_users_have_theirs_read() -> None:
+    plan = render("disagg")
+    (f,) = only(check(plan, healthy(plan)), "lmcache-config")
+    assert f.status is Status.OK and "no LMCACHE_CONFIG_FILE" in f.message
+    both = render("disagg", f'workers.prefill.env.LMCACHE_CONFIG_FILE="{CONFIG}"',
+                  'workers.decode.env.LMCACHE_CONFIG_FILE="/etc/decode.yaml"')
+    assert lmcache_file_requests(both) == ((CONFIG, None),)  # decode does not load LMCache
+
+
+def test_an_unreadable_config_file_fails_because_lmcache_would_not_start() -> None:
+    plan, facts = with_config_file(problem="cannot be read: No such file or directory")
+    (f,) = only(check(plan, facts), "lmcache-config")
+    assert f.status is Status.FAIL
+    assert f.message == f"prefill: LMCACHE_CONFIG_FILE {CONFIG} cannot be read: No such file or directory"
+
+
+def test_config_file_values_lmcache_would_misread_fail() -> None:
+    plan, facts = with_config_file(("max_local_disk_size", "10GB"), ("save_decode_cache", "yes"))
+    (f,) = [x for x in only(check(plan, facts), "lmcache-config") if x.status is Status.FAIL]
+    assert "max_local_disk_size: expected a number of GB" in f.message
+    assert "save_decode_cache: expected true or false" in f.message
+
+
+def test_keys_the_env_replaces_are_named_and_equal_values_are_not() -> None:
+    plan, facts = with_config_file(("chunk_size", "512"), ("max_local_cpu_size", "5"), ("local_cpu", "True"))
+    (f,) = only(check(plan, facts), "lmcache-config")
+    assert f.status is Status.WARN
+    assert "chunk_size=512 (the env sets 256)" in f.message
+    assert "max_local_cpu_size" not in f.message and "local_cpu" not in f.message  # 5 == 5.0, True == true
+
+
+def test_a_remote_url_only_in_the_file_is_probed_and_judged() -> None:
+    url = "redis://10.0.0.9:6379"
+    plan, facts = with_config_file(("remote_url", url))
+    assert [t.url for t in facts_request(plan, facts.lmcache_files).remotes] == [url]
+    assert facts_request(plan).remotes == ()
+    down = RemoteFacts(url, False, "connection refused", "", None, None)
+    facts = dataclasses.replace(facts, remotes=(down,))
+    (f,) = only(check(plan, facts), "remote-cache")
+    assert f.status is Status.FAIL and f.message.startswith(f"{url} is unreachable")
+    (g,) = only(check(plan, facts), "lmcache-config")
+    assert g.status is Status.OK and "remote_url" in g.message
 
 
 # -------------------------------------------------------------------------------- skip / enforce
