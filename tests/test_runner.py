@@ -209,7 +209,11 @@ async def test_second_interrupt_kills_at_once(make_spec, make_plan) -> None:
     runner = Runner(make_plan(spec))
     async with supervising(runner):
         status = await until(runner, lambda s: s.state is D.READY)
-        await anyio.sleep(0.3)  # let the child install its SIGTERM handler (not a wait on the runner)
+        # The child ignores SIGTERM from before it prints "started": wait for that line in its log.
+        with anyio.fail_after(10):
+            log = Path(spec.log_file)
+            while not (log.exists() and b"started" in log.read_bytes()):
+                await anyio.sleep(0.01)
         started = time.monotonic()
         runner.request_shutdown()
         await until(runner, lambda s: s.process("stubborn").state is P.STOPPING)
