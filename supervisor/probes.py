@@ -24,6 +24,7 @@ import httpx
 import psutil
 
 from supervisor import probe_http
+from supervisor.proctree import descendants
 from supervisor.spec import Check, ExecCheck, HttpCheck, Probe, Probes, SmokeRequest, TcpCheck
 from supervisor.states import ProbeResult
 
@@ -59,12 +60,6 @@ class Tally:
         return Tally(passing=passing, successes=0, failures=failures)
 
 
-def _tree_pids(pid: int) -> set[int]:
-    try:
-        root = psutil.Process(pid)
-        return {pid, *(child.pid for child in root.children(recursive=True))}
-    except psutil.Error:
-        return set()
 
 
 def port_owned_by_tree(port: int, pid: int) -> tuple[bool, str | None]:
@@ -73,7 +68,7 @@ def port_owned_by_tree(port: int, pid: int) -> tuple[bool, str | None]:
     Returns ``(owned, error)``; ``error`` says who holds the port instead, when that is knowable.
     Only the child's own tree is scanned (cheap: its fds and /proc/<pid>/net/tcp*), not the host.
     """
-    for member in sorted(_tree_pids(pid)):
+    for member in (pid, *descendants(pid)):
         try:
             conns = psutil.Process(member).net_connections(kind="tcp")
         except psutil.Error:

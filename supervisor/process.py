@@ -41,6 +41,7 @@ import anyio.abc
 import psutil
 
 from supervisor.errors import StartError
+from supervisor.proctree import descendants
 from supervisor.spec import ProcessSpec
 from supervisor.states import ExitInfo
 
@@ -197,7 +198,7 @@ class Child:
         self.started_at = time.monotonic()
         self.started_wall = time.time()
         self.exit: ExitInfo | None = None
-        self.descendants: set[int] = set()  # pids seen in its tree (for GPU hygiene after death)
+        self.descendants: set[int] = {self.pid}  # pids seen in its tree (for GPU hygiene after death)
         self._strays: dict[int, psutil.Process] = {}  # descendants that left its process group
         self._stray_groups: set[int] = set()  # their groups, registered with the guardian
         self._popen = popen
@@ -251,21 +252,21 @@ class Child:
     def snapshot_tree(self) -> None:
         """Remember the pids in the child's tree (after its death NVML may still list them) and
         adopt the descendants that left its group."""
-        try:
-            tree = psutil.Process(self.pid).children(recursive=True)
-        except psutil.Error:
-            return  # the leader is gone: its orphans are out of reach, strays seen before are kept
-        self.descendants |= {self.pid, *(proc.pid for proc in tree)}
-        for proc in tree:
-            try:
-                pgid = os.getpgid(proc.pid)
-            except OSError:
+        tree = descendants(self.pid)  # [] once the leader is gone: strays seen before are kept
+        self.descendants.update(tree)
+        for pid in tree:
+            if pid in self._strays:
                 continue
-            if pgid != self.pgid and proc.pid not in self._strays:
-                self._strays[proc.pid] = proc  # psutil.Process: signals refuse a reused pid
-                if self._guardian is not None and pgid not in self._stray_groups:
-                    self._guardian.register(pgid)
-                self._stray_groups.add(pgid)
+            try:
+                pgid = os.getpgid(pid)
+                if pgid == self.pgid:
+                    continue
+                self._strays[pid] = psutil.Process(pid)  # keeps its start time: a reused pid is spared
+            except (OSError, psutil.Error):
+                continue  # gone meanwhile
+            if self._guardian is not None and pgid not in self._stray_groups:
+                self._guardian.register(pgid)
+            self._stray_groups.add(pgid)
 
     def live_strays(self) -> list[int]:
         return [pid for pid, proc in self._strays.items() if _alive(proc)]

@@ -422,7 +422,7 @@ class Runner:
         """Before relaunching a GPU worker, wait until its previous incarnation let go of the GPUs."""
         dead = slot.child
         if slot.spec.gpus and dead is not None:
-            left = await gpu.wait_released(slot.spec.gpus, dead.descendants | {dead.pid},
+            left = await gpu.wait_released(slot.spec.gpus, dead.descendants,
                                            gpu_pids=self._gpu_pids, timeout_s=GPU_CLEAR_TIMEOUT_S)
             if left:
                 log.warning("GPU memory still held; starting anyway", process=slot.spec.name,

@@ -1,0 +1,54 @@
+"""A process's descendants, read from the kernel's per-thread child lists.
+
+psutil's ``children(recursive=True)`` reads the stat file of every process on the host to rebuild
+the parent map: 1.8 ms a call on a quiet box of 75 processes, paid at every stop and start-up of a
+worker. ``/proc/<pid>/task/<tid>/children`` lists one thread's children directly, so a walk costs
+only the size of the tree itself (about 0.07 ms). Kernels built without ``CONFIG_PROC_CHILDREN``
+lack those files; psutil answers there. Either way the answer is a snapshot: a process forked or
+reparented during the walk may be missed, as with any walk of /proc.
+"""
+
+from __future__ import annotations
+
+import os
+
+import psutil
+
+
+def descendants(pid: int) -> list[int]:
+    """Pids below ``pid`` (not ``pid`` itself), parents before their children; [] once it is gone."""
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        kids = _children(todo.pop(0))
+        if kids is None:
+            return _descendants_by_psutil(pid)
+        found.extend(kids)
+        todo.extend(kids)
+    return found
+
+
+def _children(pid: int) -> list[int] | None:
+    """The children of every thread of ``pid``; None when this kernel keeps no such lists."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []  # gone
+    kids: list[int] = []
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children", "rb") as fh:
+                kids.extend(int(field) for field in fh.read().split())
+        except FileNotFoundError:
+            if os.path.isdir(f"/proc/{pid}/task/{tid}"):
+                return None  # the thread is there but its list is not: no CONFIG_PROC_CHILDREN
+        except OSError:
+            continue  # the thread ended meanwhile
+    return kids
+
+
+def _descendants_by_psutil(pid: int) -> list[int]:
+    try:
+        return [child.pid for child in psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return []
