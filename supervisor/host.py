@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-import yaml
 
 from supervisor.host_gpu import GpuFacts, gpu_facts
 from supervisor.host_redis import RemoteFacts, RemoteTarget, probe_remote
@@ -250,6 +249,8 @@ def _env(pairs: tuple[tuple[str, str], ...]) -> dict[str, str]:
 
 def lmcache_file_facts(path: str, cwd: str | None) -> LMCacheFileFacts:
     """Load the file as LMCache 0.5.6 does (``yaml.safe_load``; JSON is YAML too)."""
+    import yaml  # only plans that name a file pay for the import
+
     full = Path(cwd or os.getcwd(), path)  # an absolute path replaces the base
     try:
         data = yaml.safe_load(full.read_text(encoding="utf-8"))
