@@ -12,11 +12,13 @@ Dynamo worker: ``GET /health`` -> ``{"status": "ready", ...}`` and ``GET /live``
 (default ``$DYN_SYSTEM_PORT``, the port the plan gives a Dynamo worker). The /health body also
 says what this process sees: ``device_count``, the device ``uuid``, its pid and its grandchild's.
 
-``--grandchild-gib`` starts a grandchild that holds its own CUDA memory in a NEW session, so the
-supervisor's group kill misses it (a stand-in for an engine process that escaped the group, or one
-whose teardown takes long): once its parent is gone it keeps the memory ``--grandchild-hold-s``
-seconds more, then exits. The worker turns ready only after the grandchild has allocated, so the
-supervisor's snapshot of the tree (taken when the startup probe passes) includes it.
+``--grandchild-gib`` starts a grandchild that holds its own CUDA memory in a NEW session, so a
+group kill misses it (a stand-in for an engine process that left the group): once the worker is gone
+it keeps the memory ``--grandchild-hold-s`` seconds more, then exits. The worker turns ready only
+after the grandchild has allocated, so the supervisor's walk of the tree (when the startup probe
+passes) finds it, adopts it as a stray and kills it with the worker. ``--grandchild-orphan`` starts
+it through an intermediate process that exits at once, so it is init's before any walk: a holder
+the supervisor never sees.
 
 Every process of this script exits by itself after ``--max-lifetime-s``: nothing it starts can
 outlive a crashed driver by more than that.
@@ -36,6 +38,7 @@ from typing import Any, ClassVar
 
 GIB = 1024**3
 START = time.monotonic()
+_LAUNCH_AND_LEAVE = "import subprocess, sys; subprocess.Popen(sys.argv[1:], start_new_session=True)"
 
 
 def _log(message: str) -> None:
@@ -115,25 +118,39 @@ def _start_grandchild(args: argparse.Namespace) -> tuple[subprocess.Popen[bytes]
     argv = [sys.executable, os.path.abspath(__file__), "--gib", str(args.grandchild_gib), "--grandchild-of",
             str(os.getpid()), "--hold-after-parent-s", str(args.grandchild_hold_s),
             "--max-lifetime-s", str(args.max_lifetime_s)]
-    # start_new_session: outside the worker's process group, so the supervisor's killpg misses it.
+    if args.grandchild_orphan:  # an intermediate starts it and exits: it is reparented at once
+        argv = [sys.executable, "-c", _LAUNCH_AND_LEAVE, *argv]
+    # start_new_session: outside the worker's process group, so a killpg misses it.
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, start_new_session=True)
     assert proc.stdout is not None
-    line = proc.stdout.readline()
+    line = proc.stdout.readline()  # written by the holder once it has allocated
     if not line:
         raise SystemExit(f"gpu_worker: grandchild {proc.pid} exited before allocating (code {proc.wait()})")
     proc.stdout.close()
+    if args.grandchild_orphan:
+        proc.wait()
     return proc, json.loads(line)["pid"]
 
 
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie does not): the holder watches the worker, not its own parent."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read()
+    except OSError:
+        return False
+    return stat[stat.rfind(b")") + 2:][:1] not in (b"Z", b"X")
+
+
 def _grandchild(args: argparse.Namespace) -> None:
-    """Hold memory; once the parent is gone, hold it ``--hold-after-parent-s`` more, then exit."""
+    """Hold memory; once the worker is gone, hold it ``--hold-after-parent-s`` more, then exit."""
     tensor, seen = _allocate(args.gib)
     print(json.dumps(seen), flush=True)
     _log(f"grandchild holds {args.gib:g} GiB for parent {args.grandchild_of}")
     deadline = START + args.max_lifetime_s
-    while os.getppid() == args.grandchild_of and time.monotonic() < deadline:
-        time.sleep(0.02)  # no pidfd for a non-child; a 20 ms poll is precise enough for the record
-    _log(f"parent gone; keeping the memory {args.hold_after_parent_s:g} s more")
+    while _alive(args.grandchild_of) and time.monotonic() < deadline:
+        time.sleep(0.02)  # a 20 ms poll is precise enough for the record
+    _log(f"worker gone; keeping the memory {args.hold_after_parent_s:g} s more")
     time.sleep(max(0.0, min(args.hold_after_parent_s, deadline - time.monotonic())))
     del tensor
     _log("grandchild exits")
@@ -147,6 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--devices", action="store_true", help="print the CUDA devices as JSON and exit")
     parser.add_argument("--grandchild-gib", type=float, default=0.0)
     parser.add_argument("--grandchild-hold-s", type=float, default=3.0)
+    parser.add_argument("--grandchild-orphan", action="store_true", help="start it through an intermediate")
     parser.add_argument("--grandchild-of", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--hold-after-parent-s", type=float, default=0.0, help=argparse.SUPPRESS)
     parser.add_argument("--max-lifetime-s", type=float, default=300.0)
