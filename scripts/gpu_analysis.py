@@ -109,7 +109,8 @@ def restart_timeline(*, name: str, gpu: int, killed_at: float, dead_pids: set[in
     """The figures of one SIGKILL -> GPU wait -> respawn -> healthy cycle, in seconds after the kill.
 
     ``outcome`` is ``released`` when the runner's last NVML poll before the respawn listed none of
-    the dead group's pids, ``timed out`` when it still did (the bounded wait expired), ``unknown``
+    the dead group's pids, ``still held`` when it still did (the bounded wait expired, or the holder
+    was one the runner could not know, such as an orphan it never saw), ``unknown``
     when NVML could not tell or nothing was polled. ``violations`` lists what contradicts the
     hygiene promise: sampler readings that show a dead pid after the respawn while the outcome
     says released.
@@ -129,7 +130,7 @@ def restart_timeline(*, name: str, gpu: int, killed_at: float, dead_pids: set[in
     if last is None or last.pids is None:
         outcome = "unknown"
     elif dead_pids & last.pids:
-        outcome = "timed out"
+        outcome = "still held"
     else:
         outcome = "released"
     violations: list[str] = []

@@ -80,13 +80,13 @@ def test_restart_timeline_of_the_escaped_grandchild_run() -> None:
     assert tl["used_bytes_before_kill"] == 2 * GIB and tl["used_bytes_at_respawn"] == 0
 
 
-def test_restart_timeline_says_timed_out_when_the_last_poll_still_held() -> None:
+def test_restart_timeline_says_still_held_when_the_last_poll_still_held() -> None:
     trs = transitions((0.09, "backoff", 1), (1.7, "starting", 3), (8.9, "running", 3))
     polls = [Poll(0.09 + 0.2 * i, 0.0903 + 0.2 * i, (0,), frozenset({2})) for i in range(9)]
     smp = samples(0, [(0.0, {1, 2}), (1.69, {2}), (1.75, {2, 3}), (6.67, {3})])
     tl = restart_timeline(name="decode", gpu=0, killed_at=0.0, dead_pids={1, 2}, transitions=trs, polls=polls,
                           samples=smp)
-    assert tl["outcome"] == "timed out"
+    assert tl["outcome"] == "still held"
     assert tl["nvml_free_s"] == 6.67 and tl["respawn_s"] == 1.7
 
 
