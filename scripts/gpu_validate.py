@@ -19,13 +19,14 @@ Sections (``--sections``, default all, in this order):
     The real :class:`~supervisor.runner.Runner` supervises one GPU worker built from the rendered
     disagg plan's decode process (argv swapped for the fixture, everything else as rendered, backoff
     set to 0 so the timeline shows the GPU wait alone). The worker is SIGKILLed and the timeline is
-    recorded from the runner's events, the runner's own NVML polls and a 50 ms NVML sampler. Three
+    recorded from the runner's events, the runner's own NVML polls and a 50 ms NVML sampler. Four
     variants: the worker alone; with a grandchild in a session of its own that would keep memory
-    ``--grandchild-hold-s`` after the kill (the supervisor must adopt it as a stray and kill it with
-    the worker); with the same grandchild orphaned before any walk of the tree (the supervisor cannot
-    know it: the runner must not wait for it). The bounded wait's expiry is covered in CI at the
-    NVML boundary: a holder the supervisor knows of is killed, and the driver frees its memory in
-    well under a second.
+    ``--grandchild-hold-s`` after the kill (the supervisor must adopt it as a stray and stop it with
+    the worker); the same grandchild ignoring SIGTERM, a teardown that takes long (the runner must
+    wait until NVML shows its memory freed); the grandchild orphaned before any walk of the tree (the
+    supervisor cannot know it: the runner must not wait for it). The NVML wait's bound
+    (``GPU_CLEAR_TIMEOUT_S``) cannot expire here any more, since the stop waits for every process it
+    knows of; CI covers the expiry at the NVML boundary.
 ``isolation``
     Decode (GPU 0) and prefill (GPU 1, after decode is healthy) from the rendered disagg plan, each
     a fixture worker: each must see one CUDA device, with the UUID NVML gives its assigned index.
@@ -425,7 +426,8 @@ async def get_health(port: int) -> dict[str, Any]:
 def section_hygiene(ctx: dict[str, Any], expect: Expectations) -> dict[str, Any]:
     hold = ctx["grandchild_hold_s"]
     grandchild = ["--grandchild-gib", str(ctx["grandchild_gib"]), "--grandchild-hold-s", str(hold)]
-    variants = {"worker": [], "stray": grandchild, "orphan": [*grandchild, "--grandchild-orphan"]}
+    variants = {"worker": [], "stray": grandchild, "slow-stray": [*grandchild, "--grandchild-ignore-term"],
+                "orphan": [*grandchild, "--grandchild-orphan"]}
     out = {}
     for name, extra in variants.items():
         log(f"hygiene variant {name}")
@@ -532,6 +534,10 @@ def one_restart(ctx: dict[str, Any], expect: Expectations, variant: str, extra: 
         expect(free is not None and free < hold / 2,
                f"[{variant}] the grandchild in its own session was killed with its worker: NVML free at "
                f"{free} s, not after its {hold:g} s hold")
+    if variant == "slow-stray":
+        expect(free is not None and respawn is not None and free >= hold * 0.8 and respawn >= free - 0.06,
+               f"[{variant}] the runner waited for the grandchild's {hold:g} s teardown: NVML free at "
+               f"{free} s, respawn at {respawn} s", {"polls_holding": timeline["gpu_polls_holding"]})
     if variant == "orphan":
         waited = (respawn or 0) - (timeline["exit_detected_s"] or 0)
         expect(free is not None and respawn is not None and respawn < free and waited < 1.0,

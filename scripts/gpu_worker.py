@@ -16,7 +16,9 @@ says what this process sees: ``device_count``, the device ``uuid``, its pid and 
 group kill misses it (a stand-in for an engine process that left the group): once the worker is gone
 it keeps the memory ``--grandchild-hold-s`` seconds more, then exits. The worker turns ready only
 after the grandchild has allocated, so the supervisor's walk of the tree (when the startup probe
-passes) finds it, adopts it as a stray and kills it with the worker. ``--grandchild-orphan`` starts
+passes) finds it, adopts it as a stray and stops it with the worker. ``--grandchild-ignore-term`` makes
+it ignore SIGTERM, like an engine process whose teardown takes long: it then keeps its memory the
+hold after the worker's death before it exits. ``--grandchild-orphan`` starts
 it through an intermediate process that exits at once, so it is init's before any walk: a holder
 the supervisor never sees.
 
@@ -30,6 +32,7 @@ import argparse
 import http.server
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -118,6 +121,8 @@ def _start_grandchild(args: argparse.Namespace) -> tuple[subprocess.Popen[bytes]
     argv = [sys.executable, os.path.abspath(__file__), "--gib", str(args.grandchild_gib), "--grandchild-of",
             str(os.getpid()), "--hold-after-parent-s", str(args.grandchild_hold_s),
             "--max-lifetime-s", str(args.max_lifetime_s)]
+    if args.grandchild_ignore_term:
+        argv.append("--ignore-term")
     if args.grandchild_orphan:  # an intermediate starts it and exits: it is reparented at once
         argv = [sys.executable, "-c", _LAUNCH_AND_LEAVE, *argv]
     # start_new_session: outside the worker's process group, so a killpg misses it.
@@ -144,6 +149,8 @@ def _alive(pid: int) -> bool:
 
 def _grandchild(args: argparse.Namespace) -> None:
     """Hold memory; once the worker is gone, hold it ``--hold-after-parent-s`` more, then exit."""
+    if args.ignore_term:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     tensor, seen = _allocate(args.gib)
     print(json.dumps(seen), flush=True)
     _log(f"grandchild holds {args.gib:g} GiB for parent {args.grandchild_of}")
@@ -165,6 +172,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--grandchild-gib", type=float, default=0.0)
     parser.add_argument("--grandchild-hold-s", type=float, default=3.0)
     parser.add_argument("--grandchild-orphan", action="store_true", help="start it through an intermediate")
+    parser.add_argument("--grandchild-ignore-term", action="store_true", help="it ignores SIGTERM")
+    parser.add_argument("--ignore-term", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--grandchild-of", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--hold-after-parent-s", type=float, default=0.0, help=argparse.SUPPRESS)
     parser.add_argument("--max-lifetime-s", type=float, default=300.0)
