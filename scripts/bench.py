@@ -34,7 +34,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchkit import crash, demo, gate, overhead, report
 from benchkit.common import BenchError, Reaper, percentile, workdir

@@ -1,6 +1,6 @@
 """Pure helpers for scripts/gpu_validate.py: preconditions, UUID matching, the restart timeline.
 
-Nothing here touches NVML, CUDA or processes, so tests/test_gpu_analysis.py runs it on machines
+Nothing here touches NVML, CUDA or processes, so tests/scripts/test_gpu_analysis.py runs it on machines
 without a GPU (CI). The driver feeds it what it recorded: runner events, the runner's own NVML polls
 (through its ``gpu_pids`` hook) and an independent NVML sampler's readings.
 """
@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from supervisor.host_gpu import GpuFacts
+from supervisor.host.gpu import GpuFacts
 
 
 @dataclass(frozen=True)

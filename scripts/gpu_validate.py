@@ -60,25 +60,23 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = Path(__file__).resolve().parent
-sys.path[:0] = [str(ROOT), str(SCRIPTS)]
+ROOT = Path(__file__).resolve().parents[1]  # run as `PYTHONPATH=. python scripts/gpu_validate.py`
 
-import anyio  # noqa: E402
-import httpx  # noqa: E402
-import psutil  # noqa: E402
+import anyio
+import httpx
+import psutil
 
-import proctools  # noqa: E402
+import proctools
 
-from gpu_analysis import (  # noqa: E402
+from gpu_analysis import (
     Poll, Sample, Transition, cuda_to_nvml, findings_for, names_holder, normalize_uuid,
     preconditions, restart_timeline,
 )
-from supervisor import gpu  # noqa: E402
-from supervisor import runner as runner_mod  # noqa: E402
-from supervisor.host_gpu import gpu_facts  # noqa: E402
-from supervisor.spec import Condition, Plan, ProcessSpec, RestartPolicy  # noqa: E402
-from supervisor.states import ProcessEvent, ProcessState, RunnerEvent  # noqa: E402
+from supervisor.host import nvml as gpu
+from supervisor.engine import runner as runner_mod
+from supervisor.host.gpu import gpu_facts
+from supervisor.plan.spec import Condition, Plan, ProcessSpec, RestartPolicy
+from supervisor.engine.states import ProcessEvent, ProcessState, RunnerEvent
 
 WORKER = str(SCRIPTS / "gpu_worker.py")
 MARKER = "LMCACHE_GPU_VALIDATE_MARKER"
@@ -376,7 +374,7 @@ def disagg_plan(tmp: Path) -> Plan:
     Workers keep their rendered env (``CUDA_VISIBLE_DEVICES``, ``DYN_SYSTEM_PORT``), GPUs, ports,
     probes and policies; only argv changes, to the fixture worker, because vLLM is not installed.
     """
-    from supervisor.cli import load_plan
+    from supervisor.cli.app import load_plan
 
     rendered = load_plan("disagg")
     dep = dataclasses.replace(rendered.deployment, ready_url="", smoke=None, state_dir=str(tmp),

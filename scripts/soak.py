@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from soakkit.deployment import NAMES, Deployment
 from soakkit.faults import Client, Injector

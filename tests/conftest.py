@@ -18,8 +18,7 @@ from typing import TypeVar
 import psutil
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-import proctools  # noqa: E402  (shared with the benchmarks, the soak and the GPU validation)
+import proctools  # scripts/ (pytest pythonpath): shared with the benchmarks, the soak and the GPU validation
 
 MARKER = "LMCACHE_SUPERVISE_TEST_MARKER"
 SESSION = uuid.uuid4().hex[:12]
@@ -111,7 +110,7 @@ def python() -> str:
 @pytest.fixture
 def make_spec(tmp_path: Path) -> Callable[..., object]:
     """Build a ProcessSpec running the fixture child with ``args``; keyword overrides go to the spec."""
-    from supervisor.spec import ProcessSpec, Role
+    from supervisor.plan.spec import ProcessSpec, Role
 
     def make(name: str, *args: str, **overrides: object) -> ProcessSpec:
         fields: dict[str, object] = dict(
@@ -128,7 +127,7 @@ def make_spec(tmp_path: Path) -> Callable[..., object]:
 @pytest.fixture
 def make_plan(tmp_path: Path) -> Callable[..., object]:
     """Build a Plan around ``processes``; no ready URL and no smoke request unless given."""
-    from supervisor.spec import DeploymentSpec, Plan
+    from supervisor.plan.spec import DeploymentSpec, Plan
 
     def make(*processes: object, ready_url: str = "", smoke: object = None, ready_timeout_s: float = 30.0,
              base_url: str = "http://127.0.0.1:1") -> Plan:

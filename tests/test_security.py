@@ -15,12 +15,14 @@ import structlog
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from supervisor import logs, pidfile
-from supervisor import plan as planmod
-from supervisor import profile as profiles
+from supervisor.engine import logs
+
+from supervisor.engine import pidfile
+from supervisor.plan import render as planmod
+from supervisor.profile import load as profiles
 from supervisor.errors import EXIT_BAD_INPUT, ProfileError, StateDirError, SupervisorError
 from supervisor.paths import secure_state_dir
-from supervisor.rules import MANAGED_FLAGS
+from supervisor.profile.rules import MANAGED_FLAGS
 
 ROOT = Path(__file__).resolve().parents[1]
 STATE = Path("/srv/state")

@@ -20,8 +20,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from supervisor import foreground, logs, plan, schema
-from supervisor.spec import (
+from supervisor.engine import foreground
+
+from supervisor.engine import logs
+
+from supervisor.plan import render as plan
+
+from supervisor.profile import schema
+from supervisor.plan.spec import (
     Condition,
     Dependency,
     DeploymentSpec,
@@ -32,7 +38,7 @@ from supervisor.spec import (
     RestartPolicy,
     Role,
 )
-from supervisor.states import DeploymentEvent, ProcessEvent, RunnerEvent
+from supervisor.engine.states import DeploymentEvent, ProcessEvent, RunnerEvent
 
 #: The load budget a default worker gets when its profile sets none (only bounds the startup probe).
 STARTUP_BUDGET_S = 600.0

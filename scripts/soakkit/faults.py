@@ -8,7 +8,7 @@ SIGCONT is merely scheduled, and the next fault may come before the last one hea
 
 A process is SIGKILLed (or long-stopped) only while its crash-loop budget allows it: the demo's
 restart policy fails a process that started 5 times within 120 s, which is the documented
-crash-loop outcome, not what a soak measures (tests/test_runner.py covers that one).
+crash-loop outcome, not what a soak measures (tests/engine/test_runner.py covers that one).
 """
 
 from __future__ import annotations

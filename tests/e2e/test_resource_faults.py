@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 from soakkit.deployment import Deployment
 
 pytestmark = [pytest.mark.e2e,

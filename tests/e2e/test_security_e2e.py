@@ -14,7 +14,6 @@ import pytest
 
 from conftest import marked
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 from soakkit.deployment import CLI, NAMES, Deployment
 
 pytestmark = pytest.mark.e2e

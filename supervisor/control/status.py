@@ -1,0 +1,182 @@
+"""``status --json``: the stable, documented JSON form of a deployment's status (schema 1).
+
+Built from the runner's :class:`~supervisor.states.DeploymentStatus` snapshot, the plan (GPUs,
+ports, log files) and the :class:`~supervisor.progress.Timeline`; hints come from the tail of each
+child's log (:mod:`supervisor.diagnose`). The README's "Control and observability" section
+documents every field; add fields freely, but never rename or retype one without bumping
+:data:`SCHEMA`.
+
+Process states use the words people ask about, not the runner's finer phases (kept as ``phase``):
+starting (waiting for dependencies or in its startup probe), healthy, unhealthy (started but its
+readiness fails), backoff, failed, stopping, stopped (never started, stopped, or exited for good).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import psutil
+
+from supervisor.control import hints as diagnose
+from supervisor.control.progress import Timeline
+from supervisor.plan.spec import Plan
+from supervisor.engine.states import DeploymentStatus, ExitInfo, ProcessState, ProcessStatus
+
+SCHEMA = 1
+P = ProcessState
+STATE_WORDS: Mapping[ProcessState, str] = {
+    P.STOPPED: "stopped", P.WAITING: "starting", P.STARTING: "starting", P.RUNNING: "healthy",
+    P.NOT_READY: "unhealthy", P.STOPPING: "stopping", P.BACKOFF: "backoff", P.EXITED: "stopped",
+    P.FAILED: "failed",
+}
+
+
+def exit_view(info: ExitInfo | None) -> dict[str, Any] | None:
+    """``{"pid", "code", "signal", "description", "runtime_s"}``: code for an exit, signal name for a kill."""
+    if info is None:
+        return None
+    name = None
+    if info.signal is not None:
+        try:
+            name = signal.Signals(info.signal).name
+        except ValueError:
+            name = f"SIG{info.signal}"
+    return {"pid": info.pid, "code": info.returncode, "signal": name, "description": info.describe(),
+            "runtime_s": round(info.runtime_s, 3)}
+
+
+def process_view(proc: ProcessStatus, plan: Plan, hints: tuple[diagnose.Hint, ...] = ()) -> dict[str, Any]:
+    try:
+        spec = plan.process(proc.name)
+        gpus, ports, log_file = list(spec.gpus), dict(sorted(spec.ports.items())), spec.log_file
+    except KeyError:  # a reload removed it between the snapshot and now
+        gpus, ports, log_file = [], {}, None
+    probe = proc.last_probe
+    return {
+        "name": proc.name,
+        "role": proc.role,
+        "state": STATE_WORDS[proc.state],
+        "phase": proc.state.value,
+        "required": proc.required,
+        "pid": proc.pid,
+        "started_at": proc.started_wall,
+        "uptime_s": None if proc.uptime_s is None else round(proc.uptime_s, 3),
+        "restarts": proc.restarts,
+        "last_exit": exit_view(proc.last_exit),
+        "gpus": gpus,
+        "ports": ports,
+        "probe": None if probe is None else {"ok": probe.ok, "latency_s": round(probe.latency_s, 6),
+                                             "error": probe.error},
+        "reason": proc.reason,
+        "log_file": log_file,
+        "hints": [h.to_json() for h in hints],
+    }
+
+
+def status_view(status: DeploymentStatus, plan: Plan, timeline: Timeline,
+                hints: Mapping[str, tuple[diagnose.Hint, ...]] | None = None) -> dict[str, Any]:
+    """The whole ``status --json`` document."""
+    dep = plan.deployment
+    ttr = timeline.time_to_ready_s
+    metrics_url = (f"http://{host_for_url(dep.metrics_host)}:{dep.metrics_port}/metrics"
+                   if dep.metrics_port is not None else None)
+    return {
+        "schema": SCHEMA,
+        "deployment": {
+            "name": status.name,
+            "state": status.state.value,
+            "model": status.model,
+            "base_url": status.base_url,
+            "supervisor_pid": os.getpid(),
+            "state_dir": dep.state_dir,
+            "started_at": timeline.started_wall,
+            "uptime_s": round(timeline.elapsed_s(), 3),
+            "time_to_ready_s": None if ttr is None else round(ttr, 3),
+            "ready_since": status.ready_since_wall,
+            "metrics_url": metrics_url,
+            "targets_file": dep.targets_file,
+        },
+        "processes": [process_view(p, plan, (hints or {}).get(p.name, ())) for p in status.processes],
+    }
+
+
+def host_for_url(host: str) -> str:
+    """A bind address as a client reaches it: wildcards become loopback, IPv6 gets brackets."""
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
+
+
+# ---- hints: the only IO here, run in a worker thread by the control server ----------------------
+
+
+def read_tail(path: str, limit: int = diagnose.TAIL_BYTES) -> list[str]:
+    """The last whole lines within ``limit`` bytes of ``path`` (none if it is missing)."""
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - limit))
+            data = f.read(limit)
+    except OSError:
+        return []
+    lines = data.decode("utf-8", "replace").splitlines()
+    return lines[1:] if size > limit else lines  # the first line of a cut tail is partial
+
+
+def _listeners() -> dict[int, int | None]:
+    """Listening TCP port -> pid (None when the owner is not visible to us)."""
+    try:
+        conns = psutil.net_connections(kind="tcp")
+    except (psutil.Error, OSError):
+        return {}
+    return {c.laddr.port: c.pid for c in conns if c.status == psutil.CONN_LISTEN and c.laddr}
+
+
+def _tree(pid: int | None) -> set[int]:
+    if pid is None:
+        return set()
+    try:
+        root = psutil.Process(pid)
+        return {pid, *(c.pid for c in root.children(recursive=True))}
+    except psutil.Error:
+        return set()
+
+
+def gather_hints(status: DeploymentStatus, plan: Plan) -> dict[str, tuple[diagnose.Hint, ...]]:
+    """Hints per process from the tail of its log; bind errors name the port and who holds it."""
+    out: dict[str, tuple[diagnose.Hint, ...]] = {}
+    listeners: dict[int, int | None] | None = None
+    for proc in status.processes:
+        try:
+            spec = plan.process(proc.name)
+        except KeyError:
+            continue
+        found = diagnose.scan(read_tail(spec.log_file))
+        if any(h.kind == "port-in-use" for h in found):
+            listeners = _listeners() if listeners is None else listeners
+            found = diagnose.attribute_ports(found, ports=spec.ports, holder=_holder_of(listeners, _tree(proc.pid)))
+        if found:
+            out[proc.name] = found
+    return out
+
+
+def _holder_of(listeners: Mapping[int, int | None], ours: set[int]) -> Callable[[int], diagnose.PortHolder | None]:
+    def holder(port: int) -> diagnose.PortHolder | None:
+        if port not in listeners:
+            return None
+        pid = listeners[port]
+        name = None
+        if pid is not None:
+            try:
+                # A shortened command line, whitespace folded (an argument may hold newlines).
+                name = " ".join(" ".join(psutil.Process(pid).cmdline()[:4]).split())[:80] or psutil.Process(pid).name()
+            except psutil.Error:
+                pass
+        return diagnose.PortHolder(pid=pid, name=name, ours=pid in ours)
+
+    return holder

@@ -1,0 +1,73 @@
+"""Run a :class:`~supervisor.runner.Runner` in the foreground: signals, the pid file, services, reloads.
+
+The runner knows nothing of the process it lives in; this module owns what belongs to that process:
+signal handlers that only enqueue (anyio's receiver), the pid file ``down`` and ``reload`` find it
+by, the services that run beside the runner (sd_notify's watchdog, the control socket, metrics) and
+the one-at-a-time reload queue.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+from collections.abc import Iterable
+
+import anyio
+import structlog
+
+from supervisor.engine.logs import LogOptions, TerminalEcho
+from supervisor.engine.pidfile import PidFile
+from supervisor.engine.runner import Observer, Runner, Service
+from supervisor.plan.spec import Plan
+
+log = structlog.get_logger("supervisor")
+
+
+def run(plan: Plan, *, observers: Iterable[Observer] = (), services: Iterable[Service] = (),
+        reload: Service | None = None, log_options: LogOptions = LogOptions(),
+        echo: TerminalEcho | None = None) -> int:
+    """Supervise ``plan`` in the foreground until SIGINT/SIGTERM; returns the exit code.
+
+    Signal handlers only enqueue (anyio's receiver); the first SIGINT/SIGTERM starts the orderly
+    shutdown, a second one SIGKILLs every group. The pid file is held throughout. ``services`` run
+    in the event loop beside the runner (sd_notify's watchdog); ``reload`` runs once per SIGHUP, one
+    at a time, SIGHUPs arriving meanwhile folded into one more.
+    """
+
+    async def main() -> int:
+        runner = Runner(plan, log_options=log_options, echo=echo)
+        for observer in observers:
+            runner.subscribe(observer)
+        with PidFile(plan.deployment.state_dir, plan.deployment.name), anyio.open_signal_receiver(
+                signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+            async with anyio.create_task_group() as tg:
+                reloads, reload_requests = anyio.create_memory_object_stream[None](1)
+
+                async def handle_signals() -> None:
+                    count = 0
+                    async for signum in signals:
+                        if signum == signal.SIGHUP:
+                            if reload is None:
+                                log.info("SIGHUP ignored: nothing to reload")
+                            else:
+                                with contextlib.suppress(anyio.WouldBlock):  # one already queued
+                                    reloads.send_nowait(None)
+                            continue
+                        count += 1
+                        runner.request_shutdown(kill=count > 1, reason=signal.Signals(signum).name)
+
+                async def reloader() -> None:
+                    async for _ in reload_requests:
+                        if reload is not None and not runner.shutting_down:
+                            await reload(runner)
+
+                tg.start_soon(handle_signals)
+                tg.start_soon(reloader)
+                for service in services:
+                    tg.start_soon(service, runner)
+                code = await runner.serve()
+                tg.cancel_scope.cancel()
+        return code
+
+    return anyio.run(main, backend="asyncio")
+

@@ -1,0 +1,509 @@
+"""The supervisor: start a plan in dependency order, watch it, restart what dies, stop it in reverse.
+
+One anyio task per process runs its lifecycle (wait for dependencies -> spawn -> startup probe ->
+readiness/liveness -> exit -> restart decision); one more task gates the deployment (model-ready
+URL, then a smoke request). Exits are seen through pidfds the moment they happen; probes run fast
+(<= 100 ms) only while something is starting. Per-process state is keyed by name so a later
+``apply(new_plan)`` can swap specs one process at a time.
+
+The narrow API other features use (control socket, metrics, sd_notify) is: :meth:`Runner.status`,
+:meth:`Runner.subscribe` (synchronous observers of :data:`~supervisor.states.RunnerEvent`),
+:meth:`Runner.start` / :meth:`Runner.stop` / :meth:`Runner.restart`,
+:meth:`Runner.request_shutdown` and :meth:`Runner.wait_until`.
+:func:`supervisor.foreground.run` is the blocking entry point with signals and the pid file.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+
+import anyio
+import anyio.abc
+import httpx
+import structlog
+
+from supervisor.engine import discovery
+
+from supervisor.host import nvml as gpu
+from supervisor.errors import StartError
+from supervisor.engine.logs import ChildOutput, LogOptions, TerminalEcho
+from supervisor.engine.probes import FAST_PROBE_S, deployment_ready, smoke, watch_health
+from supervisor.engine.process import Child, Guardian, spawn
+from supervisor.plan.spec import Condition, Plan, ProcessSpec
+from supervisor.engine.states import (
+    DeploymentEvent, DeploymentState, DeploymentStatus, ExitInfo, ProbeResult, ProcessEvent,
+    ProcessState, ProcessStatus, RestartAction, RunnerEvent, check_deployment_transition,
+    check_process_transition, decide_restart, next_attempt,
+)
+
+log = structlog.get_logger("supervisor")
+P, D = ProcessState, DeploymentState
+
+GPU_CLEAR_TIMEOUT_S = 60.0
+Observer = Callable[[RunnerEvent], None]
+Service = Callable[["Runner"], Awaitable[None]]
+GpuPids = Callable[[tuple[int, ...]], "set[int] | None"]
+
+
+@dataclass
+class _Slot:
+    """Mutable bookkeeping for one process, owned by the runner (never handed out)."""
+
+    spec: ProcessSpec
+    output: ChildOutput
+    state: ProcessState = P.STOPPED
+    reason: str = ""
+    child: Child | None = None
+    scope: anyio.CancelScope | None = None
+    finished: anyio.Event | None = None
+    kick: anyio.Event | None = None
+    starts: deque[float] = field(default_factory=lambda: deque(maxlen=64))
+    restarts: int = 0
+    attempt: int = 0
+    healthy_since: float | None = None
+    last_exit: ExitInfo | None = None
+    last_probe: ProbeResult | None = None
+
+
+class Runner:
+    """Supervises one :class:`~supervisor.spec.Plan`; run it with :meth:`serve`."""
+
+    def __init__(self, plan: Plan, *, log_options: LogOptions = LogOptions(),
+                 echo: TerminalEcho | None = None, gpu_pids: GpuPids = gpu.gpu_pids,
+                 rand: Callable[[], float] = random.random) -> None:
+        self.plan = plan
+        self._log_options, self._echo = log_options, echo
+        self._slots = {spec.name: _Slot(spec, ChildOutput(spec.name, spec.log_file, log_options, echo))
+                       for spec in plan.processes}
+        self._observers: list[Observer] = []
+        self._gpu_pids, self._rand = gpu_pids, rand
+        self._deployment = D.STARTING
+        self._ready_since_wall: float | None = None
+        self._gate_passed = False
+        self._gate_generation = 0  # bumped whenever a required process leaves RUNNING
+        self._timed_out = False
+        self._worker_baseline: dict[str, int] | None = None
+        self._failed_required: list[str] = []
+        self._started_at = time.monotonic()
+        self._changed = anyio.Event()  # replaced on every change: a broadcast "something changed"
+        self._shutdown = anyio.Event()
+
+    # ---- public API -------------------------------------------------------------------------
+
+    def subscribe(self, observer: Observer) -> Callable[[], None]:
+        """Call ``observer(event)`` on every state change, synchronously; it must not block."""
+        self._observers.append(observer)
+        return lambda: self._observers.remove(observer)
+
+    def status(self) -> DeploymentStatus:
+        now = time.monotonic()
+        procs = []
+        for slot in self._slots.values():
+            child = slot.child if slot.state.is_live else None
+            procs.append(ProcessStatus(
+                name=slot.spec.name, role=slot.spec.role.value, state=slot.state,
+                required=slot.spec.required, pid=child.pid if child else None,
+                started_wall=child.started_wall if child else None,
+                uptime_s=now - child.started_at if child else None, restarts=slot.restarts,
+                last_exit=slot.last_exit, last_probe=slot.last_probe, reason=slot.reason))
+        dep = self.plan.deployment
+        return DeploymentStatus(name=dep.name, state=self._deployment, base_url=dep.base_url,
+                                model=dep.served_model_name, ready_since_wall=self._ready_since_wall,
+                                processes=tuple(procs))
+
+    async def wait_until(self, predicate: Callable[[DeploymentStatus], bool], *, timeout_s: float) -> DeploymentStatus:
+        """Wait for a status satisfying ``predicate``; raises TimeoutError after ``timeout_s``."""
+        with anyio.fail_after(timeout_s):
+            while not predicate(status := self.status()):
+                await self._changed.wait()
+        return status
+
+    @property
+    def shutting_down(self) -> bool:
+        return self._shutdown.is_set()
+
+    def request_shutdown(self, *, kill: bool = False, reason: str = "requested") -> None:
+        """Begin the orderly shutdown; ``kill`` (a second Ctrl-C) SIGKILLs every group at once."""
+        if kill:
+            log.warning("killing every process group now", reason=reason)
+            for slot in self._slots.values():
+                if slot.child is not None:
+                    slot.child.kill_now()
+        elif not self._shutdown.is_set():
+            log.info("shutdown requested", reason=reason)
+        self._shutdown.set()
+
+    async def stop(self, name: str) -> None:
+        """Stop one process (its lifecycle ends; no restart) and wait until its group is gone."""
+        slot = self._slot(name)
+        await self._end_lifecycle(slot)
+        await self._stop_child(slot, "stop requested")
+
+    async def start(self, name: str) -> None:
+        """Start a stopped, exited or failed process (its crash-loop history is forgotten)."""
+        slot = self._slot(name)
+        if slot.finished is not None and not slot.finished.is_set():
+            return
+        slot.starts.clear()
+        slot.attempt = 0
+        self._launch(slot)
+
+    async def restart(self, name: str) -> None:
+        """Restart one process now, without backoff; it re-waits for its dependencies."""
+        slot = self._slot(name)
+        if slot.kick is not None and slot.finished is not None and not slot.finished.is_set():
+            slot.kick.set()
+        else:
+            await self.start(name)
+
+    async def apply(self, plan: Plan, *, restart: Iterable[str] = (), start: Iterable[str] = (),
+                    stop: Iterable[str] = ()) -> None:
+        """Swap in ``plan`` (a reload): stop ``stop``, restart ``restart`` with its new spec, start
+        ``start``; every other process keeps running untouched. Nothing starts once shutting down."""
+        restart, start, stop = tuple(restart), tuple(start), tuple(stop)
+        for name in reversed([s.name for s in self.plan.processes if s.name in stop]):
+            await self.stop(name)
+            self._slots.pop(name).output.close()
+        for name in restart:
+            await self.stop(name)
+        if start or stop:
+            self._worker_baseline = None  # the frontend's worker counts change with the set
+        old = self._slots
+        self.plan = plan
+        self._slots = {}
+        for spec in plan.processes:  # plan order is start order: shutdown walks it backwards
+            slot = old.get(spec.name) or _Slot(spec, ChildOutput(spec.name, spec.log_file, self._log_options,
+                                                                 self._echo))
+            if slot.spec.log_file != spec.log_file:
+                slot.output.close()
+                slot.output = ChildOutput(spec.name, spec.log_file, self._log_options, self._echo)
+            slot.spec = spec  # the dead child stays: GPU hygiene waits for it to let go
+            self._slots[spec.name] = slot
+        for name in (*restart, *start):
+            if self._shutdown.is_set():
+                return
+            await self.start(name)
+
+    async def serve(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> int:
+        """Run until :meth:`request_shutdown` (or a required process fails); return the exit code."""
+        self._started_at = time.monotonic()
+        self._guardian = Guardian()
+        try:
+            async with httpx.AsyncClient(trust_env=False) as client, anyio.create_task_group() as tg:
+                self._client, self._tg = client, tg
+                for slot in self._slots.values():
+                    self._launch(slot)
+                tg.start_soon(self._gate)
+                task_status.started()
+                await self._shutdown.wait()
+                await self._stop_all()
+                tg.cancel_scope.cancel()
+        finally:
+            for slot in self._slots.values():  # only reached with live children after a crash of ours
+                if slot.child is not None and slot.child.running:
+                    slot.child.kill_now()
+                slot.output.close()
+                if slot.spec.multiproc_dir:
+                    shutil.rmtree(slot.spec.multiproc_dir, ignore_errors=True)
+            self._guardian.close()  # EOF: it SIGKILLs whatever is still registered
+        return 1 if self._failed_required else 0
+
+    # ---- state ------------------------------------------------------------------------------
+
+    def _slot(self, name: str) -> _Slot:
+        try:
+            return self._slots[name]
+        except KeyError:
+            raise StartError(name, f"no such process in deployment {self.plan.deployment.name!r}") from None
+
+    def _emit(self, event: RunnerEvent) -> None:
+        for observer in list(self._observers):
+            try:
+                observer(event)
+            except Exception:  # an observer's bug must not take supervision down
+                log.exception("observer failed", observer=repr(observer))
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    def _set(self, slot: _Slot, new: ProcessState, reason: str) -> None:
+        old = slot.state
+        check_process_transition(slot.spec.name, old, new)
+        if old is new and reason == slot.reason:
+            return
+        slot.state, slot.reason = new, reason
+        pid = slot.child.pid if slot.child is not None else None
+        if new is P.RUNNING and slot.healthy_since is None:
+            slot.healthy_since = time.monotonic()
+        if slot.spec.required and old is P.RUNNING and new is not P.RUNNING:
+            self._gate_generation += 1
+            self._gate_passed = False
+        if new is P.FAILED and slot.spec.required:
+            self._failed_required.append(slot.spec.name)
+        level = "error" if new is P.FAILED else "warning" if new in (P.BACKOFF, P.NOT_READY) else "info"
+        getattr(log, level)("process " + new.value, process=slot.spec.name, pid=pid, was=old.value,
+                            reason=reason)
+        self._emit(ProcessEvent(slot.spec.name, old, new, pid, reason, time.monotonic()))
+        self._recompute(reason=f"{slot.spec.name} {new.value}")
+
+    def _set_deployment(self, new: DeploymentState, reason: str) -> None:
+        old = self._deployment
+        if old is new:
+            return
+        check_deployment_transition(self.plan.deployment.name, old, new)
+        self._deployment = new
+        if new is D.READY:
+            self._ready_since_wall = time.time()
+        log.log(40 if new is D.FAILED else 20, "deployment " + new.value,
+                deployment=self.plan.deployment.name, was=old.value, reason=reason)
+        self._emit(DeploymentEvent(old, new, reason, time.monotonic(), self.status()))
+
+    def _recompute(self, *, reason: str) -> None:
+        if self._deployment in (D.FAILED, D.STOPPING, D.STOPPED):
+            return
+        if self._failed_required:
+            self._set_deployment(D.FAILED, f"required process {self._failed_required[0]} failed")
+            self.request_shutdown(reason="a required process failed")
+            return
+        all_running = all(s.state is P.RUNNING for s in self._slots.values())
+        if self._gate_passed:
+            self._set_deployment(D.READY if all_running else D.DEGRADED, reason)
+        elif self._deployment is D.READY or self._timed_out:
+            self._set_deployment(D.DEGRADED, reason)
+
+    def _required_running(self) -> bool:
+        return all(s.state is P.RUNNING for s in self._slots.values() if s.spec.required)
+
+    def _deps_met(self, spec: ProcessSpec) -> bool:
+        for dep in spec.depends_on:
+            state = self._slots[dep.name].state
+            if dep.condition is Condition.HEALTHY and state is not P.RUNNING:
+                return False
+            if state not in (P.STARTING, P.RUNNING, P.NOT_READY, P.EXITED):
+                return False
+        return True
+
+    async def _until(self, predicate: Callable[[], bool]) -> None:
+        while not predicate():
+            await self._changed.wait()
+
+    # ---- one process's lifecycle ----------------------------------------------------------
+
+    def _launch(self, slot: _Slot) -> None:
+        slot.finished = anyio.Event()
+        slot.scope = anyio.CancelScope()
+        self._tg.start_soon(self._supervise, slot)
+
+    async def _supervise(self, slot: _Slot) -> None:
+        assert slot.scope is not None and slot.finished is not None
+        try:
+            with slot.scope:
+                await self._lifecycle(slot)
+        finally:
+            slot.finished.set()
+
+    async def _end_lifecycle(self, slot: _Slot) -> None:
+        if slot.scope is not None and slot.finished is not None:
+            slot.scope.cancel()
+            await slot.finished.wait()
+
+    async def _lifecycle(self, slot: _Slot) -> None:
+        spec, policy = slot.spec, slot.spec.restart
+        while True:
+            if not self._deps_met(spec):
+                self._set(slot, P.WAITING, "waiting for " + ", ".join(
+                    f"{d.name} {d.condition.value}" for d in spec.depends_on))
+                await self._until(lambda: self._deps_met(spec))
+            await self._gpu_clear(slot)
+            slot.kick = anyio.Event()
+            try:
+                child = spawn(spec, guardian=self._guardian)
+            except StartError as exc:
+                self._set(slot, P.FAILED, exc.problem)
+                return
+            slot.child = child
+            slot.starts.append(child.started_at)
+            self._tg.start_soon(child.watch, slot.output)
+            self._set(slot, P.STARTING, f"spawned pid {child.pid}")
+            why, killed, kicked = await self._run_child(slot, child)
+            if killed:
+                self._set(slot, P.STOPPING, why)
+                child.snapshot_tree()
+            exit_info = await child.stop()
+            slot.last_exit = exit_info
+            self._forget_registration(slot)
+            healthy_for = time.monotonic() - slot.healthy_since if slot.healthy_since else None
+            slot.healthy_since = None
+            if kicked:
+                slot.restarts += 1
+                self._set(slot, P.WAITING, why)
+                continue
+            slot.attempt = next_attempt(policy, slot.attempt, healthy_for)
+            decision = decide_restart(policy, failed=killed or not exit_info.clean, why=why,
+                                      starts=slot.starts, now=time.monotonic(), attempt=slot.attempt,
+                                      rand=self._rand())
+            if decision.action is RestartAction.DONE:
+                self._set(slot, P.EXITED, decision.reason)
+                return
+            if decision.action is RestartAction.FAIL:
+                self._set(slot, P.FAILED, decision.reason)
+                return
+            self._set(slot, P.BACKOFF, decision.reason)
+            if policy.restart_dependents:
+                for dependent in self.plan.dependents(spec.name):
+                    kick = self._slots[dependent.name].kick
+                    if kick is not None:
+                        kick.set()
+            slot.attempt += 1
+            slot.restarts += 1
+            if decision.delay_s > 0:
+                await anyio.sleep(decision.delay_s)
+
+    async def _run_child(self, slot: _Slot, child: Child) -> tuple[str, bool, bool]:
+        """Until the child exits, fails liveness/startup, or is kicked: ``(why, killed, kicked)``."""
+        outcome: list[tuple[str, bool, bool]] = []
+        async with anyio.create_task_group() as tg:
+
+            def finish(result: tuple[str, bool, bool]) -> None:
+                if not outcome:
+                    outcome.append(result)
+                tg.cancel_scope.cancel()
+
+            async def exited() -> None:
+                info = await child.wait()
+                finish((f"pid {info.pid} {info.describe()}", False, False))
+
+            async def probed() -> None:
+                finish((await self._probe(slot, child), True, False))
+
+            async def kicked() -> None:
+                assert slot.kick is not None
+                await slot.kick.wait()
+                finish(("restart requested", True, True))
+
+            for task in (exited, probed, kicked):
+                tg.start_soon(task)
+        return outcome[0]
+
+    # ---- probes -------------------------------------------------------------------------------
+
+    async def _probe(self, slot: _Slot, child: Child) -> str:
+        """Run the probes of one incarnation; returns only with a reason to kill it."""
+
+        def record(result: ProbeResult) -> None:
+            slot.last_probe = result
+
+        def started() -> None:
+            child.snapshot_tree()  # vLLM's engine processes exist by now (GPU hygiene needs them)
+            if slot.spec.probes.readiness is None:
+                self._set(slot, P.RUNNING, "started")
+
+        def readiness(ready: bool, why: str) -> None:
+            if ready and slot.state is not P.RUNNING:
+                self._set(slot, P.RUNNING, why)
+            elif not ready and slot.state is P.RUNNING:
+                self._set(slot, P.NOT_READY, why)
+
+        return await watch_health(slot.spec.probes, pid=child.pid, started_at=child.started_at,
+                                  client=self._client, record=record, started=started,
+                                  readiness=readiness)
+
+    def _forget_registration(self, slot: _Slot) -> None:
+        """A worker that died without deregistering is removed from file discovery right away."""
+        discovery_dir, port = self.plan.deployment.discovery_dir, slot.spec.ports.get("system")
+        if discovery_dir and port and slot.spec.role.is_worker:
+            removed = discovery.forget_worker(discovery_dir, port)
+            if removed:
+                log.info("removed stale discovery entries", process=slot.spec.name, entries=len(removed))
+
+    async def _gpu_clear(self, slot: _Slot) -> None:
+        """Before relaunching a GPU worker, wait until its previous incarnation let go of the GPUs."""
+        dead = slot.child
+        if slot.spec.gpus and dead is not None:
+            left = await gpu.wait_released(slot.spec.gpus, dead.descendants,
+                                           gpu_pids=self._gpu_pids, timeout_s=GPU_CLEAR_TIMEOUT_S)
+            if left:
+                log.warning("GPU memory still held; starting anyway", process=slot.spec.name,
+                            gpus=list(slot.spec.gpus), pids=sorted(left))
+
+    # ---- deployment gate and shutdown ------------------------------------------------------
+
+    async def _gate(self) -> None:
+        """Turn the deployment READY: all required processes up, model ready, one smoke request."""
+        deadline = self._started_at + self.plan.deployment.ready_timeout_s
+        while self._deployment not in (D.FAILED, D.STOPPING, D.STOPPED):
+            dep = self.plan.deployment  # re-read: a reload may have changed the URLs or the smoke test
+            if self._gate_passed or not self._required_running():
+                await self._changed.wait()
+                continue
+            generation = self._gate_generation
+            result = ProbeResult(ok=True, latency_s=0.0)
+            if dep.ready_url:
+                # The first time, remember how many workers per type the frontend counts; later
+                # gates (after restarts) wait until stale registrations are gone again.
+                result, counts = await deployment_ready(dep.ready_url, client=self._client,
+                                                        max_workers=self._worker_baseline)
+                if result.ok and self._worker_baseline is None:
+                    self._worker_baseline = counts
+            if result.ok and dep.smoke is not None:
+                result = await smoke(dep.base_url, dep.served_model_name, dep.smoke, client=self._client)
+            if result.ok and generation == self._gate_generation and self._required_running():
+                self._gate_passed = True
+                self._recompute(reason="model ready and smoke request answered")
+                continue
+            if not self._timed_out and time.monotonic() > deadline:
+                self._timed_out = True
+                log.error("deployment not ready in time; still trying", deployment=dep.name,
+                          timeout_s=dep.ready_timeout_s, last_error=result.error)
+                self._recompute(reason=f"not ready after {dep.ready_timeout_s:g} s")
+            with anyio.move_on_after(FAST_PROBE_S):
+                await self._changed.wait()
+
+    async def _stop_child(self, slot: _Slot, reason: str) -> None:
+        child = slot.child
+        if child is not None and slot.state.is_live:
+            self._set(slot, P.STOPPING, reason)
+            await child.stop()
+            slot.last_exit = child.exit
+        if slot.state in (P.STOPPING, P.WAITING, P.BACKOFF):
+            self._set(slot, P.STOPPED, reason)
+        if slot.spec.multiproc_dir:
+            shutil.rmtree(slot.spec.multiproc_dir, ignore_errors=True)
+
+    async def _stop_all(self) -> None:
+        """Stop every process after everything that depends on it; nothing restarts meanwhile.
+
+        Processes with no dependency between them stop at the same time (as systemd and
+        process-compose do): a shutdown takes as long as its slowest chain, not the sum of every
+        process's stop time. A chain (prefill -> decode -> frontend) still stops one by one.
+        """
+        if self._deployment is not D.FAILED:
+            self._recompute(reason="shutdown")
+        self._set_deployment(D.STOPPING, "shutdown")
+        slots = list(self._slots.values())
+        for slot in slots:
+            if slot.scope is not None:
+                slot.scope.cancel()
+        for slot in slots:
+            if slot.finished is not None:
+                await slot.finished.wait()
+        stopped = {slot.spec.name: anyio.Event() for slot in slots}
+
+        async def stop_after_dependents(slot: _Slot) -> None:
+            try:
+                for other in slots:
+                    if any(dep.name == slot.spec.name for dep in other.spec.depends_on):
+                        await stopped[other.spec.name].wait()
+                await self._stop_child(slot, "shutdown")
+            finally:
+                stopped[slot.spec.name].set()
+
+        async with anyio.create_task_group() as tg:
+            for slot in reversed(slots):  # reverse start order among the ones free to stop together
+                tg.start_soon(stop_after_dependents, slot)
+        self._set_deployment(D.STOPPED, "every process stopped")
+

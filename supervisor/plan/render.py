@@ -1,0 +1,299 @@
+"""``render(profile) -> Plan``: the pure step from a validated profile to what will run.
+
+No IO here: the same profile, state root and interpreter give the same plan, byte for byte. Every
+port is derived from ``ports.base`` with fixed offsets so two deployments on one host differ by one
+number, and every collision or out-of-range port is an error naming both owners.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from urllib.parse import quote
+
+from supervisor.profile import lmcache
+
+from supervisor.plan import infra as plan_infra
+from supervisor.errors import PlanError
+from supervisor.profile.schema import Health, Profile, Worker
+from supervisor.profile.schema import Restart as RestartSettings
+from supervisor.plan.spec import (
+    Condition,
+    DeploymentSpec,
+    Dependency,
+    HttpCheck,
+    Plan,
+    Probe,
+    Probes,
+    ProcessSpec,
+    RestartMode,
+    RestartPolicy,
+    Role,
+    SmokeRequest,
+)
+
+# Offsets from ports.base. 81/82 keep upstream's DYN_SYSTEM_PORT 8081/8082 for base 8000.
+FRONTEND_OFFSET = 0
+SYSTEM_OFFSET = 81
+METRICS_OFFSET = 90
+NIXL_OFFSET = 200
+NIXL_BLOCK = 16  # NIXL side-channel ports per worker: vLLM adds the DP index (and rank) to the base
+KV_EVENTS_OFFSET = 500
+BOOTSTRAP_OFFSET = 600
+SYSTEM_PORT_MAX = 32767  # Dynamo parses DYN_SYSTEM_PORT as a signed 16-bit number
+
+# A real vLLM load takes minutes; the mocker and the frontend are up in well under a second.
+STARTUP_BUDGET_S = {"vllm": 900.0, "mocker": 60.0, "frontend": 60.0}
+READY_TIMEOUT_S = {"vllm": 1800.0, "mocker": 60.0}
+ROLE_ORDER = {"agg": 0, "decode": 0, "prefill": 1}
+
+
+def _restart(settings: RestartSettings) -> RestartPolicy:
+    return RestartPolicy(
+        mode=RestartMode(settings.policy),
+        backoff_initial_s=settings.backoff_initial_s,
+        backoff_factor=settings.backoff_factor,
+        backoff_max_s=settings.backoff_max_s,
+        jitter=settings.jitter,
+        reset_after_s=settings.reset_after_s,
+        limit_starts=settings.limit_starts,
+        limit_window_s=settings.limit_window_s,
+        restart_dependents=settings.restart_dependents,
+    )
+
+
+def _probes(health: Health, ready: HttpCheck, live: HttpCheck, budget_s: float) -> Probes:
+    """Startup probes fast against a load budget, then readiness and liveness at the normal period."""
+    budget = health.startup_timeout_s or budget_s
+    startup = Probe(
+        check=ready,
+        period_s=health.startup_period_s,
+        timeout_s=min(health.timeout_s, max(health.startup_period_s * 5, 0.5)),
+        failure_threshold=max(1, math.ceil(budget / health.startup_period_s)),
+    )
+    normal = {"period_s": health.period_s, "timeout_s": health.timeout_s, "failure_threshold": health.failure_threshold}
+    return Probes(
+        startup=startup,
+        readiness=Probe(check=ready, **normal),
+        liveness=Probe(check=live, **normal) if health.liveness else None,
+    )
+
+
+def _model_path(profile: Profile) -> str:
+    """``~`` expanded; relative paths were anchored to their profile file by the loader."""
+    name = profile.model.name
+    if name.startswith("~"):
+        return str(Path(name).expanduser())
+    return name
+
+
+class _Ports:
+    """Hands out ports and refuses collisions, naming both claimants."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.owners: dict[int, str] = {}
+
+    def claim(self, port: int, owner: str, key: str) -> int:
+        if not 1 <= port <= 65535:
+            raise PlanError(self.source, key, f"port {port} for {owner} is outside 1-65535; lower ports.base")
+        if port in self.owners:
+            raise PlanError(self.source, key, f"port {port} for {owner} is already used by {self.owners[port]}")
+        self.owners[port] = owner
+        return port
+
+
+def _ordered_workers(profile: Profile) -> list[tuple[str, Worker]]:
+    return sorted(profile.workers.items(), key=lambda item: ROLE_ORDER[item[1].role])
+
+
+def render(profile: Profile, *, state_root: Path, python: str | None = None,
+           node_role: plan_infra.NodeRole = "all", head: str | None = None, advertise: str | None = None,
+           binaries: Mapping[str, str] | None = None) -> Plan:
+    """The launch plan for ``profile``, with state under ``state_root/<name>``.
+
+    ``node_role``: ``all`` runs everything here; ``head`` the infrastructure, the frontend and the
+    workers placed on the head; ``worker`` the other workers, pointed at ``head``. ``advertise`` is
+    the address other nodes reach this one at (see plan_infra). ``binaries`` maps bare infrastructure
+    binary names to the paths the caller found for them (render itself looks at nothing).
+    """
+    python = profile.python or python or sys.executable
+    state = state_root / profile.name
+    src = profile.source
+    base, host = profile.ports.base, profile.ports.host
+    here = plan_infra.node(profile, node_role, head=head, advertise=advertise)
+    ports = _Ports(src)
+    model = _model_path(profile)
+    served = profile.model.served_name or profile.model.name
+
+    # Health stays local (ports.host); the planes other machines use bind the advertise address.
+    common_env = {
+        "DYN_TCP_RPC_HOST": here.plane_host,
+        "DYN_EVENT_PLANE_HOST": here.plane_host,
+        "DYN_TCP_RESPONSE_STREAM_HOST": here.plane_host,
+        "DYN_SYSTEM_HOST": host,
+    }
+    discovery_dir = str(state / "discovery") if profile.discovery.backend == "file" else None
+    common_env |= plan_infra.discovery_env(profile, here, discovery_dir)
+    common_env |= profile.env
+    infra = plan_infra.infra_processes(profile, here, state=state, claim=ports.claim, binaries=binaries or {})
+
+    def paths(name: str) -> dict[str, str]:
+        return {"multiproc_dir": str(state / "prometheus" / name), "log_file": str(state / "logs" / f"{name}.log")}
+
+    fe = profile.frontend
+    if here.runs_frontend:
+        fe_port = ports.claim(fe.port or base + FRONTEND_OFFSET, "frontend.http", "frontend.port")
+        fe_url = f"http://{plan_infra.url_host(plan_infra.reachable(fe.host))}:{fe_port}"
+    else:  # the head's frontend, for display: the gate on a worker node is its own workers' health
+        fe_port = fe.port or base + FRONTEND_OFFSET
+        fe_url = f"http://{plan_infra.url_host(here.head or '')}:{fe_port}"
+    frontend = ProcessSpec(
+        name="frontend",
+        role=Role.FRONTEND,
+        argv=(python, "-m", "dynamo.frontend", "--http-host", fe.host, "--http-port", str(fe_port),
+              "--router-mode", fe.router_mode, *fe.args),
+        env={**common_env, **fe.env},
+        gpus=(),
+        ports={"http": fe_port},
+        depends_on=plan_infra.infra_dependencies(infra),
+        probes=_probes(fe.health, HttpCheck(url=f"{fe_url}/health", owned_port=fe_port),
+                       HttpCheck(url=f"{fe_url}/live", owned_port=fe_port), STARTUP_BUDGET_S["frontend"]),
+        restart=_restart(fe.restart),
+        stop_signal=fe.stop_signal,
+        stop_timeout_s=fe.stop_timeout_s,
+        required=fe.required,
+        bind_host=fe.host,
+        **paths("frontend"),
+    )
+
+    metrics_port = None
+    if profile.supervisor.metrics:
+        metrics_port = ports.claim(profile.supervisor.metrics_port or base + METRICS_OFFSET, "supervisor.metrics", "supervisor.metrics_port")
+
+    processes = [*infra, frontend] if here.runs_frontend else []
+    # Indices (and so ports) come from the whole profile: a worker has the same ports on any node.
+    local = [(i, n, w) for i, (n, w) in enumerate(_ordered_workers(profile)) if here.runs_worker(w.node)]
+    decode_names = [n for _, n, w in local if w.role == "decode"]
+    for index, name, worker in local:
+        processes.append(_worker(profile, name, worker, index, python=python, model=model, served=served,
+                                 ports=ports, common_env=common_env, paths=paths(name), decode_names=decode_names,
+                                 plane_host=here.plane_host, frontend=here.runs_frontend))
+
+    sup = profile.supervisor
+    deployment = DeploymentSpec(
+        name=profile.name,
+        profile=src,
+        engine=profile.engine,
+        model=model,
+        served_model_name=served,
+        state_dir=str(state),
+        base_url=fe_url,
+        # A worker node is ready when its own workers are: the model's readiness is the head's to judge.
+        ready_url=f"{fe_url}/v1/models/{quote(served, safe='')}/ready" if here.runs_frontend else "",
+        smoke=SmokeRequest(prompt=sup.smoke_prompt) if sup.smoke and here.runs_frontend else None,
+        ready_timeout_s=sup.ready_timeout_s or READY_TIMEOUT_S[profile.engine],
+        discovery=profile.discovery.backend,
+        discovery_dir=discovery_dir,
+        etcd_endpoints=plan_infra.etcd_endpoints(profile, here),
+        python=python,
+        metrics_host=sup.metrics_host,
+        metrics_port=metrics_port,
+        control_socket=str(state / "control.sock"),
+        targets_file=str(state / "targets.json"),
+        lmcache=lmcache.lmcache_env(profile.lmcache) if profile.lmcache.enabled else {},
+        node_role=here.role,
+        head=here.head,
+        advertise=here.advertise,
+    )
+    return Plan(deployment=deployment, processes=tuple(processes))
+
+
+def _worker(profile: Profile, name: str, worker: Worker, index: int, *, python: str, model: str, served: str,
+            ports: _Ports, common_env: dict[str, str], paths: dict[str, str], decode_names: list[str],
+            plane_host: str, frontend: bool) -> ProcessSpec:
+    src, base, host = profile.source, profile.ports.base, profile.ports.host
+    key = f"workers.{name}"
+    system_port = worker.system_port or base + SYSTEM_OFFSET + index
+    if system_port > SYSTEM_PORT_MAX:
+        raise PlanError(src, f"{key}.system_port",
+                        f"DYN_SYSTEM_PORT {system_port} is above {SYSTEM_PORT_MAX} (Dynamo parses it as a signed "
+                        f"16-bit number and the worker fails to start); lower ports.base or set {key}.system_port")
+    port_map = {"system": ports.claim(system_port, f"{name}.system", f"{key}.system_port")}
+    loads_lmcache = profile.engine == "vllm" and lmcache.worker_loads_lmcache(worker, profile.lmcache)
+    env = dict(common_env)
+    env["DYN_SYSTEM_PORT"] = str(system_port)
+    # One seed for every worker: LMCache's chunk hashes must match across processes or hits are silently 0.
+    env["PYTHONHASHSEED"] = str(profile.lmcache.hash_seed)
+
+    if profile.engine == "vllm":
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in worker.gpus)
+        kv_config = lmcache.kv_transfer_config(worker.role, uses_lmcache=loads_lmcache)
+        uses_nixl = "NixlConnector" in lmcache.kv_transfer_json(kv_config)
+        argv = [python, "-m", "dynamo.vllm", "--model", model, "--served-model-name", served,
+                "--disaggregation-mode", worker.role]
+        if kv_config:
+            argv += ["--kv-transfer-config", lmcache.kv_transfer_json(kv_config)]
+        argv += ["--tensor-parallel-size", str(worker.tensor_parallel_size),
+                 "--gpu-memory-utilization", str(worker.gpu_memory_utilization)]
+        if worker.role != "agg":
+            # Upstream: without it the decode worker hangs on the KV transfer.
+            argv.append("--disable-hybrid-kv-cache-manager")
+        if uses_nixl:
+            if worker.tensor_parallel_size > NIXL_BLOCK:
+                raise PlanError(src, f"{key}.tensor_parallel_size", f"at most {NIXL_BLOCK} ranks fit one worker's NIXL port block")
+            nixl = ports.claim(base + NIXL_OFFSET + NIXL_BLOCK * index, f"{name}.nixl", "ports.base")
+            for rank in range(1, NIXL_BLOCK):
+                ports.claim(nixl + rank, f"{name}.nixl+{rank}", "ports.base")
+            port_map["nixl"] = nixl
+            # The peer worker may sit on another node: the side channel binds the plane address.
+            env |= {"VLLM_NIXL_SIDE_CHANNEL_HOST": plane_host, "VLLM_NIXL_SIDE_CHANNEL_PORT": str(nixl)}
+        if profile.frontend.router_mode == "kv":
+            kv_port = ports.claim(base + KV_EVENTS_OFFSET + index, f"{name}.kv_events", "ports.base")
+            port_map["kv_events"] = kv_port
+            argv += ["--kv-events-config", lmcache.kv_transfer_json(
+                {"publisher": "zmq", "topic": "kv-events", "endpoint": f"tcp://{host}:{kv_port}", "enable_kv_cache_events": True})]
+        if loads_lmcache:
+            env |= lmcache.lmcache_env(profile.lmcache)
+        budget = STARTUP_BUDGET_S["vllm"]
+    else:
+        argv = [python, "-m", "dynamo.mocker", "--model-path", model, "--model-name", served,
+                "--disaggregation-mode", worker.role]
+        if worker.role == "prefill":
+            boot = ports.claim(base + BOOTSTRAP_OFFSET + index, f"{name}.bootstrap", "ports.base")
+            port_map["bootstrap"] = boot
+            argv += ["--bootstrap-ports", str(boot)]
+        # The mocker registers no health payload: without this its /health stays 503 forever.
+        env["DYN_SYSTEM_STARTING_HEALTH_STATUS"] = "ready"
+        budget = STARTUP_BUDGET_S["mocker"]
+    argv += worker.args
+    env |= worker.env
+
+    url = f"http://127.0.0.1:{system_port}" if host in ("0.0.0.0", "::") else f"http://{host}:{system_port}"
+    ready = HttpCheck(url=f"{url}/health", json_field="status", json_value="ready", owned_port=system_port)
+    live = HttpCheck(url=f"{url}/live", owned_port=system_port)
+    # Only processes of this node can gate: a worker node has no frontend, a decode worker may be elsewhere.
+    depends = [Dependency("frontend", Condition.STARTED)] if frontend else []
+    if worker.role == "prefill":
+        depends += [Dependency(d, Condition.HEALTHY) for d in decode_names]
+    return ProcessSpec(
+        name=name,
+        role=Role(worker.role),
+        argv=tuple(argv),
+        env=env,
+        gpus=tuple(worker.gpus),
+        ports=port_map,
+        depends_on=tuple(depends),
+        probes=_probes(worker.health, ready, live, budget),
+        restart=_restart(worker.restart),
+        stop_signal=worker.stop_signal,
+        stop_timeout_s=worker.stop_timeout_s,
+        required=worker.required,
+        loads_lmcache=loads_lmcache,
+        tensor_parallel_size=worker.tensor_parallel_size,
+        gpu_memory_fraction=worker.gpu_memory_utilization if profile.engine == "vllm" else None,
+        bind_host=host,
+        **paths,
+    )

