@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench soak clean system-deps
+.PHONY: install demo lint test test-fast bench soak clean system-deps
 
 install: $(STAMP)
 
@@ -26,7 +26,12 @@ system-deps:
 demo: install
 	$(BIN)/lmcache-supervise up demo
 
-test: install system-deps
+# Style, formatting, types and the import layers; `make test` runs it first.
+lint: install
+	$(BIN)/ruff check supervisor tests scripts
+	$(BIN)/ruff format --check supervisor tests scripts
+
+test: install system-deps lint
 	$(BIN)/python -m pytest -q
 
 test-fast: install

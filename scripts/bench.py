@@ -34,7 +34,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-
 from benchkit import crash, demo, gate, overhead, report
 from benchkit.common import BenchError, Reaper, percentile, workdir
 
@@ -55,14 +54,44 @@ class Sizes:
     stop_repeats: int
 
 
-FULL = Sizes(kills=200, supervisord_kills=20, gate_rounds=50, demo_repeats=3, sleep_script=True,
-             idle_ns=(1, 8, 32, 128), idle_window_s=60.0, idle_settle_s=6.0, stop_children=8, stop_repeats=5)
+FULL = Sizes(
+    kills=200,
+    supervisord_kills=20,
+    gate_rounds=50,
+    demo_repeats=3,
+    sleep_script=True,
+    idle_ns=(1, 8, 32, 128),
+    idle_window_s=60.0,
+    idle_settle_s=6.0,
+    stop_children=8,
+    stop_repeats=5,
+)
 # One probe period (5 s) per window: a shorter one would catch a varying share of the probe ticks.
-QUICK = Sizes(kills=30, supervisord_kills=3, gate_rounds=10, demo_repeats=1, sleep_script=False,
-              idle_ns=(1, 8, 32, 128), idle_window_s=5.0, idle_settle_s=0.5, stop_children=4, stop_repeats=2)
+QUICK = Sizes(
+    kills=30,
+    supervisord_kills=3,
+    gate_rounds=10,
+    demo_repeats=1,
+    sleep_script=False,
+    idle_ns=(1, 8, 32, 128),
+    idle_window_s=5.0,
+    idle_settle_s=0.5,
+    stop_children=4,
+    stop_repeats=2,
+)
 # For the smoke test: every key, the least time (the figures are not meant to be read).
-TINY = Sizes(kills=5, supervisord_kills=1, gate_rounds=3, demo_repeats=1, sleep_script=False,
-             idle_ns=(1, 4), idle_window_s=1.0, idle_settle_s=0.2, stop_children=3, stop_repeats=1)
+TINY = Sizes(
+    kills=5,
+    supervisord_kills=1,
+    gate_rounds=3,
+    demo_repeats=1,
+    sleep_script=False,
+    idle_ns=(1, 4),
+    idle_window_s=1.0,
+    idle_settle_s=0.2,
+    stop_children=3,
+    stop_repeats=1,
+)
 
 
 def progress(message: str) -> None:
@@ -100,28 +129,44 @@ def run(sizes: Sizes, tmp: Path) -> dict[str, Any]:
 
     progress(f"crash: SIGKILL the child {sizes.kills} times")
     ours = crash.ours(sizes.kills, workdir(tmp, "crash"))
-    result.update(detect_p50_ms=ours["detect"]["p50"], detect_p99_ms=ours["detect"]["p99"],
-                  respawn_p50_ms=ours["running"]["p50"], respawn_p99_ms=ours["running"]["p99"],
-                  spawned_p50_ms=ours["spawned"]["p50"], spawned_p99_ms=ours["spawned"]["p99"])
+    result.update(
+        detect_p50_ms=ours["detect"]["p50"],
+        detect_p99_ms=ours["detect"]["p99"],
+        respawn_p50_ms=ours["running"]["p50"],
+        respawn_p99_ms=ours["running"]["p99"],
+        spawned_p50_ms=ours["spawned"]["p50"],
+        spawned_p99_ms=ours["spawned"]["p99"],
+    )
 
     progress(f"crash: the same under supervisord, {sizes.supervisord_kills} times")
     theirs = crash.supervisord(sizes.supervisord_kills, workdir(tmp, "supervisord"))
     if theirs["running"] is None:
         notes["supervisord"] = theirs["skipped"]
-        result.update(supervisord_respawn_p50_ms=None, supervisord_respawn_p99_ms=None, supervisord_version=None)
+        result.update(
+            supervisord_respawn_p50_ms=None, supervisord_respawn_p99_ms=None, supervisord_version=None
+        )
     else:
-        result.update(supervisord_respawn_p50_ms=theirs["running"]["p50"],
-                      supervisord_respawn_p99_ms=theirs["running"]["p99"], supervisord_version=theirs["version"])
+        result.update(
+            supervisord_respawn_p50_ms=theirs["running"]["p50"],
+            supervisord_respawn_p99_ms=theirs["running"]["p99"],
+            supervisord_version=theirs["version"],
+        )
 
     progress(f"gate: flip a dependency healthy {sizes.gate_rounds} times")
     gated = gate.measure(sizes.gate_rounds, workdir(tmp, "gate"))
-    result.update(gate_p50_ms=gated["total"]["p50"], gate_p99_ms=gated["total"]["p99"],
-                  gate_probe_p50_ms=gated["probe"]["p50"], gate_engine_p50_ms=gated["engine"]["p50"])
+    result.update(
+        gate_p50_ms=gated["total"]["p50"],
+        gate_p99_ms=gated["total"]["p99"],
+        gate_probe_p50_ms=gated["probe"]["p50"],
+        gate_engine_p50_ms=gated["engine"]["p50"],
+    )
 
     ups, polls, sleeps, rss, spawns = [], [], [], [], []
     for i in range(sizes.demo_repeats):
-        progress(f"demo: up demo, curl-loop script{', sleep-20 script' if sizes.sleep_script else ''} "
-                 f"({i + 1}/{sizes.demo_repeats})")
+        progress(
+            f"demo: up demo, curl-loop script{', sleep-20 script' if sizes.sleep_script else ''} "
+            f"({i + 1}/{sizes.demo_repeats})"
+        )
         up = demo.supervised(workdir(tmp, "demo-up"))
         ups.append(up["seconds"])
         rss.append(up["supervisor_rss_mb"])
@@ -131,24 +176,37 @@ def run(sizes: Sizes, tmp: Path) -> dict[str, Any]:
             sleeps.append(demo.scripted("disagg_lmcache.sh", workdir(tmp, "demo-sleep"))["seconds"])
     if not sleeps:
         notes["script_sleep"] = "skipped in --quick/--tiny (it takes over 20 s by construction)"
-    result.update(demo_first_request_s=median(ups), script_poll_first_request_s=median(polls),
-                  script_sleep_first_request_s=median(sleeps) if sleeps else None,
-                  demo_supervisor_rss_mb=median(rss), demo_first_spawn_s=median(spawns),
-                  demo_runs_s={"supervisor": ups, "script_poll": polls, "script_sleep": sleeps})
+    result.update(
+        demo_first_request_s=median(ups),
+        script_poll_first_request_s=median(polls),
+        script_sleep_first_request_s=median(sleeps) if sleeps else None,
+        demo_supervisor_rss_mb=median(rss),
+        demo_first_spawn_s=median(spawns),
+        demo_runs_s={"supervisor": ups, "script_poll": polls, "script_sleep": sleeps},
+    )
 
     cpu, mem, guardian = {}, {}, {}
     for n in sizes.idle_ns:
         progress(f"overhead: {n} idle children, {sizes.idle_window_s:g} s window")
         idle = overhead.idle(n, sizes.idle_window_s, workdir(tmp, f"idle{n}"), settle_s=sizes.idle_settle_s)
-        cpu[str(n)], mem[str(n)], guardian[str(n)] = idle["cpu_percent"], idle["rss_mb"], idle["guardian_rss_mb"]
+        cpu[str(n)], mem[str(n)], guardian[str(n)] = (
+            idle["cpu_percent"],
+            idle["rss_mb"],
+            idle["guardian_rss_mb"],
+        )
     result.update(cpu_percent=cpu, rss_mb=mem, guardian_rss_mb=guardian)
 
-    progress(f"shutdown: {sizes.stop_children} children stopping in 0.1..{sizes.stop_children / 10:g} s, "
-             f"{sizes.stop_repeats} times")
+    progress(
+        f"shutdown: {sizes.stop_children} children stopping in 0.1..{sizes.stop_children / 10:g} s, "
+        f"{sizes.stop_repeats} times"
+    )
     stops = [overhead.shutdown(sizes.stop_children, workdir(tmp, "stop")) for _ in range(sizes.stop_repeats)]
     best = sorted(stops, key=lambda s: s["overhead_ms"])[len(stops) // 2]  # the median run
-    result.update(down_overhead_ms=best["overhead_ms"], down_ms=best["down_ms"],
-                  slowest_child_ms=best["slowest_child_ms"])
+    result.update(
+        down_overhead_ms=best["overhead_ms"],
+        down_ms=best["down_ms"],
+        slowest_child_ms=best["slowest_child_ms"],
+    )
     result["notes"] = notes
     return result
 
@@ -157,7 +215,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="small sizes, under a minute")
-    mode.add_argument("--tiny", action="store_true", help="smallest sizes (the smoke test): figures not meaningful")
+    mode.add_argument(
+        "--tiny", action="store_true", help="smallest sizes (the smoke test): figures not meaningful"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     parser.add_argument("--out", type=Path, help="also write the JSON object to this file")
     parser.add_argument("--svg", type=Path, help="also write the overhead plot (SVG) to this file")
@@ -186,9 +246,13 @@ def main() -> int:
             print(f"bench: work directory kept: {tmp}", file=sys.stderr)
         else:
             shutil.rmtree(tmp, ignore_errors=True)
-    result.update(mode=name, sizes=asdict(sizes), machine=report.machine(),
-                  load={k: round(v, 2) for k, v in load.stop().items()},
-                  duration_s=round(time.monotonic() - started, 1))
+    result.update(
+        mode=name,
+        sizes=asdict(sizes),
+        machine=report.machine(),
+        load={k: round(v, 2) for k, v in load.stop().items()},
+        duration_s=round(time.monotonic() - started, 1),
+    )
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
     if args.svg:

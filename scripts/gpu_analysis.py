@@ -50,8 +50,10 @@ def preconditions(facts: GpuFacts, *, need: int = 2) -> str | None:
     if facts.error:
         return f"NVML is not usable here: {facts.error}. Run this on a machine with {need} NVIDIA GPUs."
     if len(facts.gpus) < need:
-        return (f"NVML (driver {facts.driver}) sees {len(facts.gpus)} GPU(s); this validation needs {need} "
-                "(a disagg-shaped plan puts decode on GPU 0 and prefill on GPU 1)")
+        return (
+            f"NVML (driver {facts.driver}) sees {len(facts.gpus)} GPU(s); this validation needs {need} "
+            "(a disagg-shaped plan puts decode on GPU 0 and prefill on GPU 1)"
+        )
     return None
 
 
@@ -103,9 +105,16 @@ def _first(transitions: Iterable[Transition], name: str, new: str, *, after: flo
     return min(found, key=lambda tr: tr.t) if found else None
 
 
-def restart_timeline(*, name: str, gpu: int, killed_at: float, dead_pids: set[int],
-                     transitions: Sequence[Transition], polls: Sequence[Poll],
-                     samples: Sequence[Sample]) -> dict[str, Any]:
+def restart_timeline(
+    *,
+    name: str,
+    gpu: int,
+    killed_at: float,
+    dead_pids: set[int],
+    transitions: Sequence[Transition],
+    polls: Sequence[Poll],
+    samples: Sequence[Sample],
+) -> dict[str, Any]:
     """The figures of one SIGKILL -> GPU wait -> respawn -> healthy cycle, in seconds after the kill.
 
     ``outcome`` is ``released`` when the runner's last NVML poll before the respawn listed none of
@@ -123,8 +132,11 @@ def restart_timeline(*, name: str, gpu: int, killed_at: float, dead_pids: set[in
     def rel(t: float | None) -> float | None:
         return None if t is None else round(t - killed_at, 4)
 
-    waiting = [p for p in polls if exited is not None and p.started >= exited.t
-               and (respawn is None or p.ended <= respawn.t)]
+    waiting = [
+        p
+        for p in polls
+        if exited is not None and p.started >= exited.t and (respawn is None or p.ended <= respawn.t)
+    ]
     held = [p for p in waiting if p.pids is not None and dead_pids & p.pids]
     last = waiting[-1] if waiting else None
     if last is None or last.pids is None:
@@ -136,8 +148,10 @@ def restart_timeline(*, name: str, gpu: int, killed_at: float, dead_pids: set[in
     violations: list[str] = []
     if respawn is not None and outcome == "released":
         for s in held_after(samples, gpu, dead_pids, after=respawn.t):
-            violations.append(f"NVML listed dead pid(s) {sorted(dead_pids & s.pids.keys())} on GPU {gpu} "
-                              f"{s.t - respawn.t:.3f} s after the respawn")
+            violations.append(
+                f"NVML listed dead pid(s) {sorted(dead_pids & s.pids.keys())} on GPU {gpu} "
+                f"{s.t - respawn.t:.3f} s after the respawn"
+            )
     return {
         "exit_detected_s": rel(exited.t if exited else None),
         "exit_reason": exited.reason if exited else None,

@@ -46,8 +46,9 @@ _LAUNCH_AND_LEAVE = "import subprocess, sys; subprocess.Popen(sys.argv[1:], star
 
 def _log(message: str) -> None:
     # stderr: the supervisor's log pipe for a supervised worker (stdout is the holder's protocol).
-    print(f"gpu_worker[{os.getpid()}] {time.monotonic() - START:7.3f}s {message}", file=sys.stderr,
-          flush=True)
+    print(
+        f"gpu_worker[{os.getpid()}] {time.monotonic() - START:7.3f}s {message}", file=sys.stderr, flush=True
+    )
 
 
 def _torch() -> Any:
@@ -88,11 +89,21 @@ def _devices() -> dict[str, Any]:
     out = []
     for i in range(torch.cuda.device_count()):
         props = torch.cuda.get_device_properties(i)
-        out.append({"cuda_index": i, "name": props.name, "uuid": str(props.uuid),
-                    "total_bytes": int(props.total_memory),
-                    "pci_bus_id": getattr(props, "pci_bus_id", None)})
-    return {"torch": torch.__version__, "cuda_runtime": torch.version.cuda,
-            "cuda_device_order": os.environ.get("CUDA_DEVICE_ORDER"), "devices": out}
+        out.append(
+            {
+                "cuda_index": i,
+                "name": props.name,
+                "uuid": str(props.uuid),
+                "total_bytes": int(props.total_memory),
+                "pci_bus_id": getattr(props, "pci_bus_id", None),
+            }
+        )
+    return {
+        "torch": torch.__version__,
+        "cuda_runtime": torch.version.cuda,
+        "cuda_device_order": os.environ.get("CUDA_DEVICE_ORDER"),
+        "devices": out,
+    }
 
 
 class _Health(http.server.BaseHTTPRequestHandler):
@@ -118,9 +129,18 @@ class _Health(http.server.BaseHTTPRequestHandler):
 
 def _start_grandchild(args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], int]:
     """Start the escaped grandchild and wait until it holds its memory; returns it and its pid."""
-    argv = [sys.executable, os.path.abspath(__file__), "--gib", str(args.grandchild_gib), "--grandchild-of",
-            str(os.getpid()), "--hold-after-parent-s", str(args.grandchild_hold_s),
-            "--max-lifetime-s", str(args.max_lifetime_s)]
+    argv = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--gib",
+        str(args.grandchild_gib),
+        "--grandchild-of",
+        str(os.getpid()),
+        "--hold-after-parent-s",
+        str(args.grandchild_hold_s),
+        "--max-lifetime-s",
+        str(args.max_lifetime_s),
+    ]
     if args.grandchild_ignore_term:
         argv.append("--ignore-term")
     if args.grandchild_orphan:  # an intermediate starts it and exits: it is reparented at once
@@ -144,7 +164,7 @@ def _alive(pid: int) -> bool:
             stat = fh.read()
     except OSError:
         return False
-    return stat[stat.rfind(b")") + 2:][:1] not in (b"Z", b"X")
+    return stat[stat.rfind(b")") + 2 :][:1] not in (b"Z", b"X")
 
 
 def _grandchild(args: argparse.Namespace) -> None:

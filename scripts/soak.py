@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-
 from soakkit.deployment import NAMES, Deployment
 from soakkit.faults import Client, Injector
 from soakkit.judge import Timeline, coverage, judge, outside_windows, restart_counts, stop_verdicts
@@ -64,8 +63,11 @@ class Sampler:
 
 
 def _recovery(values: list[float]) -> dict[str, float]:
-    return {"count": len(values), "median": round(statistics.median(values), 2) if values else 0.0,
-            "max": round(max(values), 2) if values else 0.0}
+    return {
+        "count": len(values),
+        "median": round(statistics.median(values), 2) if values else 0.0,
+        "max": round(max(values), 2) if values else 0.0,
+    }
 
 
 def run_soak(*, duration_s: float, seed: int, gap_s: tuple[float, float], workdir: Path) -> dict[str, Any]:
@@ -121,8 +123,9 @@ def run_soak(*, duration_s: float, seed: int, gap_s: tuple[float, float], workdi
     if fds1 > fds0:
         problems.append(f"the supervisor's descriptors grew from {fds0} to {fds1}")
     if (rss1 - rss0) / MIB > RSS_DRIFT_LIMIT_MIB:
-        problems.append(f"the supervisor's RSS grew {(rss1 - rss0) / MIB:.1f} MiB "
-                        f"(limit {RSS_DRIFT_LIMIT_MIB:g})")
+        problems.append(
+            f"the supervisor's RSS grew {(rss1 - rss0) / MIB:.1f} MiB (limit {RSS_DRIFT_LIMIT_MIB:g})"
+        )
     if exit_code != 0:
         problems.append(f"up exited with {exit_code} after SIGTERM")
 
@@ -132,54 +135,87 @@ def run_soak(*, duration_s: float, seed: int, gap_s: tuple[float, float], workdi
         kinds.setdefault(kind, {n: 0 for n in NAMES})[j.fault.target] += 1
     failed = [r for r in requests if r.error is not None]
     return {
-        "duration_s": duration_s, "seed": seed,
+        "duration_s": duration_s,
+        "seed": seed,
         "faults": {"total": len(judged), **kinds},
-        "requests": {"sent": len(requests), "failed": len(failed), "outside_windows": len(calm),
-                     "failed_outside_windows": len(outside),
-                     "outside_examples": [r.error for r in outside[:3]]},
+        "requests": {
+            "sent": len(requests),
+            "failed": len(failed),
+            "outside_windows": len(calm),
+            "failed_outside_windows": len(outside),
+            "outside_examples": [r.error for r in outside[:3]],
+        },
         "time_in_fault_windows": round(coverage(judged, started, end), 3),
         "restarts": restarts,
         "liveness_restarts": sum(j.liveness for j in judged),
-        "recovery_s": {kind: _recovery([j.recovery_s for j in judged
-                                        if j.recovery_s is not None and j.fault.kind == kind])
-                       for kind in ("SIGKILL", "SIGSTOP")},
-        "supervisor": {"fds_start": fds0, "fds_end": fds1, "fd_drift": fds1 - fds0,
-                       "rss_start_mib": round(rss0 / MIB, 1), "rss_end_mib": round(rss1 / MIB, 1),
-                       "rss_drift_mib": round((rss1 - rss0) / MIB, 2),
-                       "rss_max_mib": round(max([s[2] for s in sampler.samples] + [rss1]) / MIB, 1)},
+        "recovery_s": {
+            kind: _recovery(
+                [j.recovery_s for j in judged if j.recovery_s is not None and j.fault.kind == kind]
+            )
+            for kind in ("SIGKILL", "SIGSTOP")
+        },
+        "supervisor": {
+            "fds_start": fds0,
+            "fds_end": fds1,
+            "fd_drift": fds1 - fds0,
+            "rss_start_mib": round(rss0 / MIB, 1),
+            "rss_end_mib": round(rss1 / MIB, 1),
+            "rss_drift_mib": round((rss1 - rss0) / MIB, 2),
+            "rss_max_mib": round(max([s[2] for s in sampler.samples] + [rss1]) / MIB, 1),
+        },
         "orphans": len(orphans_during) + len(orphans_after) + len(leaked),
         "stale_multiproc_dirs": len(stale_after),
         "exit_code": exit_code,
         "ready_at_end": ready_at_end,
         "problems": problems,
         "ok": not problems,
-        "fault_log": [{"at_s": round(j.fault.injected - started, 1), "kind": j.fault.kind,
-                       "target": j.fault.target, "held_s": round(j.fault.held_s, 1), "restarted": j.restarted,
-                       "liveness": j.liveness,
-                       "recovery_s": None if j.recovery_s is None else round(j.recovery_s, 2)}
-                      for j in judged],
+        "fault_log": [
+            {
+                "at_s": round(j.fault.injected - started, 1),
+                "kind": j.fault.kind,
+                "target": j.fault.target,
+                "held_s": round(j.fault.held_s, 1),
+                "restarted": j.restarted,
+                "liveness": j.liveness,
+                "recovery_s": None if j.recovery_s is None else round(j.recovery_s, 2),
+            }
+            for j in judged
+        ],
     }
 
 
 def print_figures(figures: dict[str, Any]) -> None:
     f, r, s = figures["faults"], figures["requests"], figures["supervisor"]
     print(f"soak: {figures['duration_s']:g} s, seed {figures['seed']}: {'OK' if figures['ok'] else 'FAILED'}")
-    kinds = [f"{kind}: " + ",".join(f"{n}={c}" for n, c in per.items())
-             for kind, per in f.items() if kind != "total"]
+    kinds = [
+        f"{kind}: " + ",".join(f"{n}={c}" for n, c in per.items())
+        for kind, per in f.items()
+        if kind != "total"
+    ]
     print(f"  faults injected        {f['total']}  " + "  ".join(kinds))
-    print(f"  requests sent          {r['sent']}  failed {r['failed']} (all inside fault windows: "
-          f"{'yes' if not r['failed_outside_windows'] else 'NO'})")
-    print(f"  failed outside windows {r['failed_outside_windows']} of {r['outside_windows']} sent outside "
-          f"them (windows cover {figures['time_in_fault_windows']:.0%} of the run)")
-    print("  restarts (obs/expected) " + "  ".join(f"{n} {c['observed']}/{c['expected']}"
-                                                    for n, c in figures["restarts"].items())
-          + f"  (liveness: {figures['liveness_restarts']})")
+    print(
+        f"  requests sent          {r['sent']}  failed {r['failed']} (all inside fault windows: "
+        f"{'yes' if not r['failed_outside_windows'] else 'NO'})"
+    )
+    print(
+        f"  failed outside windows {r['failed_outside_windows']} of {r['outside_windows']} sent outside "
+        f"them (windows cover {figures['time_in_fault_windows']:.0%} of the run)"
+    )
+    print(
+        "  restarts (obs/expected) "
+        + "  ".join(f"{n} {c['observed']}/{c['expected']}" for n, c in figures["restarts"].items())
+        + f"  (liveness: {figures['liveness_restarts']})"
+    )
     for kind, rec in figures["recovery_s"].items():
-        print(f"  recovery after {kind:<8} median {rec['median']} s  max {rec['max']} s  "
-              f"({rec['count']} faults)")
+        print(
+            f"  recovery after {kind:<8} median {rec['median']} s  max {rec['max']} s  "
+            f"({rec['count']} faults)"
+        )
     print(f"  supervisor fds         {s['fds_start']} -> {s['fds_end']} (drift {s['fd_drift']:+d})")
-    print(f"  supervisor RSS         {s['rss_start_mib']} -> {s['rss_end_mib']} MiB "
-          f"(drift {s['rss_drift_mib']:+} MiB, peak {s['rss_max_mib']} MiB)")
+    print(
+        f"  supervisor RSS         {s['rss_start_mib']} -> {s['rss_end_mib']} MiB "
+        f"(drift {s['rss_drift_mib']:+} MiB, peak {s['rss_max_mib']} MiB)"
+    )
     print(f"  orphans                {figures['orphans']}")
     print(f"  stale multiproc dirs   {figures['stale_multiproc_dirs']}")
     print(f"  exit code after down   {figures['exit_code']}")
@@ -191,8 +227,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=300.0, help="seconds of faults (default 300)")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: time-based, printed)")
-    parser.add_argument("--gap", type=float, nargs=2, default=(3.0, 10.0), metavar=("MIN", "MAX"),
-                        help="seconds between faults (default 3 10)")
+    parser.add_argument(
+        "--gap",
+        type=float,
+        nargs=2,
+        default=(3.0, 10.0),
+        metavar=("MIN", "MAX"),
+        help="seconds between faults (default 3 10)",
+    )
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, state)")
     args = parser.parse_args()

@@ -49,8 +49,11 @@ def secure_state_dir(path: str | os.PathLike[str]) -> Path:
         raise StateDirError(str(path), "exists and is not a directory")
     if info.st_uid != os.geteuid():
         uid = os.geteuid()
-        raise StateDirError(str(path), f"is owned by uid {info.st_uid}, not by this user (uid {uid}); "
-                                       "refusing to use it: remove it or run as its owner")
+        raise StateDirError(
+            str(path),
+            f"is owned by uid {info.st_uid}, not by this user (uid {uid}); "
+            "refusing to use it: remove it or run as its owner",
+        )
     if stat.S_IMODE(info.st_mode) != 0o700:
         os.chmod(path, 0o700)
     return path

@@ -15,7 +15,9 @@ _SECRET_NAME = re.compile(r"(PASSWORD|PASSWD|SECRET|TOKEN|API_KEY|ACCESS_KEY|CRE
 # scheme://user:password@host  or  scheme://:password@host
 _URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^/@:\s]*:)(?P<secret>[^@/\s]+)(?=@)")
 # ?password=... or &token=... in query strings
-_QUERY_SECRET = re.compile(r"(?P<head>[?&](?:password|passwd|token|secret|api_key)=)(?P<secret>[^&\s]+)", re.I)
+_QUERY_SECRET = re.compile(
+    r"(?P<head>[?&](?:password|passwd|token|secret|api_key)=)(?P<secret>[^&\s]+)", re.I
+)
 
 
 def redact_text(text: str) -> str:

@@ -15,10 +15,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
+import proctools  # scripts/ (pytest pythonpath): shared with the benchmarks, the soak and the GPU validation
 import psutil
 import pytest
-
-import proctools  # scripts/ (pytest pythonpath): shared with the benchmarks, the soak and the GPU validation
+from realredis import redis_factory  # noqa: F401  (a fixture for every test that needs a real Redis)
 
 MARKER = "LMCACHE_SUPERVISE_TEST_MARKER"
 SESSION = uuid.uuid4().hex[:12]
@@ -114,9 +114,15 @@ def make_spec(tmp_path: Path) -> Callable[..., object]:
 
     def make(name: str, *args: str, **overrides: object) -> ProcessSpec:
         fields: dict[str, object] = dict(
-            name=name, role=Role.CUSTOM, argv=(sys.executable, FIXTURE_CHILD, *args), env={},
-            gpus=(), ports={}, multiproc_dir=str(tmp_path / "prometheus" / name),
-            log_file=str(tmp_path / "logs" / f"{name}.log"), stop_timeout_s=5.0,
+            name=name,
+            role=Role.CUSTOM,
+            argv=(sys.executable, FIXTURE_CHILD, *args),
+            env={},
+            gpus=(),
+            ports={},
+            multiproc_dir=str(tmp_path / "prometheus" / name),
+            log_file=str(tmp_path / "logs" / f"{name}.log"),
+            stop_timeout_s=5.0,
         )
         fields.update(overrides)
         return ProcessSpec(**fields)  # type: ignore[arg-type]
@@ -129,14 +135,32 @@ def make_plan(tmp_path: Path) -> Callable[..., object]:
     """Build a Plan around ``processes``; no ready URL and no smoke request unless given."""
     from supervisor.plan.spec import DeploymentSpec, Plan
 
-    def make(*processes: object, ready_url: str = "", smoke: object = None, ready_timeout_s: float = 30.0,
-             base_url: str = "http://127.0.0.1:1") -> Plan:
+    def make(
+        *processes: object,
+        ready_url: str = "",
+        smoke: object = None,
+        ready_timeout_s: float = 30.0,
+        base_url: str = "http://127.0.0.1:1",
+    ) -> Plan:
         dep = DeploymentSpec(
-            name="test", profile="test", engine="fixture", model="m", served_model_name="m",
-            state_dir=str(tmp_path), base_url=base_url, ready_url=ready_url, smoke=smoke,  # type: ignore[arg-type]
-            ready_timeout_s=ready_timeout_s, discovery="file", discovery_dir=None, etcd_endpoints=(),
-            python=sys.executable, metrics_host="127.0.0.1", metrics_port=None,
-            control_socket=str(tmp_path / "control.sock"), targets_file=str(tmp_path / "targets.json"),
+            name="test",
+            profile="test",
+            engine="fixture",
+            model="m",
+            served_model_name="m",
+            state_dir=str(tmp_path),
+            base_url=base_url,
+            ready_url=ready_url,
+            smoke=smoke,  # type: ignore[arg-type]
+            ready_timeout_s=ready_timeout_s,
+            discovery="file",
+            discovery_dir=None,
+            etcd_endpoints=(),
+            python=sys.executable,
+            metrics_host="127.0.0.1",
+            metrics_port=None,
+            control_socket=str(tmp_path / "control.sock"),
+            targets_file=str(tmp_path / "targets.json"),
         )
         return Plan(deployment=dep, processes=tuple(processes))  # type: ignore[arg-type]
 

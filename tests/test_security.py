@@ -15,23 +15,41 @@ import structlog
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from supervisor.engine import logs
-
-from supervisor.engine import pidfile
-from supervisor.plan import render as planmod
-from supervisor.profile import load as profiles
+from supervisor.engine import logs, pidfile
 from supervisor.errors import EXIT_BAD_INPUT, ProfileError, StateDirError, SupervisorError
 from supervisor.paths import secure_state_dir
+from supervisor.plan import render as planmod
+from supervisor.profile import load as profiles
 from supervisor.profile.rules import MANAGED_FLAGS
 
 ROOT = Path(__file__).resolve().parents[1]
 STATE = Path("/srv/state")
-SPAWNERS = {"Popen", "run", "call", "check_call", "check_output", "run_process", "open_process", "spawnl",
-            "spawnlp", "spawnv", "spawnvp", "execv", "execvp", "execl", "execlp"}
+SPAWNERS = {
+    "Popen",
+    "run",
+    "call",
+    "check_call",
+    "check_output",
+    "run_process",
+    "open_process",
+    "spawnl",
+    "spawnlp",
+    "spawnv",
+    "spawnvp",
+    "execv",
+    "execvp",
+    "execl",
+    "execlp",
+}
 SPAWN_MODULES = {"subprocess", "os", "anyio", "asyncio", "trio"}
 BARE_SPAWNERS = {"Popen", "run_process", "open_process", "check_output", "check_call"}
-SHELL_CALLS = {("os", "system"), ("os", "popen"), ("subprocess", "getoutput"),
-               ("subprocess", "getstatusoutput"), ("asyncio", "create_subprocess_shell")}
+SHELL_CALLS = {
+    ("os", "system"),
+    ("os", "popen"),
+    ("subprocess", "getoutput"),
+    ("subprocess", "getstatusoutput"),
+    ("asyncio", "create_subprocess_shell"),
+}
 
 
 def _sources() -> list[Path]:
@@ -57,8 +75,10 @@ def test_no_shell_anywhere() -> None:
             attribute = isinstance(func, ast.Attribute)
             name = func.attr if attribute else func.id if isinstance(func, ast.Name) else ""
             owner = func.value.id if attribute and isinstance(func.value, ast.Name) else ""
-            if any(k.arg == "shell" and not (isinstance(k.value, ast.Constant) and k.value.value is False)
-                   for k in node.keywords):
+            if any(
+                k.arg == "shell" and not (isinstance(k.value, ast.Constant) and k.value.value is False)
+                for k in node.keywords
+            ):
                 found.append(f"{where} shell=")
             if (owner, name) in SHELL_CALLS:
                 found.append(f"{where} {owner}.{name}")
@@ -114,10 +134,22 @@ text_values = st.text(max_size=30) | st.sampled_from(["--help", "-x", "a --b", "
 
 
 @settings(max_examples=300, deadline=None)
-@given(key=st.sampled_from(["model.served_name", "frontend.host", "ports.host", "env.X",
-                            "workers.decode.env.X", "frontend.env.X", "supervisor.smoke_prompt",
-                            "description", "lmcache.extra.x"]),
-       value=text_values)
+@given(
+    key=st.sampled_from(
+        [
+            "model.served_name",
+            "frontend.host",
+            "ports.host",
+            "env.X",
+            "workers.decode.env.X",
+            "frontend.env.X",
+            "supervisor.smoke_prompt",
+            "description",
+            "lmcache.extra.x",
+        ]
+    ),
+    value=text_values,
+)
 def test_no_profile_value_becomes_a_flag(key: str, value: str) -> None:
     """Whatever text a value holds, the plan refuses it (exit 2) or argv keeps its shape: the same
     flags at the same places, the value inside one argument at most."""
@@ -140,9 +172,14 @@ def test_log_events_never_carry_a_secret() -> None:
     logs.configure(json=True, stream=stream)
     try:
         log = structlog.get_logger("supervisor")
-        log.error("process failed", reason="connect redis://:hunter2@10.0.0.1:6379 refused",
-                  env={"HF_TOKEN": "hunter2", "LMCACHE_REMOTE_URL": "redis://u:hunter2@h:1", "N": "1"},
-                  urls=["rediss://:hunter2@h:2"], api_token="hunter2", max_tokens=8)
+        log.error(
+            "process failed",
+            reason="connect redis://:hunter2@10.0.0.1:6379 refused",
+            env={"HF_TOKEN": "hunter2", "LMCACHE_REMOTE_URL": "redis://u:hunter2@h:1", "N": "1"},
+            urls=["rediss://:hunter2@h:2"],
+            api_token="hunter2",
+            max_tokens=8,
+        )
         try:
             raise RuntimeError("lm://x:hunter2@h:1 unreachable")
         except RuntimeError:
@@ -179,8 +216,10 @@ def test_state_dir_of_another_user_is_refused(tmp_path: Path) -> None:
     with pytest.raises(StateDirError) as err:
         pidfile.PidFile(planted, "demo").__enter__()
     assert err.value.exit_code == EXIT_BAD_INPUT
-    assert str(err.value) == (f"state directory {planted}: is owned by uid 65534, not by this user (uid 0); "
-                              "refusing to use it: remove it or run as its owner")
+    assert str(err.value) == (
+        f"state directory {planted}: is owned by uid 65534, not by this user (uid 0); "
+        "refusing to use it: remove it or run as its owner"
+    )
     assert list(planted.iterdir()) == []  # no pid file written into it
     assert stat.S_IMODE(planted.stat().st_mode) == 0o777  # and nothing of it changed
 

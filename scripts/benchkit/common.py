@@ -29,9 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 import proctools  # scripts/ is on sys.path wherever benchkit is importable
+import psutil
 
 ROOT = Path(__file__).resolve().parents[2]
 KIT = Path(__file__).resolve().parent
@@ -203,8 +202,13 @@ class Driver:
         self.stderr_path = workdir / "driver.log"
         with open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, str(DRIVER_PY), str(path)], stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=err, start_new_session=True, cwd=str(ROOT))
+                [sys.executable, str(DRIVER_PY), str(path)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                start_new_session=True,
+                cwd=str(ROOT),
+            )
         self.events: list[Event] = []
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._read, name="driver-events", daemon=True)
@@ -221,16 +225,24 @@ class Driver:
                 raw = json.loads(line)
             except ValueError:
                 continue
-            event = Event(raw["kind"], raw.get("name", ""), raw.get("old", ""), raw.get("new", ""),
-                          raw.get("pid"), float(raw["at"]), raw.get("reason", ""))
+            event = Event(
+                raw["kind"],
+                raw.get("name", ""),
+                raw.get("old", ""),
+                raw.get("new", ""),
+                raw.get("pid"),
+                float(raw["at"]),
+                raw.get("reason", ""),
+            )
             with self._cond:
                 self.events.append(event)
                 self._cond.notify_all()
         with self._cond:
             self._cond.notify_all()
 
-    def wait(self, predicate: Callable[[Event], bool], *, start: int = 0, timeout_s: float,
-             what: str) -> tuple[int, Event]:
+    def wait(
+        self, predicate: Callable[[Event], bool], *, start: int = 0, timeout_s: float, what: str
+    ) -> tuple[int, Event]:
         """The first event at index >= ``start`` satisfying ``predicate``, and its index."""
         deadline = time.monotonic() + timeout_s
         with self._cond:
@@ -243,12 +255,18 @@ class Driver:
                 left = deadline - time.monotonic()
                 if left <= 0 or (self.proc.poll() is not None and not self._thread.is_alive()):
                     tail = self.stderr_path.read_text(errors="replace")[-1500:]
-                    raise BenchError(f"timed out after {timeout_s:g} s waiting for {what}; driver log ends:\n{tail}")
+                    raise BenchError(
+                        f"timed out after {timeout_s:g} s waiting for {what}; driver log ends:\n{tail}"
+                    )
                 self._cond.wait(timeout=min(left, 0.5))
 
     def process_events(self, name: str, new: str | None = None) -> list[Event]:
         with self._cond:
-            return [e for e in self.events if e.kind == "process" and e.name == name and (new is None or e.new == new)]
+            return [
+                e
+                for e in self.events
+                if e.kind == "process" and e.name == name and (new is None or e.new == new)
+            ]
 
     def stop(self, *, timeout_s: float = 30.0) -> int | None:
         """Orderly stop (SIGTERM: the runner's shutdown), SIGKILL after ``timeout_s``; the exit code."""

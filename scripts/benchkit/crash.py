@@ -38,9 +38,17 @@ def _settle() -> None:
 
 def ours(n: int, workdir: Path) -> dict[str, Any]:
     fifo = MarkerFifo(workdir)
-    scenario = {"state_dir": str(workdir / "state"), "processes": [
-        {"name": "victim", "argv": ["bash", str(MARKER_SH), str(fifo.path), "start"], "restart": NO_LIMIT,
-         "stop_timeout_s": 5.0}]}
+    scenario = {
+        "state_dir": str(workdir / "state"),
+        "processes": [
+            {
+                "name": "victim",
+                "argv": ["bash", str(MARKER_SH), str(fifo.path), "start"],
+                "restart": NO_LIMIT,
+                "stop_timeout_s": 5.0,
+            }
+        ],
+    }
     driver = Driver(scenario, workdir)
     detect, spawned, running = [], [], []
     try:
@@ -50,12 +58,23 @@ def ours(n: int, workdir: Path) -> dict[str, Any]:
             _settle()
             kill_wall, kill_mono = time.time(), time.monotonic()
             os.kill(pid, signal.SIGKILL)
-            index, exited = driver.wait(lambda e: e.name == "victim" and e.new == "backoff", start=index,
-                                        timeout_s=10, what="the exit event")
-            index, started = driver.wait(lambda e, old=pid: e.name == "victim" and e.new == "starting" and e.pid != old,
-                                         start=index, timeout_s=10, what="the respawn event")
-            marker = fifo.wait(lambda m, new=started.pid: m.tag == "start" and m.pid == new, timeout_s=10,
-                               what=f"pid {started.pid}'s start marker")
+            index, exited = driver.wait(
+                lambda e: e.name == "victim" and e.new == "backoff",
+                start=index,
+                timeout_s=10,
+                what="the exit event",
+            )
+            index, started = driver.wait(
+                lambda e, old=pid: e.name == "victim" and e.new == "starting" and e.pid != old,
+                start=index,
+                timeout_s=10,
+                what="the respawn event",
+            )
+            marker = fifo.wait(
+                lambda m, new=started.pid: m.tag == "start" and m.pid == new,
+                timeout_s=10,
+                what=f"pid {started.pid}'s start marker",
+            )
             detect.append(exited.at - kill_mono)
             spawned.append(started.at - kill_mono)
             running.append(marker.wall - kill_wall)
@@ -72,11 +91,30 @@ def ensure_supervisord() -> tuple[Path | None, str]:
     if binary.exists():
         return binary, ""
     try:
-        subprocess.run([sys.executable, "-m", "venv", str(SUPERVISORD_VENV)], check=True,
-                       capture_output=True, timeout=120)
-        subprocess.run([str(SUPERVISORD_VENV / "bin" / "python"), "-m", "pip", "install", "--quiet",
-                        "--disable-pip-version-check", "--timeout", "10", "--retries", "1", "supervisor"], check=True, capture_output=True,
-                       timeout=300)
+        subprocess.run(
+            [sys.executable, "-m", "venv", str(SUPERVISORD_VENV)],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        subprocess.run(
+            [
+                str(SUPERVISORD_VENV / "bin" / "python"),
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--timeout",
+                "10",
+                "--retries",
+                "1",
+                "supervisor",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
     except subprocess.CalledProcessError as exc:
         tail = (exc.stderr or b"").decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
         return None, f"pip install supervisor failed: {tail[0]}"
@@ -87,8 +125,13 @@ def ensure_supervisord() -> tuple[Path | None, str]:
 
 def supervisord_version() -> str | None:
     try:
-        out = subprocess.run([str(SUPERVISORD_VENV / "bin" / "supervisord"), "--version"], capture_output=True,
-                             text=True, timeout=30, check=False)
+        out = subprocess.run(
+            [str(SUPERVISORD_VENV / "bin" / "supervisord"), "--version"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
         return out.stdout.strip() or None
     except (OSError, subprocess.TimeoutExpired):
         return None
@@ -118,8 +161,13 @@ killasgroup=true
 stdout_logfile={workdir}/victim.log
 redirect_stderr=true
 """)
-    proc = subprocess.Popen([str(binary), "-n", "-c", str(conf)], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [str(binary), "-n", "-c", str(conf)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     running = []
     try:
         pid = fifo.wait(lambda m: m.tag == "start", timeout_s=30, what="supervisord's first child").pid
@@ -127,8 +175,11 @@ redirect_stderr=true
             _settle()
             kill_wall = time.time()
             os.kill(pid, signal.SIGKILL)
-            marker = fifo.wait(lambda m, old=pid: m.tag == "start" and m.pid != old, timeout_s=15,
-                               what="supervisord's respawned child")
+            marker = fifo.wait(
+                lambda m, old=pid: m.tag == "start" and m.pid != old,
+                timeout_s=15,
+                what="supervisord's respawned child",
+            )
             running.append(marker.wall - kill_wall)
             pid = marker.pid
     except BenchError as exc:

@@ -69,9 +69,14 @@ def supervised(workdir: Path) -> dict[str, Any]:
     out, err = workdir / "up.out", workdir / "up.err"
     with open(out, "wb") as stdout, open(err, "wb") as stderr:
         launched, launched_wall = time.monotonic(), time.time()
-        proc = subprocess.Popen([CLI, "up", "demo", "--quiet-children", "--set", f"ports.base={base}", *FAST_STOP],
-                                stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
-                                env=_env(workdir / "state"), start_new_session=True)
+        proc = subprocess.Popen(
+            [CLI, "up", "demo", "--quiet-children", "--set", f"ports.base={base}", *FAST_STOP],
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=stderr,
+            env=_env(workdir / "state"),
+            start_new_session=True,
+        )
     try:
         seconds = first_success(f"http://127.0.0.1:{base}/v1/chat/completions", proc, launched, timeout_s=120)
         rss_mb = psutil.Process(proc.pid).memory_info().rss / 2**20
@@ -80,8 +85,12 @@ def supervised(workdir: Path) -> dict[str, Any]:
     finally:
         stop_group(proc, timeout_s=60)  # SIGTERM: the orderly shutdown, then the group for certain
     spawned = first_spawn(err) - launched_wall
-    return {"seconds": round(seconds, 3), "supervisor_rss_mb": round(rss_mb, 1),
-            "first_spawn_s": round(spawned, 3), "spawn_to_first_request_s": round(seconds - spawned, 3)}
+    return {
+        "seconds": round(seconds, 3),
+        "supervisor_rss_mb": round(rss_mb, 1),
+        "first_spawn_s": round(spawned, 3),
+        "spawn_to_first_request_s": round(seconds - spawned, 3),
+    }
 
 
 def first_spawn(log: Path) -> float:
@@ -103,12 +112,20 @@ def launch_file(workdir: Path) -> tuple[Path, int]:
     """The plan's argv/env for frontend, decode and prefill as bash arrays; returns (file, port base)."""
     base = free_port_base(DEMO_OFFSETS)
     state = workdir / "state"
-    rendered = subprocess.run([CLI, "plan", "demo", "--json", "--set", f"ports.base={base}"], check=True,
-                              capture_output=True, text=True, env=_env(state), timeout=60)
+    rendered = subprocess.run(
+        [CLI, "plan", "demo", "--json", "--set", f"ports.base={base}"],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=_env(state),
+        timeout=60,
+    )
     plan = json.loads(rendered.stdout)
     by_name = {p["name"]: p for p in plan["processes"]}
     if sorted(by_name) != ["decode", "frontend", "prefill"]:
-        raise BenchError(f"the demo plan has {sorted(by_name)}, the upstream scripts expect frontend, decode, prefill")
+        raise BenchError(
+            f"the demo plan has {sorted(by_name)}, the upstream scripts expect frontend, decode, prefill"
+        )
     lines = ["# Written by scripts/bench.py from `lmcache-supervise plan demo --json`."]
     for name in ("frontend", "decode", "prefill"):
         proc = by_name[name]
@@ -128,11 +145,18 @@ def scripted(script: str, workdir: Path, *, timeout_s: float = 120) -> dict[str,
     launch, base = launch_file(workdir)
     with open(workdir / "script.log", "wb") as log:
         launched = time.monotonic()
-        proc = subprocess.Popen(["bash", str(UPSTREAM / script), str(launch)], stdin=subprocess.DEVNULL,
-                                stdout=log, stderr=subprocess.STDOUT, env=_env(workdir / "state"),
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            ["bash", str(UPSTREAM / script), str(launch)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=_env(workdir / "state"),
+            start_new_session=True,
+        )
     try:
-        seconds = first_success(f"http://127.0.0.1:{base}/v1/chat/completions", proc, launched, timeout_s=timeout_s)
+        seconds = first_success(
+            f"http://127.0.0.1:{base}/v1/chat/completions", proc, launched, timeout_s=timeout_s
+        )
     finally:
         stop_group(proc, sig=signal.SIGTERM, timeout_s=15)  # the script's own `kill 0`, then SIGKILL
     return {"seconds": round(seconds, 3)}

@@ -20,13 +20,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from supervisor.engine import foreground
-
-from supervisor.engine import logs
-
+from supervisor.engine import foreground, logs
+from supervisor.engine.states import DeploymentEvent, ProcessEvent, RunnerEvent
 from supervisor.plan import render as plan
-
-from supervisor.profile import schema
 from supervisor.plan.spec import (
     Condition,
     Dependency,
@@ -38,7 +34,7 @@ from supervisor.plan.spec import (
     RestartPolicy,
     Role,
 )
-from supervisor.engine.states import DeploymentEvent, ProcessEvent, RunnerEvent
+from supervisor.profile import schema
 
 #: The load budget a default worker gets when its profile sets none (only bounds the startup probe).
 STARTUP_BUDGET_S = 600.0
@@ -48,9 +44,12 @@ def default_probes(raw: dict[str, Any] | None) -> Probes:
     """What ``plan.render`` gives a worker with a default ``[health]`` table, at these URLs."""
     if raw is None:
         return Probes()
-    ready = HttpCheck(url=raw["ready_url"], owned_port=raw.get("owned_port"),
-                      json_field="status" if raw.get("json_status") else None,
-                      json_value="ready" if raw.get("json_status") else None)
+    ready = HttpCheck(
+        url=raw["ready_url"],
+        owned_port=raw.get("owned_port"),
+        json_field="status" if raw.get("json_status") else None,
+        json_value="ready" if raw.get("json_status") else None,
+    )
     live = HttpCheck(url=raw["live_url"], owned_port=raw.get("owned_port"))
     # The plan's own function, so that "default probes" cannot drift from what profiles get.
     return plan._probes(schema.Health(), ready, live, STARTUP_BUDGET_S)
@@ -61,19 +60,41 @@ def build(scenario: dict[str, Any]) -> Plan:
     processes = []
     for raw in scenario["processes"]:
         name = raw["name"]
-        processes.append(ProcessSpec(
-            name=name, role=Role.CUSTOM, argv=tuple(raw["argv"]), env=raw.get("env", {}), gpus=(),
-            ports={}, multiproc_dir="", log_file=str(state / "logs" / f"{name}.log"),
-            depends_on=tuple(Dependency(dep, Condition(cond)) for dep, cond in raw.get("depends_on", [])),
-            probes=default_probes(raw.get("probes")), restart=RestartPolicy(**raw.get("restart", {})),
-            stop_timeout_s=float(raw.get("stop_timeout_s", 10.0)),
-        ))
+        processes.append(
+            ProcessSpec(
+                name=name,
+                role=Role.CUSTOM,
+                argv=tuple(raw["argv"]),
+                env=raw.get("env", {}),
+                gpus=(),
+                ports={},
+                multiproc_dir="",
+                log_file=str(state / "logs" / f"{name}.log"),
+                depends_on=tuple(Dependency(dep, Condition(cond)) for dep, cond in raw.get("depends_on", [])),
+                probes=default_probes(raw.get("probes")),
+                restart=RestartPolicy(**raw.get("restart", {})),
+                stop_timeout_s=float(raw.get("stop_timeout_s", 10.0)),
+            )
+        )
     deployment = DeploymentSpec(
-        name="bench", profile="bench", engine="fixture", model="m", served_model_name="m",
-        state_dir=str(state), base_url="http://127.0.0.1:1", ready_url="", smoke=None,
-        ready_timeout_s=600.0, discovery="file", discovery_dir=None, etcd_endpoints=(),
-        python=sys.executable, metrics_host="127.0.0.1", metrics_port=None,
-        control_socket=str(state / "control.sock"), targets_file=str(state / "targets.json"),
+        name="bench",
+        profile="bench",
+        engine="fixture",
+        model="m",
+        served_model_name="m",
+        state_dir=str(state),
+        base_url="http://127.0.0.1:1",
+        ready_url="",
+        smoke=None,
+        ready_timeout_s=600.0,
+        discovery="file",
+        discovery_dir=None,
+        etcd_endpoints=(),
+        python=sys.executable,
+        metrics_host="127.0.0.1",
+        metrics_port=None,
+        control_socket=str(state / "control.sock"),
+        targets_file=str(state / "targets.json"),
     )
     return Plan(deployment=deployment, processes=tuple(processes))
 
@@ -81,11 +102,23 @@ def build(scenario: dict[str, Any]) -> Plan:
 def emit(event: RunnerEvent) -> None:
     """One JSON line per event; the bench reads the pipe continuously, so this never blocks long."""
     if isinstance(event, ProcessEvent):
-        raw = {"kind": "process", "name": event.name, "old": event.old.value, "new": event.new.value,
-               "pid": event.pid, "at": event.at, "reason": event.reason}
+        raw = {
+            "kind": "process",
+            "name": event.name,
+            "old": event.old.value,
+            "new": event.new.value,
+            "pid": event.pid,
+            "at": event.at,
+            "reason": event.reason,
+        }
     elif isinstance(event, DeploymentEvent):
-        raw = {"kind": "deployment", "old": event.old.value, "new": event.new.value, "at": event.at,
-               "reason": event.reason}
+        raw = {
+            "kind": "deployment",
+            "old": event.old.value,
+            "new": event.new.value,
+            "at": event.at,
+            "reason": event.reason,
+        }
     else:
         return
     sys.stdout.write(json.dumps(raw) + "\n")

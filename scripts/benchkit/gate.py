@@ -29,30 +29,71 @@ def measure(n: int, workdir: Path) -> dict[str, Any]:
     fifo = MarkerFifo(workdir)
     port = free_port_base([0])
     url = f"http://127.0.0.1:{port}"
-    scenario = {"state_dir": str(workdir / "state"), "processes": [
-        {"name": "dep", "argv": [sys.executable, str(CHILDREN_PY), "gate", "--port", str(port), "--fifo", str(fifo.path)],
-         "probes": {"ready_url": f"{url}/health", "live_url": f"{url}/live", "owned_port": port, "json_status": True},
-         "restart": {"backoff_initial_s": 0.0, "jitter": 0.0, "limit_starts": 1_000_000,
-                     "restart_dependents": True}},
-        {"name": "dependent", "argv": ["bash", str(MARKER_SH), str(fifo.path), "start"],
-         "depends_on": [["dep", "healthy"]], "stop_timeout_s": 5.0},
-    ]}
+    scenario = {
+        "state_dir": str(workdir / "state"),
+        "processes": [
+            {
+                "name": "dep",
+                "argv": [
+                    sys.executable,
+                    str(CHILDREN_PY),
+                    "gate",
+                    "--port",
+                    str(port),
+                    "--fifo",
+                    str(fifo.path),
+                ],
+                "probes": {
+                    "ready_url": f"{url}/health",
+                    "live_url": f"{url}/live",
+                    "owned_port": port,
+                    "json_status": True,
+                },
+                "restart": {
+                    "backoff_initial_s": 0.0,
+                    "jitter": 0.0,
+                    "limit_starts": 1_000_000,
+                    "restart_dependents": True,
+                },
+            },
+            {
+                "name": "dependent",
+                "argv": ["bash", str(MARKER_SH), str(fifo.path), "start"],
+                "depends_on": [["dep", "healthy"]],
+                "stop_timeout_s": 5.0,
+            },
+        ],
+    }
     driver = Driver(scenario, workdir)
     total, probe, engine = [], [], []
     try:
         index = 0
         for _ in range(n):
             up = fifo.wait(lambda m: m.tag == "up", timeout_s=20, what="the gate child listening")
-            index, _ = driver.wait(lambda e: e.name == "dependent" and e.new == "waiting", start=index,
-                                   timeout_s=20, what="the dependent waiting")
+            index, _ = driver.wait(
+                lambda e: e.name == "dependent" and e.new == "waiting",
+                start=index,
+                timeout_s=20,
+                what="the dependent waiting",
+            )
             time.sleep(random.uniform(0.05, 0.15))
             os.kill(up.pid, signal.SIGUSR1)
-            flip = fifo.wait(lambda m, pid=up.pid: m.tag == "flip" and m.pid == pid, timeout_s=10, what="the flip")
+            flip = fifo.wait(
+                lambda m, pid=up.pid: m.tag == "flip" and m.pid == pid, timeout_s=10, what="the flip"
+            )
             started = fifo.wait(lambda m: m.tag == "start", timeout_s=10, what="the dependent's start")
-            index, ran = driver.wait(lambda e: e.name == "dep" and e.new == "running", start=index,
-                                     timeout_s=10, what="dep running")
-            index, spawned = driver.wait(lambda e: e.name == "dependent" and e.new == "starting", start=index,
-                                         timeout_s=10, what="the dependent spawned")
+            index, ran = driver.wait(
+                lambda e: e.name == "dep" and e.new == "running",
+                start=index,
+                timeout_s=10,
+                what="dep running",
+            )
+            index, spawned = driver.wait(
+                lambda e: e.name == "dependent" and e.new == "starting",
+                start=index,
+                timeout_s=10,
+                what="the dependent spawned",
+            )
             flip_mono = float(flip.extra[0])
             total.append(started.wall - flip.wall)
             probe.append(ran.at - flip_mono)

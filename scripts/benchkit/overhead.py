@@ -36,30 +36,45 @@ SETTLE_S = 6.0
 
 def _health_server() -> tuple[subprocess.Popen[bytes], int]:
     port = free_port_base([0])
-    proc = subprocess.Popen([sys.executable, str(CHILDREN_PY), "health", "--port", str(port)],
-                            stdin=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(CHILDREN_PY), "health", "--port", str(port)],
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 10
     while True:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
             return proc, port
-        except OSError:
+        except OSError as exc:
             if time.monotonic() > deadline:
                 stop_group(proc)
-                raise BenchError(f"the bench's health server did not listen on {port}")
+                raise BenchError(f"the bench's health server did not listen on {port}") from exc
             time.sleep(0.02)
 
 
 def idle(n: int, window_s: float, workdir: Path, *, settle_s: float = SETTLE_S) -> dict[str, Any]:
     server, port = _health_server()
     url = f"http://127.0.0.1:{port}"
-    probes = {"ready_url": f"{url}/health", "live_url": f"{url}/live", "owned_port": None, "json_status": True}
-    scenario = {"state_dir": str(workdir / "state"), "processes": [
-        {"name": f"idle{i}", "argv": ["/bin/sleep", "infinity"], "probes": probes} for i in range(n)]}
+    probes = {
+        "ready_url": f"{url}/health",
+        "live_url": f"{url}/live",
+        "owned_port": None,
+        "json_status": True,
+    }
+    scenario = {
+        "state_dir": str(workdir / "state"),
+        "processes": [
+            {"name": f"idle{i}", "argv": ["/bin/sleep", "infinity"], "probes": probes} for i in range(n)
+        ],
+    }
     driver = Driver(scenario, workdir)
     try:
-        driver.wait(lambda e: e.kind == "deployment" and e.new == "ready", timeout_s=60 + n,
-                    what=f"{n} idle children running")
+        driver.wait(
+            lambda e: e.kind == "deployment" and e.new == "ready",
+            timeout_s=60 + n,
+            what=f"{n} idle children running",
+        )
         time.sleep(settle_s)
         proc = psutil.Process(driver.pid)
         before, started = proc.cpu_times(), time.monotonic()
@@ -72,17 +87,36 @@ def idle(n: int, window_s: float, workdir: Path, *, settle_s: float = SETTLE_S) 
         driver.stop()
         stop_group(server, timeout_s=5)
     cpu = (after.user + after.system) - (before.user + before.system)
-    return {"cpu_percent": round(100.0 * cpu / wall, 3), "rss_mb": round(rss / 2**20, 1),
-            "guardian_rss_mb": round(guardian_rss / 2**20, 1), "window_s": round(wall, 1)}
+    return {
+        "cpu_percent": round(100.0 * cpu / wall, 3),
+        "rss_mb": round(rss / 2**20, 1),
+        "guardian_rss_mb": round(guardian_rss / 2**20, 1),
+        "window_s": round(wall, 1),
+    }
 
 
 def shutdown(n: int, workdir: Path) -> dict[str, Any]:
     fifo = MarkerFifo(workdir)
     delays = [0.1 * (k + 1) for k in range(n)]
-    scenario = {"state_dir": str(workdir / "state"), "processes": [
-        {"name": f"slow{k}", "argv": [sys.executable, str(CHILDREN_PY), "slowstop", "--delay", f"{delay:g}",
-                                      "--fifo", str(fifo.path)], "stop_timeout_s": 10.0}
-        for k, delay in enumerate(delays)]}
+    scenario = {
+        "state_dir": str(workdir / "state"),
+        "processes": [
+            {
+                "name": f"slow{k}",
+                "argv": [
+                    sys.executable,
+                    str(CHILDREN_PY),
+                    "slowstop",
+                    "--delay",
+                    f"{delay:g}",
+                    "--fifo",
+                    str(fifo.path),
+                ],
+                "stop_timeout_s": 10.0,
+            }
+            for k, delay in enumerate(delays)
+        ],
+    }
     driver = Driver(scenario, workdir)
     try:
         for _ in range(n):  # every child has its SIGTERM handler installed
@@ -90,14 +124,25 @@ def shutdown(n: int, workdir: Path) -> dict[str, Any]:
         driver.wait(lambda e: e.kind == "deployment" and e.new == "ready", timeout_s=30, what="ready")
         requested = time.monotonic()
         driver.proc.send_signal(signal.SIGTERM)
-        _, stopped = driver.wait(lambda e: e.kind == "deployment" and e.new == "stopped", timeout_s=60,
-                                 what="the deployment stopped")
-        own = [float(m.extra[0]) - m.wall for m in
-               (fifo.wait(lambda m: m.tag == "stopped", timeout_s=10, what="exit markers") for _ in range(n))]
+        _, stopped = driver.wait(
+            lambda e: e.kind == "deployment" and e.new == "stopped",
+            timeout_s=60,
+            what="the deployment stopped",
+        )
+        own = [
+            float(m.extra[0]) - m.wall
+            for m in (
+                fifo.wait(lambda m: m.tag == "stopped", timeout_s=10, what="exit markers") for _ in range(n)
+            )
+        ]
     finally:
         driver.stop()
         fifo.close()
     down = stopped.at - requested
     slowest = max(own)
-    return {"down_ms": round(down * 1000, 1), "slowest_child_ms": round(slowest * 1000, 1),
-            "overhead_ms": round((down - slowest) * 1000, 1), "sum_children_ms": round(sum(own) * 1000, 1)}
+    return {
+        "down_ms": round(down * 1000, 1),
+        "slowest_child_ms": round(slowest * 1000, 1),
+        "overhead_ms": round((down - slowest) * 1000, 1),
+        "sum_children_ms": round(sum(own) * 1000, 1),
+    }

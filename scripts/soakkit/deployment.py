@@ -23,9 +23,8 @@ from pathlib import Path
 from typing import IO, Any
 
 import httpx
-import psutil
-
 import proctools  # scripts/ is on sys.path wherever soakkit is importable
+import psutil
 
 CLI = str(Path(sys.executable).parent / "lmcache-supervise")
 MARKER = "LMCACHE_SUPERVISE_SOAK_MARKER"
@@ -58,8 +57,15 @@ def free_port_base(span: int = DEMO_PORT_SPAN) -> int:
 class Deployment:
     """A running ``up demo``; use as a context manager so that nothing outlives it."""
 
-    def __init__(self, workdir: Path, *, extra: Sequence[str] = (), echo_children: bool = False,
-                 base: int | None = None, state_root: Path | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        extra: Sequence[str] = (),
+        echo_children: bool = False,
+        base: int | None = None,
+        state_root: Path | None = None,
+    ) -> None:
         self.workdir = workdir
         self.base = base or free_port_base()
         self.state_root = state_root or workdir / "state"
@@ -81,8 +87,9 @@ class Deployment:
 
     def __enter__(self) -> Deployment:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self._proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, env=self.env)
+        self._proc = subprocess.Popen(
+            self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.env
+        )
         for stream, sink in ((self._proc.stdout, self._on_stdout), (self._proc.stderr, self._on_stderr)):
             thread = threading.Thread(target=self._read, args=(stream, sink), daemon=True)
             thread.start()
@@ -110,8 +117,11 @@ class Deployment:
 
     def wait_ready(self, timeout_s: float = 90.0) -> None:
         """Until ``up`` printed its ready line; raises with the supervisor's last words otherwise."""
-        self.wait(lambda: any(line.startswith("ready:") for line in self.stdout_lines) or not self.running(),
-                  timeout_s, "the deployment's first ready")
+        self.wait(
+            lambda: any(line.startswith("ready:") for line in self.stdout_lines) or not self.running(),
+            timeout_s,
+            "the deployment's first ready",
+        )
         if not self.running():
             last_words = "".join(self.stderr_text)[-2000:]
             raise RuntimeError(f"up demo exited with {self._proc.poll()}: {last_words}")
@@ -175,8 +185,11 @@ class Deployment:
             return list(self.events)
 
     def named(self, event: str, process: str | None = None) -> list[Event]:
-        return [e for e in self.snapshot()
-                if e.name == event and (process is None or e.data.get("process") == process)]
+        return [
+            e
+            for e in self.snapshot()
+            if e.name == event and (process is None or e.data.get("process") == process)
+        ]
 
     # ---- the supervisor's view, from its events ------------------------------------------
 
@@ -190,8 +203,11 @@ class Deployment:
         return state, pid
 
     def deployment_state(self) -> str:
-        states = [e.name.removeprefix("deployment ") for e in self.snapshot()
-                  if e.name.removeprefix("deployment ") in DEPLOYMENT_STATES and "deployment" in e.data]
+        states = [
+            e.name.removeprefix("deployment ")
+            for e in self.snapshot()
+            if e.name.removeprefix("deployment ") in DEPLOYMENT_STATES and "deployment" in e.data
+        ]
         return states[-1] if states else "starting"
 
     def all_ready(self) -> bool:

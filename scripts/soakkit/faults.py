@@ -59,8 +59,9 @@ class Fault:
 class Client:
     """Small chat requests back to back from a few threads, each bounded by a timeout, until stopped."""
 
-    def __init__(self, deployment: Deployment, *, threads: int = 2, timeout_s: float = 5.0,
-                 pause_s: float = 0.05) -> None:
+    def __init__(
+        self, deployment: Deployment, *, threads: int = 2, timeout_s: float = 5.0, pause_s: float = 0.05
+    ) -> None:
         self._dep, self._timeout_s, self._pause_s = deployment, timeout_s, pause_s
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -91,8 +92,14 @@ class Client:
 class Injector:
     """Random faults at random intervals until a deadline, every SIGSTOP answered by its SIGCONT."""
 
-    def __init__(self, deployment: Deployment, rng: random.Random, *, gap_s: tuple[float, float],
-                 long_stop_chance: float = 0.15) -> None:
+    def __init__(
+        self,
+        deployment: Deployment,
+        rng: random.Random,
+        *,
+        gap_s: tuple[float, float],
+        long_stop_chance: float = 0.15,
+    ) -> None:
         self._dep, self._rng, self._gap_s = deployment, rng, gap_s
         self._long_chance = long_stop_chance
         self.faults: list[Fault] = []

@@ -63,13 +63,18 @@ class Timeline:
 def judge(faults: Sequence[Fault], timeline: Timeline) -> list[Judged]:
     out = []
     for fault in sorted(faults, key=lambda f: f.injected):
-        newer = [e for e in timeline.process(fault.target, "process starting", fault.injected)
-                 if e.data.get("pid") != fault.pid]
+        newer = [
+            e
+            for e in timeline.process(fault.target, "process starting", fault.injected)
+            if e.data.get("pid") != fault.pid
+        ]
         # Only a kill while this stop lasted is its doing (the same pid may be stopped again later).
         killed_by_liveness = fault.kind == "SIGSTOP" and any(
-            e.data.get("pid") == fault.pid and "liveness" in str(e.data.get("reason"))
+            e.data.get("pid") == fault.pid
+            and "liveness" in str(e.data.get("reason"))
             and e.at <= fault.ended + SETTLE_S
-            for e in timeline.process(fault.target, "process stopping", fault.injected))
+            for e in timeline.process(fault.target, "process stopping", fault.injected)
+        )
         restarted = bool(newer) and (fault.kind == "SIGKILL" or killed_by_liveness)
         if restarted:
             # Its first new incarnation turning running (or a later one, when a second fault hit that one).
@@ -77,8 +82,11 @@ def judge(faults: Sequence[Fault], timeline: Timeline) -> list[Judged]:
             anchor = running[0] if running else None
         else:
             anchor = fault.ended
-            noticed = [at for at, new in timeline.deployment
-                       if fault.injected < at <= fault.ended + SETTLE_S and new != "ready"]
+            noticed = [
+                at
+                for at, new in timeline.deployment
+                if fault.injected < at <= fault.ended + SETTLE_S and new != "ready"
+            ]
             if noticed:
                 anchor = max(anchor, noticed[-1])
         recovered = timeline.ready_from(anchor) if anchor is not None else None
@@ -88,8 +96,10 @@ def judge(faults: Sequence[Fault], timeline: Timeline) -> list[Judged]:
 
 def windows(judged: Sequence[Judged], end: float) -> list[tuple[float, float]]:
     """Each fault's window: injection .. recovery (+ event arrival slack), or .. ``end`` if never healed."""
-    return [(j.fault.injected, (j.recovered if j.recovered is not None else end) + ARRIVAL_SLACK_S)
-            for j in judged]
+    return [
+        (j.fault.injected, (j.recovered if j.recovered is not None else end) + ARRIVAL_SLACK_S)
+        for j in judged
+    ]
 
 
 def outside_windows(requests: Sequence[Request], judged: Sequence[Judged], end: float) -> list[Request]:

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import click
 
-from supervisor.errors import EXIT_BAD_INPUT, EXIT_RUNTIME, SupervisorError
+from supervisor.errors import EXIT_RUNTIME, SupervisorError
 from supervisor.plan.spec import Plan
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -68,9 +68,14 @@ def main() -> None:
 
 def profile_options(func: F) -> F:
     """PROFILE plus the overrides every profile-taking command accepts."""
-    func = click.option("--model", "model", default=None, help="Override model.name (HF id or local path).")(func)
+    func = click.option("--model", "model", default=None, help="Override model.name (HF id or local path).")(
+        func
+    )
     func = click.option(
-        "--set", "overrides", multiple=True, metavar="KEY=VALUE",
+        "--set",
+        "overrides",
+        multiple=True,
+        metavar="KEY=VALUE",
         help="Override a profile key, e.g. --set ports.base=9000 (repeatable; values are TOML).",
     )(func)
     return click.argument("profile")(func)  # type: ignore[return-value]
@@ -79,24 +84,37 @@ def profile_options(func: F) -> F:
 def node_options(func: F) -> F:
     """``--role/--head/--advertise``: which part of PROFILE this machine runs (README, "Several machines")."""
     func = click.option(
-        "--advertise", default=None, metavar="ADDR",
+        "--advertise",
+        default=None,
+        metavar="ADDR",
         help="This machine's address as the other nodes reach it (default: ports.host when it is a concrete "
-             "address; on a worker node, the address this host uses toward --head).",
+        "address; on a worker node, the address this host uses toward --head).",
     )(func)
-    func = click.option("--head", default=None, metavar="HOST",
-                        help="The head node's address (required with --role worker).")(func)
+    func = click.option(
+        "--head", default=None, metavar="HOST", help="The head node's address (required with --role worker)."
+    )(func)
     return click.option(  # type: ignore[return-value]
-        "--role", default="all", show_default=True, metavar="all|head|worker",
-        help="head: etcd/NATS, the frontend and workers with node = \"head\"; worker: the other workers, "
-             "pointed at --head; all: everything on this machine.",
+        "--role",
+        default="all",
+        show_default=True,
+        metavar="all|head|worker",
+        help='head: etcd/NATS, the frontend and workers with node = "head"; worker: the other workers, '
+        "pointed at --head; all: everything on this machine.",
     )(func)
 
 
-def load_plan(profile: str, overrides: tuple[str, ...] = (), model: str | None = None, *, role: str = "all",
-              head: str | None = None, advertise: str | None = None) -> Plan:
+def load_plan(
+    profile: str,
+    overrides: tuple[str, ...] = (),
+    model: str | None = None,
+    *,
+    role: str = "all",
+    head: str | None = None,
+    advertise: str | None = None,
+) -> Plan:
     """Profile name or path -> validated profile -> plan (state under the state root) for this node's role."""
-    from supervisor.plan import nodes
     from supervisor import paths
+    from supervisor.plan import nodes
     from supervisor.plan import render as plan
     from supervisor.profile import load as profiles
 
@@ -109,14 +127,28 @@ def load_plan(profile: str, overrides: tuple[str, ...] = (), model: str | None =
 
 # The check names, spelled out so the CLI needs no import of preflight (and psutil) to build --help;
 # tests/preflight/test_preflight.py asserts they equal preflight.CHECKS.
-CHECK_NAMES = ("arch", "gpu", "lmcache-config", "host-memory", "disk", "ports", "remote-cache", "software",
-               "model", "discovery")
+CHECK_NAMES = (
+    "arch",
+    "gpu",
+    "lmcache-config",
+    "host-memory",
+    "disk",
+    "ports",
+    "remote-cache",
+    "software",
+    "model",
+    "discovery",
+)
 
 
 def skip_check_option(func: F) -> F:
     """``--skip-check NAME`` (repeatable), shared by ``check`` and ``up``."""
     return click.option(  # type: ignore[return-value]
-        "--skip-check", "skip", multiple=True, type=click.Choice(CHECK_NAMES), metavar="NAME",
+        "--skip-check",
+        "skip",
+        multiple=True,
+        type=click.Choice(CHECK_NAMES),
+        metavar="NAME",
         help="Turn this check's failures into warnings (repeatable): " + ", ".join(CHECK_NAMES) + ".",
     )(func)
 
@@ -129,6 +161,7 @@ def run_preflight(rendered: Plan, skip: tuple[str, ...] = ()) -> list[Any]:
 
     # The LMCache config files first: the remote URL or disk cache they name are probed too.
     from supervisor.preflight import checks as preflight
+
     files = host.read_lmcache_files(preflight.lmcache_file_requests(rendered))
     return preflight.check(rendered, host.gather(preflight.facts_request(rendered, files)), skip=skip)
 
@@ -145,8 +178,9 @@ def print_findings(findings: list[Any]) -> None:
         table.add_column(column, overflow="fold")
     for f in findings:
         status = f.status.value
-        table.add_row(f"[{style[status]}]{status.upper()}[/]", f.check, escape(f.message),
-                      f"[dim]{escape(f.hint)}[/]")
+        table.add_row(
+            f"[{style[status]}]{status.upper()}[/]", f.check, escape(f.message), f"[dim]{escape(f.hint)}[/]"
+        )
     counts = {s: sum(f.status.value == s for f in findings) for s in style}
     console = Console()
     console.print(table)

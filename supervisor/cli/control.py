@@ -26,15 +26,19 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def deployment_option(func: F) -> F:
     return click.option(  # type: ignore[return-value]
-        "--deployment", "-d", "deployment", default=None, metavar="NAME",
-        help="Which running deployment (needed only when several run under the state root).")(func)
+        "--deployment",
+        "-d",
+        "deployment",
+        default=None,
+        metavar="NAME",
+        help="Which running deployment (needed only when several run under the state root).",
+    )(func)
 
 
 def observability(plan: Plan) -> tuple[list[Any], list[Any]]:
     """``(observers, services)`` for ``foreground.run``: control socket, metrics + targets file, progress."""
+    from supervisor.control import metrics, progress
     from supervisor.control import server as control
-    from supervisor.control import metrics
-    from supervisor.control import progress
 
     timeline = progress.Timeline()
     sink = _terminal_sink() if sys.stdout.isatty() else None  # otherwise structured log events
@@ -52,8 +56,8 @@ def _terminal_sink() -> Callable[[str], None]:
 
 
 def _find(deployment: str | None) -> Any:
-    from supervisor.control import server as control
     from supervisor import paths
+    from supervisor.control import server as control
 
     return control.find(paths.state_root(), deployment)
 
@@ -84,9 +88,17 @@ def _duration(seconds: float | None) -> str:
     return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m"
 
 
-_STATE_STYLE = {"healthy": "green", "ready": "green", "starting": "cyan", "unhealthy": "yellow",
-                "degraded": "yellow", "backoff": "yellow", "stopping": "magenta", "failed": "bold red",
-                "stopped": "dim"}
+_STATE_STYLE = {
+    "healthy": "green",
+    "ready": "green",
+    "starting": "cyan",
+    "unhealthy": "yellow",
+    "degraded": "yellow",
+    "backoff": "yellow",
+    "stopping": "magenta",
+    "failed": "bold red",
+    "stopped": "dim",
+}
 
 
 def render_status(doc: dict[str, Any]) -> Any:
@@ -102,7 +114,8 @@ def render_status(doc: dict[str, Any]) -> Any:
     head = Text.from_markup(
         f"[bold]{escape(dep['name'])}[/] [{_STATE_STYLE.get(state, '')}]{state}[/]  model {escape(dep['model'])} "
         f"at {escape(dep['base_url'])}/v1  up {_duration(dep['uptime_s'])}  "
-        f"ready in {_duration(dep['time_to_ready_s'])}")
+        f"ready in {_duration(dep['time_to_ready_s'])}"
+    )
     table = Table(header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     for column in ("process", "state", "pid", "uptime", "restarts", "last exit", "gpus"):
         table.add_column(column, no_wrap=True)
@@ -111,14 +124,28 @@ def render_status(doc: dict[str, Any]) -> Any:
     notes: list[str] = []
     for p in doc["processes"]:
         probe = p["probe"]
-        probe_text = "-" if probe is None else (f"ok {_duration(probe['latency_s'])}" if probe["ok"] else
-                                                f"[red]fail[/] {_duration(probe['latency_s'])}")
+        probe_text = (
+            "-"
+            if probe is None
+            else (
+                f"ok {_duration(probe['latency_s'])}"
+                if probe["ok"]
+                else f"[red]fail[/] {_duration(probe['latency_s'])}"
+            )
+        )
         last = (p["last_exit"]["signal"] or f"code {p['last_exit']['code']}") if p["last_exit"] else "-"
         name = escape(p["name"]) + (f" [dim]({escape(p['role'])})[/]" if p["role"] != p["name"] else "")
-        table.add_row(name, f"[{_STATE_STYLE.get(p['state'], '')}]{p['state']}[/]",
-                      str(p["pid"] or "-"), _duration(p["uptime_s"]), str(p["restarts"]), escape(last),
-                      ",".join(map(str, p["gpus"])) or "-",
-                      escape(" ".join(f"{k} {v}" for k, v in p["ports"].items()) or "-"), probe_text)
+        table.add_row(
+            name,
+            f"[{_STATE_STYLE.get(p['state'], '')}]{p['state']}[/]",
+            str(p["pid"] or "-"),
+            _duration(p["uptime_s"]),
+            str(p["restarts"]),
+            escape(last),
+            ",".join(map(str, p["gpus"])) or "-",
+            escape(" ".join(f"{k} {v}" for k, v in p["ports"].items()) or "-"),
+            probe_text,
+        )
         if p["state"] not in ("healthy",) and p["reason"]:
             notes.append(f"[bold]{escape(p['name'])}[/]: {escape(p['reason'])}")
         if probe is not None and not probe["ok"] and probe["error"]:
@@ -133,8 +160,13 @@ def render_status(doc: dict[str, Any]) -> Any:
 @deployment_option
 @click.option("--json", "as_json", is_flag=True, help="Print the status document (schema in the README).")
 @click.option("--watch", is_flag=True, help="Refresh until Ctrl-C or until the deployment stops.")
-@click.option("--interval", type=click.FloatRange(min=0.2), default=1.0, show_default=True,
-              help="Seconds between refreshes with --watch.")
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.2),
+    default=1.0,
+    show_default=True,
+    help="Seconds between refreshes with --watch.",
+)
 @handles_errors
 def status_command(deployment: str | None, as_json: bool, watch: bool, interval: float) -> None:
     """Show a running deployment: per-process state, pid, uptime, restarts, exits, GPUs, ports, probes, hints."""
@@ -173,14 +205,21 @@ def _act(op: str, process: str, deployment: str | None, wait_s: float) -> dict[s
     from supervisor.control import server as control
 
     endpoint = _find(deployment)
-    return control.request(endpoint, {"op": op, "process": process, "wait_s": wait_s}, timeout_s=wait_s + 10.0)
+    return control.request(
+        endpoint, {"op": op, "process": process, "wait_s": wait_s}, timeout_s=wait_s + 10.0
+    )
 
 
 def wait_options(func: F) -> F:
     func = click.option("--no-wait", is_flag=True, help="Answer at once instead of waiting for health.")(func)
     return click.option(  # type: ignore[return-value]
-        "--timeout", "timeout_s", type=click.FloatRange(min=0.1), default=600.0, show_default=True,
-        help="Seconds to wait for the process to be healthy again (and the model ready).")(func)
+        "--timeout",
+        "timeout_s",
+        type=click.FloatRange(min=0.1),
+        default=600.0,
+        show_default=True,
+        help="Seconds to wait for the process to be healthy again (and the model ready).",
+    )(func)
 
 
 @main.command("restart")
@@ -193,8 +232,10 @@ def restart_command(process: str, deployment: str | None, timeout_s: float, no_w
     started = time.monotonic()
     answer = _act("restart", process, deployment, 0.0 if no_wait else timeout_s)
     proc = answer["process"]
-    click.echo(f"restarted {process}: pid {answer['old_pid'] or '-'} -> {proc['pid'] or '-'}, {proc['state']}; "
-               f"deployment {answer['deployment_state']} ({time.monotonic() - started:.1f} s)")
+    click.echo(
+        f"restarted {process}: pid {answer['old_pid'] or '-'} -> {proc['pid'] or '-'}, {proc['state']}; "
+        f"deployment {answer['deployment_state']} ({time.monotonic() - started:.1f} s)"
+    )
 
 
 @main.command("stop")
@@ -204,8 +245,9 @@ def restart_command(process: str, deployment: str | None, timeout_s: float, no_w
 def stop_command(process: str, deployment: str | None) -> None:
     """Stop PROCESS (its process group, in order) until `start`; the deployment reports itself degraded."""
     answer = _act("stop", process, deployment, 0.0)
-    click.echo(f"stopped {process} (was pid {answer['old_pid'] or '-'}); "
-               f"deployment {answer['deployment_state']}")
+    click.echo(
+        f"stopped {process} (was pid {answer['old_pid'] or '-'}); deployment {answer['deployment_state']}"
+    )
 
 
 @main.command("start")
@@ -219,16 +261,18 @@ def start_command(process: str, deployment: str | None, timeout_s: float, no_wai
     answer = _act("start", process, deployment, 0.0 if no_wait else timeout_s)
     proc = answer["process"]
     verb = f"{process} was {answer['note']}" if answer.get("note") else f"started {process}"
-    click.echo(f"{verb}: pid {proc['pid'] or '-'}, {proc['state']}; "
-               f"deployment {answer['deployment_state']} ({time.monotonic() - started:.1f} s)")
+    click.echo(
+        f"{verb}: pid {proc['pid'] or '-'}, {proc['state']}; "
+        f"deployment {answer['deployment_state']} ({time.monotonic() - started:.1f} s)"
+    )
 
 
 def _log_source(process: str, deployment: str | None) -> tuple[str, list[dict[str, Any]]]:
     """The log file of ``process`` and its hints: from the running supervisor, else from the state root."""
-    from supervisor.control import hints as diagnose
     from supervisor import paths
-    from supervisor.engine import pidfile
+    from supervisor.control import hints as diagnose
     from supervisor.control import status as statusview
+    from supervisor.engine import pidfile
 
     root = paths.state_root()
     live = pidfile.running(root)
@@ -238,13 +282,17 @@ def _log_source(process: str, deployment: str | None) -> tuple[str, list[dict[st
             if p["name"] == process:
                 return p["log_file"], p["hints"]
         names = ", ".join(p["name"] for p in doc["processes"])
-        raise BadRequestError(f"no process {process!r} in deployment {doc['deployment']['name']!r} "
-                              f"(processes: {names})")
+        raise BadRequestError(
+            f"no process {process!r} in deployment {doc['deployment']['name']!r} (processes: {names})"
+        )
     # Nothing running: the logs of a stopped deployment are still worth reading.
     dirs = [root / deployment] if deployment else sorted(d for d in root.glob("*") if (d / "logs").is_dir())
     if len(dirs) != 1:
-        raise ControlError(f"no running deployment under {root}" if not dirs else
-                           f"several deployments have logs under {root}; name one with --deployment")
+        raise ControlError(
+            f"no running deployment under {root}"
+            if not dirs
+            else f"several deployments have logs under {root}; name one with --deployment"
+        )
     path = dirs[0] / "logs" / f"{process}.log"
     if not path.is_file():
         raise BadRequestError(f"no log for process {process!r} in {path.parent}")
@@ -254,9 +302,18 @@ def _log_source(process: str, deployment: str | None) -> tuple[str, list[dict[st
 @main.command("logs")
 @click.argument("process")
 @deployment_option
-@click.option("-f", "--follow", is_flag=True, help="Keep printing new lines (across log rotation) until Ctrl-C.")
-@click.option("-n", "--lines", "count", type=click.IntRange(min=0), default=50, show_default=True,
-              help="How many of the last lines to print first.")
+@click.option(
+    "-f", "--follow", is_flag=True, help="Keep printing new lines (across log rotation) until Ctrl-C."
+)
+@click.option(
+    "-n",
+    "--lines",
+    "count",
+    type=click.IntRange(min=0),
+    default=50,
+    show_default=True,
+    help="How many of the last lines to print first.",
+)
 @handles_errors
 def logs_command(process: str, deployment: str | None, follow: bool, count: int) -> None:
     """Print PROCESS's output (stdout and stderr, as the supervisor logged it), then known-problem hints."""
@@ -293,12 +350,27 @@ def metrics_command(deployment: str | None, as_json: bool) -> None:
     doc = _status(_find(deployment))
     summaries = scrape.collect(scrape.read_targets(doc["deployment"]["targets_file"]))
     if as_json:
-        click.echo(json.dumps({"supervisor_metrics_url": doc["deployment"]["metrics_url"],
-                               "endpoints": [s.to_json() for s in summaries]}, indent=2))
+        click.echo(
+            json.dumps(
+                {
+                    "supervisor_metrics_url": doc["deployment"]["metrics_url"],
+                    "endpoints": [s.to_json() for s in summaries],
+                },
+                indent=2,
+            )
+        )
         return
     table = Table(header_style="bold")
-    for column in ("process", "role", "requests", "cached tokens", "KV usage", "prefix cache hits",
-                   "LMCache hit rate", "LMCache local"):
+    for column in (
+        "process",
+        "role",
+        "requests",
+        "cached tokens",
+        "KV usage",
+        "prefix cache hits",
+        "LMCache hit rate",
+        "LMCache local",
+    ):
         table.add_column(column)
 
     def num(v: float | None) -> str:
@@ -312,37 +384,64 @@ def metrics_command(deployment: str | None, as_json: bool) -> None:
             table.add_row(s.target.process, s.target.role, f"[red]{s.error}[/]", "", "", "", "", "")
             continue
         requests = num(s.requests) + (f" ({num(s.failed_requests)} failed)" if s.failed_requests else "")
-        cached = "-" if s.cached_tokens is None else f"{num(s.cached_tokens)} of {num(s.input_tokens)} " \
-                                                     f"({pct(s.cached_fraction)})"
+        cached = (
+            "-"
+            if s.cached_tokens is None
+            else f"{num(s.cached_tokens)} of {num(s.input_tokens)} ({pct(s.cached_fraction)})"
+        )
         prefix = "-" if s.prefix_hits is None else f"{num(s.prefix_hits)} / {num(s.prefix_queries)}"
-        lmc = "-" if s.lmcache_hits is None else f"{pct(s.lmcache_hit_rate)} ({num(s.lmcache_hits)} / " \
-                                                 f"{num(s.lmcache_requested)} tokens)"
-        local = "-" if s.lmcache_local_usage_bytes is None else f"{s.lmcache_local_usage_bytes / 2**30:.2f} GiB"
+        lmc = (
+            "-"
+            if s.lmcache_hits is None
+            else f"{pct(s.lmcache_hit_rate)} ({num(s.lmcache_hits)} / {num(s.lmcache_requested)} tokens)"
+        )
+        local = (
+            "-" if s.lmcache_local_usage_bytes is None else f"{s.lmcache_local_usage_bytes / 2**30:.2f} GiB"
+        )
         table.add_row(s.target.process, s.target.role, requests, cached, pct(s.kv_usage), prefix, lmc, local)
     console = _console()
     console.print(table)
     if not any(s.lmcache_hits is not None for s in summaries):
         console.print("[dim]no LMCache series exported (mocker workers, or LMCache not loaded yet)[/]")
     if doc["deployment"]["metrics_url"]:
-        console.print(f"supervisor metrics: {doc['deployment']['metrics_url']}   "
-                      f"Prometheus file_sd: {doc['deployment']['targets_file']}", soft_wrap=True)
+        console.print(
+            f"supervisor metrics: {doc['deployment']['metrics_url']}   "
+            f"Prometheus file_sd: {doc['deployment']['targets_file']}",
+            soft_wrap=True,
+        )
 
 
 @main.command("smoke")
 @deployment_option
-@click.option("--prompt-tokens", type=click.IntRange(min=16, max=1_000_000), default=2048, show_default=True,
-              help="About how long the prompt is (the report shows the real count).")
+@click.option(
+    "--prompt-tokens",
+    type=click.IntRange(min=16, max=1_000_000),
+    default=2048,
+    show_default=True,
+    help="About how long the prompt is (the report shows the real count).",
+)
 @click.option("--max-tokens", type=click.IntRange(min=1, max=4096), default=8, show_default=True)
-@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0.1), default=120.0, show_default=True,
-              help="Seconds each request may take.")
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=click.FloatRange(min=0.1),
+    default=120.0,
+    show_default=True,
+    help="Seconds each request may take.",
+)
 @click.option("--require-hit", is_flag=True, help="Exit 1 unless the repeat shows cache reuse.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @handles_errors
-def smoke_command(deployment: str | None, prompt_tokens: int, max_tokens: int, timeout_s: float,
-                  require_hit: bool, as_json: bool) -> None:
+def smoke_command(
+    deployment: str | None,
+    prompt_tokens: int,
+    max_tokens: int,
+    timeout_s: float,
+    require_hit: bool,
+    as_json: bool,
+) -> None:
     """Send the same long prompt twice: TTFT, total time, cached tokens and worker cache counters for each."""
-    from supervisor.control import scrape
-    from supervisor.control import smoke
+    from supervisor.control import scrape, smoke
 
     doc = _status(_find(deployment))
     dep = doc["deployment"]
@@ -351,22 +450,34 @@ def smoke_command(deployment: str | None, prompt_tokens: int, max_tokens: int, t
     except ControlError:
         targets = ()
     try:
-        report = smoke.run(dep["base_url"], dep["model"], targets, prompt_tokens=prompt_tokens,
-                           max_tokens=max_tokens, timeout_s=timeout_s)
+        report = smoke.run(
+            dep["base_url"],
+            dep["model"],
+            targets,
+            prompt_tokens=prompt_tokens,
+            max_tokens=max_tokens,
+            timeout_s=timeout_s,
+        )
     except smoke.SmokeError as exc:
         raise ControlError(f"smoke request to {dep['name']!r} failed: {exc}") from None
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
     else:
-        click.echo(f"smoke {dep['name']}: the same ~{prompt_tokens}-token prompt twice via {dep['base_url']}/v1")
+        click.echo(
+            f"smoke {dep['name']}: the same ~{prompt_tokens}-token prompt twice via {dep['base_url']}/v1"
+        )
         for label, a in zip(("first ", "repeat"), report.attempts):
             counters = ", ".join(f"{k} {v:+,.0f}" for k, v in sorted(a.counters_delta.items())) or "-"
-            click.echo(f"  {label}: TTFT {_duration(a.ttft_s)}, total {_duration(a.total_s)}, "
-                       f"{a.prompt_tokens} prompt tokens, {a.cached_tokens} cached; worker counters: {counters}")
+            click.echo(
+                f"  {label}: TTFT {_duration(a.ttft_s)}, total {_duration(a.total_s)}, "
+                f"{a.prompt_tokens} prompt tokens, {a.cached_tokens} cached; worker counters: {counters}"
+            )
         if not report.counters_present:
             click.echo("  workers export no LMCache or vLLM prefix-cache counters (the mocker has none)")
         elif report.run_delta:
-            click.echo("  over the run: " + ", ".join(f"{k} {v:+,.0f}" for k, v in sorted(report.run_delta.items())))
+            click.echo(
+                "  over the run: " + ", ".join(f"{k} {v:+,.0f}" for k, v in sorted(report.run_delta.items()))
+            )
         click.echo("cache reuse: " + ("seen" if report.reuse_seen else "not reported by the engine"))
     if require_hit and not report.reuse_seen:
         sys.exit(1)
@@ -374,8 +485,8 @@ def smoke_command(deployment: str | None, prompt_tokens: int, max_tokens: int, t
 
 def down(deployment: str | None, timeout_s: float) -> None:
     """``down``: ask over the control socket, wait for the supervisor to exit; SIGTERM if it does not answer."""
-    from supervisor.control import server as control
     from supervisor import paths
+    from supervisor.control import server as control
     from supervisor.engine import pidfile
 
     endpoint = _find(deployment)
@@ -389,4 +500,3 @@ def down(deployment: str | None, timeout_s: float) -> None:
     else:
         took = control.wait_gone(endpoint, timeout_s=timeout_s)
     click.echo(f"stopped {endpoint.deployment} (supervisor pid {endpoint.pid}) in {took:.1f} s")
-

@@ -38,16 +38,24 @@ def _this_executable() -> str:
     return str(Path(found).absolute())
 
 
-def _unit_for(profile: str, overrides: tuple[str, ...], model: str | None, *, executable: str | None,
-              user: str, template: bool, role: str = "all", head: str | None = None,
-              advertise: str | None = None) -> tuple[Plan, str]:
+def _unit_for(
+    profile: str,
+    overrides: tuple[str, ...],
+    model: str | None,
+    *,
+    executable: str | None,
+    user: str,
+    template: bool,
+    role: str = "all",
+    head: str | None = None,
+    advertise: str | None = None,
+) -> tuple[Plan, str]:
     """The plan (state under the system state root) and the unit text for PROFILE on this node."""
     import shlex
     from pathlib import Path
 
-    from supervisor.plan import nodes
-
     from supervisor.export import systemd
+    from supervisor.plan import nodes
     from supervisor.plan import render as plans
     from supervisor.profile import load as profiles
 
@@ -68,33 +76,67 @@ def _unit_for(profile: str, overrides: tuple[str, ...], model: str | None, *, ex
     words += ["--model", model] if model is not None else []
     words += node_args
     words += ["--template", "--executable", exe] if template else []
-    options = systemd.UnitOptions(executable=exe, profile_ref=None if template else ref, overrides=overrides,
-                                  model=model, up_args=tuple(node_args), user=user, group=user,
-                                  command=shlex.join(words))
+    options = systemd.UnitOptions(
+        executable=exe,
+        profile_ref=None if template else ref,
+        overrides=overrides,
+        model=model,
+        up_args=tuple(node_args),
+        user=user,
+        group=user,
+        command=shlex.join(words),
+    )
     return rendered, systemd.render_unit(rendered, options)
 
 
 def unit_options(func: F) -> F:
-    func = click.option("--user", default="lmcache", show_default=True,
-                        help="The dedicated user (and group) the service runs as.")(func)
+    func = click.option(
+        "--user",
+        default="lmcache",
+        show_default=True,
+        help="The dedicated user (and group) the service runs as.",
+    )(func)
     return click.option(  # type: ignore[return-value]
-        "--executable", default=None, metavar="PATH",
-        help="lmcache-supervise as the service should run it (default: this installation's).")(func)
+        "--executable",
+        default=None,
+        metavar="PATH",
+        help="lmcache-supervise as the service should run it (default: this installation's).",
+    )(func)
 
 
 @systemd_group.command("render")
 @profile_options
 @node_options
 @unit_options
-@click.option("--template", is_flag=True,
-              help="Print the lmcache-supervise@.service template (%i for the profile), with PROFILE's timeouts.")
+@click.option(
+    "--template",
+    is_flag=True,
+    help="Print the lmcache-supervise@.service template (%i for the profile), with PROFILE's timeouts.",
+)
 @handles_errors
-def systemd_render_command(profile: str, overrides: tuple[str, ...], model: str | None, role: str,
-                           head: str | None, advertise: str | None, executable: str | None, user: str,
-                           template: bool) -> None:
+def systemd_render_command(
+    profile: str,
+    overrides: tuple[str, ...],
+    model: str | None,
+    role: str,
+    head: str | None,
+    advertise: str | None,
+    executable: str | None,
+    user: str,
+    template: bool,
+) -> None:
     """Print the unit for PROFILE: ExecStart with this installation's paths, timeouts from its plan."""
-    _, text = _unit_for(profile, overrides, model, executable=executable, user=user, template=template,
-                        role=role, head=head, advertise=advertise)
+    _, text = _unit_for(
+        profile,
+        overrides,
+        model,
+        executable=executable,
+        user=user,
+        template=template,
+        role=role,
+        head=head,
+        advertise=advertise,
+    )
     click.echo(text, nl=False)
 
 
@@ -102,12 +144,25 @@ def systemd_render_command(profile: str, overrides: tuple[str, ...], model: str 
 @profile_options
 @node_options
 @unit_options
-@click.option("--unit-dir", default="/etc/systemd/system", show_default=True, metavar="DIR",
-              help="Where to write the unit.")
+@click.option(
+    "--unit-dir",
+    default="/etc/systemd/system",
+    show_default=True,
+    metavar="DIR",
+    help="Where to write the unit.",
+)
 @handles_errors
-def systemd_install_command(profile: str, overrides: tuple[str, ...], model: str | None, role: str,
-                            head: str | None, advertise: str | None, executable: str | None, user: str,
-                            unit_dir: str) -> None:
+def systemd_install_command(
+    profile: str,
+    overrides: tuple[str, ...],
+    model: str | None,
+    role: str,
+    head: str | None,
+    advertise: str | None,
+    executable: str | None,
+    user: str,
+    unit_dir: str,
+) -> None:
     """Write lmcache-supervise@DEPLOYMENT.service (as root) and print the systemctl commands to run."""
     import pwd
     import shlex
@@ -116,8 +171,17 @@ def systemd_install_command(profile: str, overrides: tuple[str, ...], model: str
 
     from supervisor.export import systemd
 
-    rendered, text = _unit_for(profile, overrides, model, executable=executable, user=user, template=False,
-                               role=role, head=head, advertise=advertise)
+    rendered, text = _unit_for(
+        profile,
+        overrides,
+        model,
+        executable=executable,
+        user=user,
+        template=False,
+        role=role,
+        head=head,
+        advertise=advertise,
+    )
     name = systemd.unit_name(rendered.deployment.name)
     target = Path(unit_dir) / name
     try:
@@ -139,13 +203,14 @@ def systemd_install_command(profile: str, overrides: tuple[str, ...], model: str
         pwd.getpwnam(user)
     except KeyError:
         home = f"/var/lib/{systemd.STATE_DIRECTORY}"
-        click.echo(f"  useradd --system --user-group --home-dir {home} --no-create-home "
-                   f"--shell /usr/sbin/nologin {shlex.quote(user)}")
+        click.echo(
+            f"  useradd --system --user-group --home-dir {home} --no-create-home "
+            f"--shell /usr/sbin/nologin {shlex.quote(user)}"
+        )
     for command in ("daemon-reload", f"enable --now {name}", f"status {name}"):
         click.echo(f"  systemctl {command}")
     click.echo(f"  journalctl -u {name} -f")
     click.echo(f"after editing the profile: systemctl reload {name}")
-
 
 
 # ---------------------------------------------------------------------------------------- export
@@ -158,14 +223,28 @@ def export_group() -> None:
 
 @export_group.command("k8s")
 @profile_options
-@click.option("--image", default=None, metavar="IMAGE",
-              help="Container image for every component (default: Dynamo 1.6.1's runtime image for the engine).")
+@click.option(
+    "--image",
+    default=None,
+    metavar="IMAGE",
+    help="Container image for every component (default: Dynamo 1.6.1's runtime image for the engine).",
+)
 @click.option("--namespace", default=None, metavar="NS", help="metadata.namespace of the manifest.")
-@click.option("--secret-name", default=None, metavar="NAME",
-              help="The Secret that credentials are referenced from (default: <name>-secrets).")
+@click.option(
+    "--secret-name",
+    default=None,
+    metavar="NAME",
+    help="The Secret that credentials are referenced from (default: <name>-secrets).",
+)
 @handles_errors
-def export_k8s_command(profile: str, overrides: tuple[str, ...], model: str | None, image: str | None,
-                       namespace: str | None, secret_name: str | None) -> None:
+def export_k8s_command(
+    profile: str,
+    overrides: tuple[str, ...],
+    model: str | None,
+    image: str | None,
+    namespace: str | None,
+    secret_name: str | None,
+) -> None:
     """Print PROFILE as a Kubernetes DynamoGraphDeployment (nvidia.com/v1beta1, Dynamo 1.6.1) in YAML.
 
     Credentials become secretKeyRef entries; what to create is printed on stderr."""
@@ -175,8 +254,10 @@ def export_k8s_command(profile: str, overrides: tuple[str, ...], model: str | No
 
     rendered = load_plan(profile, overrides, model)
     out = k8s.export(rendered, image=image, namespace=namespace, secret_name=secret_name)
-    click.echo(f"# {k8s.KIND} for Dynamo {k8s.DYNAMO_VERSION} ({k8s.API_VERSION}), "
-               f"rendered by lmcache-supervise from {rendered.deployment.profile}")
+    click.echo(
+        f"# {k8s.KIND} for Dynamo {k8s.DYNAMO_VERSION} ({k8s.API_VERSION}), "
+        f"rendered by lmcache-supervise from {rendered.deployment.profile}"
+    )
     click.echo(yaml.safe_dump(out.manifest, sort_keys=False, width=100000), nl=False)
     for note in out.notes:
         click.echo(f"lmcache-supervise: note: {note}", err=True)

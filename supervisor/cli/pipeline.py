@@ -11,12 +11,18 @@ import sys
 import click
 
 from supervisor.cli.app import (
-    fail, handles_errors, load_plan, main, node_options, print_findings, profile_options, run_preflight,
+    fail,
+    handles_errors,
+    load_plan,
+    main,
+    node_options,
+    print_findings,
+    profile_options,
+    run_preflight,
     skip_check_option,
 )
 from supervisor.errors import EXIT_BAD_INPUT
 from supervisor.plan.spec import Plan
-
 
 # ------------------------------------------------------------------------------------------ plan
 
@@ -26,8 +32,15 @@ from supervisor.plan.spec import Plan
 @node_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @handles_errors
-def plan_command(profile: str, overrides: tuple[str, ...], model: str | None, role: str, head: str | None,
-                 advertise: str | None, as_json: bool) -> None:
+def plan_command(
+    profile: str,
+    overrides: tuple[str, ...],
+    model: str | None,
+    role: str,
+    head: str | None,
+    advertise: str | None,
+    as_json: bool,
+) -> None:
     """Show what PROFILE would start, in order, without starting anything."""
     import json
 
@@ -47,17 +60,31 @@ def plan_command(profile: str, overrides: tuple[str, ...], model: str | None, ro
 @profile_options
 @node_options
 @skip_check_option
-@click.option("--json", "as_json", is_flag=True,
-              help='Print a JSON list of {"check", "status", "message", "hint"} instead of a table.')
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help='Print a JSON list of {"check", "status", "message", "hint"} instead of a table.',
+)
 @handles_errors
-def check_command(profile: str, overrides: tuple[str, ...], model: str | None, role: str, head: str | None,
-                  advertise: str | None, skip: tuple[str, ...], as_json: bool) -> None:
+def check_command(
+    profile: str,
+    overrides: tuple[str, ...],
+    model: str | None,
+    role: str,
+    head: str | None,
+    advertise: str | None,
+    skip: tuple[str, ...],
+    as_json: bool,
+) -> None:
     """Check that this host can run PROFILE: exit 0 when ok or only warnings, 3 on any failure."""
     import json
 
     from supervisor.preflight.checks import Status, enforce
 
-    findings = run_preflight(load_plan(profile, overrides, model, role=role, head=head, advertise=advertise), skip)
+    findings = run_preflight(
+        load_plan(profile, overrides, model, role=role, head=head, advertise=advertise), skip
+    )
     if as_json:
         click.echo(json.dumps([f.to_json() for f in findings], indent=2))
     else:
@@ -73,11 +100,22 @@ def check_command(profile: str, overrides: tuple[str, ...], model: str | None, r
 @profile_options
 @node_options
 @skip_check_option
-@click.option("--quiet-children", is_flag=True,
-              help="Do not copy child output to the terminal (it still goes to the log files).")
+@click.option(
+    "--quiet-children",
+    is_flag=True,
+    help="Do not copy child output to the terminal (it still goes to the log files).",
+)
 @handles_errors
-def up_command(profile: str, overrides: tuple[str, ...], model: str | None, role: str, head: str | None,
-               advertise: str | None, skip: tuple[str, ...], quiet_children: bool) -> None:
+def up_command(
+    profile: str,
+    overrides: tuple[str, ...],
+    model: str | None,
+    role: str,
+    head: str | None,
+    advertise: str | None,
+    skip: tuple[str, ...],
+    quiet_children: bool,
+) -> None:
     """Start PROFILE in the foreground and supervise it; Ctrl-C or SIGTERM stops it in order.
 
     Exits 0 after an orderly shutdown and 1 when a required process failed for good (crash loop),
@@ -85,16 +123,10 @@ def up_command(profile: str, overrides: tuple[str, ...], model: str | None, role
     import time
 
     from supervisor.cli import control as cli_control
-
-    from supervisor.engine import foreground
-
-    from supervisor.engine import logs
-
-    from supervisor.control import notify
-
-    from supervisor.control import reload
-    from supervisor.preflight.checks import Status, enforce
+    from supervisor.control import notify, reload
+    from supervisor.engine import foreground, logs
     from supervisor.engine.states import DeploymentEvent, DeploymentState, RunnerEvent
+    from supervisor.preflight.checks import Status, enforce
 
     started = time.monotonic()
     # First: read NOTIFY_SOCKET/WATCHDOG_* and drop them from our environment before anything
@@ -112,8 +144,10 @@ def up_command(profile: str, overrides: tuple[str, ...], model: str | None, role
     def announce(event: RunnerEvent) -> None:
         if isinstance(event, DeploymentEvent) and event.new is DeploymentState.READY and not announced:
             announced.append(True)
-            click.echo(f"ready: OpenAI API at {dep.base_url}/v1 (model {dep.served_model_name}) "
-                       f"in {time.monotonic() - started:.1f} s")
+            click.echo(
+                f"ready: OpenAI API at {dep.base_url}/v1 (model {dep.served_model_name}) "
+                f"in {time.monotonic() - started:.1f} s"
+            )
 
     def reread() -> Plan:  # SIGHUP / `reload`: the same profile with the same flags, read again
         return load_plan(profile, overrides, model, role=role, head=head, advertise=advertise)
@@ -122,8 +156,13 @@ def up_command(profile: str, overrides: tuple[str, ...], model: str | None, role
     echo = None if quiet_children else logs.TerminalEcho()
     observers, services = cli_control.observability(rendered)  # control socket, metrics, progress
     try:
-        code = foreground.run(rendered, observers=[announce, bridge, *observers], services=[bridge.serve, *services],
-                          reload=reloader, echo=echo)
+        code = foreground.run(
+            rendered,
+            observers=[announce, bridge, *observers],
+            services=[bridge.serve, *services],
+            reload=reloader,
+            echo=echo,
+        )
     finally:
         if echo is not None:
             echo.close()
@@ -133,8 +172,14 @@ def up_command(profile: str, overrides: tuple[str, ...], model: str | None, role
 @main.command("down")
 @click.argument("deployment", required=False)
 @click.option("--deployment", "-d", "named", default=None, metavar="NAME", help="Same as DEPLOYMENT.")
-@click.option("--timeout", "timeout_s", type=float, default=120.0, show_default=True,
-              help="Seconds to wait for the supervisor to finish its orderly shutdown.")
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=float,
+    default=120.0,
+    show_default=True,
+    help="Seconds to wait for the supervisor to finish its orderly shutdown.",
+)
 @handles_errors
 def down_command(deployment: str | None, named: str | None, timeout_s: float) -> None:
     """Stop a running deployment (the only one running when DEPLOYMENT is not given), over its control socket."""
@@ -148,20 +193,28 @@ def down_command(deployment: str | None, named: str | None, timeout_s: float) ->
 
 @main.command("reload")
 @click.argument("deployment", required=False)
-@click.option("--timeout", "timeout_s", type=float, default=1800.0, show_default=True,
-              help="Seconds to wait for the restarted processes to be ready again.")
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=float,
+    default=1800.0,
+    show_default=True,
+    help="Seconds to wait for the restarted processes to be ready again.",
+)
 @handles_errors
 def reload_command(deployment: str | None, timeout_s: float) -> None:
     """Re-read a running deployment's profile; restart only the processes whose plan changed.
 
     A profile that no longer validates is refused (exit 2) and every process keeps running."""
     from supervisor import paths
-    from supervisor.engine import pidfile
     from supervisor.control import reload
+    from supervisor.engine import pidfile
 
     entry = pidfile.choose(paths.state_root(), deployment)
     outcome = reload.request(entry.pid_file.parent, entry.pid, timeout_s=timeout_s)
     if not outcome.ok:
-        fail(f"reload of {entry.deployment} refused, every process keeps running: {outcome.message}",
-             EXIT_BAD_INPUT)
+        fail(
+            f"reload of {entry.deployment} refused, every process keeps running: {outcome.message}",
+            EXIT_BAD_INPUT,
+        )
     click.echo(f"reloaded {entry.deployment}: {outcome.message}")

@@ -11,8 +11,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from supervisor.redact import redact_env, redact_text
 from supervisor.plan.spec import Plan, ProcessSpec, to_jsonable
+from supervisor.redact import redact_env, redact_text
 
 
 def process_view(spec: ProcessSpec) -> dict[str, Any]:
@@ -44,11 +44,21 @@ def print_plan_table(plan: Plan, console: Console | None = None) -> None:
         after = ", ".join(f"{dep.name} {dep.condition.value}" for dep in spec.depends_on) or "-"
         ports = ", ".join(f"{k} {v}" for k, v in sorted(spec.ports.items()))
         gpus = ",".join(map(str, spec.gpus)) or "-"
-        table.add_row(str(index), spec.name, spec.role.value, gpus, ports, after, "yes" if spec.loads_lmcache else "-")
+        table.add_row(
+            str(index), spec.name, spec.role.value, gpus, ports, after, "yes" if spec.loads_lmcache else "-"
+        )
     console.print(table)
     for spec in plan.processes:
-        console.print(f"[bold]{spec.name}[/]: " + shlex.join(redact_text(a) for a in spec.argv), soft_wrap=True, highlight=False)
+        console.print(
+            f"[bold]{spec.name}[/]: " + shlex.join(redact_text(a) for a in spec.argv),
+            soft_wrap=True,
+            highlight=False,
+        )
     lm = redact_env(dict(sorted(plan.deployment.lmcache.items())))
     if lm:
         loaders = [s.name for s in plan.processes if s.loads_lmcache]
-        console.print(f"LMCache in {', '.join(loaders) or 'no process'}: " + " ".join(f"{k}={v}" for k, v in lm.items()), soft_wrap=True)
+        console.print(
+            f"LMCache in {', '.join(loaders) or 'no process'}: "
+            + " ".join(f"{k}={v}" for k, v in lm.items()),
+            soft_wrap=True,
+        )

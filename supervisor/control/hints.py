@@ -42,8 +42,13 @@ class Hint:
     port: int | None = None
 
     def to_json(self) -> dict[str, object]:
-        return {"kind": self.kind, "severity": self.severity.value, "message": self.message,
-                "line": self.line, "port": self.port}
+        return {
+            "kind": self.kind,
+            "severity": self.severity.value,
+            "message": self.message,
+            "line": self.line,
+            "port": self.port,
+        }
 
 
 @dataclass(frozen=True)
@@ -55,27 +60,54 @@ class _Rule:
 
 
 _RULES = (
-    _Rule("port-in-use", re.compile(r"address already in use|EADDRINUSE|os error 98", re.IGNORECASE), Severity.ERROR,
-          "a port this process binds is already in use"),
-    _Rule("cuda-oom", re.compile(r"CUDA out of memory|OutOfMemoryError|CUDA error: out of memory", re.IGNORECASE),
-          Severity.ERROR,
-          "CUDA out of memory: lower gpu_memory_utilization or max_model_len, free the GPU (another process "
-          "may hold it: nvidia-smi), or use more tensor-parallel GPUs"),
-    _Rule("kv-cache-memory", re.compile(r"No available memory for the cache blocks|"
-                                        r"larger than the available KV cache memory", re.IGNORECASE), Severity.ERROR,
-          "vLLM found no room for the KV cache: raise gpu_memory_utilization or lower max_model_len"),
-    _Rule("nvml", re.compile(r"NVML(Error|_ERROR)|Failed to initialize NVML|NVML Shared Library Not Found|"
-                             r"Driver/library version mismatch", re.IGNORECASE), Severity.ERROR,
-          "NVML (the NVIDIA management library) failed: a driver/library version mismatch needs a driver "
-          "reload or a reboot; a missing library means the NVIDIA driver is not installed in this environment"),
-    _Rule("lmcache-prometheus-logger", re.compile(r"PrometheusLogger instance already created", re.IGNORECASE),
-          Severity.INFO,
-          "benign: LMCache logs this when vLLM re-creates its metrics logger; LMCACHE_LOG_LEVEL=CRITICAL "
-          "(profile: lmcache.log_level) silences it"),
-    _Rule("prometheus-multiproc-dir", re.compile(r"Found PROMETHEUS_MULTIPROC_DIR was set by user", re.IGNORECASE),
-          Severity.INFO,
-          "expected: the supervisor gives each process its own PROMETHEUS_MULTIPROC_DIR and empties it "
-          "before every start, which is what this vLLM warning asks for"),
+    _Rule(
+        "port-in-use",
+        re.compile(r"address already in use|EADDRINUSE|os error 98", re.IGNORECASE),
+        Severity.ERROR,
+        "a port this process binds is already in use",
+    ),
+    _Rule(
+        "cuda-oom",
+        re.compile(r"CUDA out of memory|OutOfMemoryError|CUDA error: out of memory", re.IGNORECASE),
+        Severity.ERROR,
+        "CUDA out of memory: lower gpu_memory_utilization or max_model_len, free the GPU (another process "
+        "may hold it: nvidia-smi), or use more tensor-parallel GPUs",
+    ),
+    _Rule(
+        "kv-cache-memory",
+        re.compile(
+            r"No available memory for the cache blocks|"
+            r"larger than the available KV cache memory",
+            re.IGNORECASE,
+        ),
+        Severity.ERROR,
+        "vLLM found no room for the KV cache: raise gpu_memory_utilization or lower max_model_len",
+    ),
+    _Rule(
+        "nvml",
+        re.compile(
+            r"NVML(Error|_ERROR)|Failed to initialize NVML|NVML Shared Library Not Found|"
+            r"Driver/library version mismatch",
+            re.IGNORECASE,
+        ),
+        Severity.ERROR,
+        "NVML (the NVIDIA management library) failed: a driver/library version mismatch needs a driver "
+        "reload or a reboot; a missing library means the NVIDIA driver is not installed in this environment",
+    ),
+    _Rule(
+        "lmcache-prometheus-logger",
+        re.compile(r"PrometheusLogger instance already created", re.IGNORECASE),
+        Severity.INFO,
+        "benign: LMCache logs this when vLLM re-creates its metrics logger; LMCACHE_LOG_LEVEL=CRITICAL "
+        "(profile: lmcache.log_level) silences it",
+    ),
+    _Rule(
+        "prometheus-multiproc-dir",
+        re.compile(r"Found PROMETHEUS_MULTIPROC_DIR was set by user", re.IGNORECASE),
+        Severity.INFO,
+        "expected: the supervisor gives each process its own PROMETHEUS_MULTIPROC_DIR and empties it "
+        "before every start, which is what this vLLM warning asks for",
+    ),
 )
 
 # Where a line names the port: "127.0.0.1:8081", "[::1]:8081", "('127.0.0.1', 8081)", "port 8081".
@@ -119,8 +151,9 @@ def scan(lines: Iterable[str]) -> tuple[Hint, ...]:
     return tuple(found.values())
 
 
-def attribute_ports(hints: Iterable[Hint], *, ports: Mapping[str, int],
-                    holder: Callable[[int], PortHolder | None]) -> tuple[Hint, ...]:
+def attribute_ports(
+    hints: Iterable[Hint], *, ports: Mapping[str, int], holder: Callable[[int], PortHolder | None]
+) -> tuple[Hint, ...]:
     """Name the port and its holder in every "port-in-use" hint.
 
     ``ports`` are the process's own ports (purpose -> port), searched when the line names none;

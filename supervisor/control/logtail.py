@@ -30,8 +30,9 @@ def last_lines(path: str, count: int) -> tuple[list[str], int]:
     return (lines[-count:] if count > 0 else []), (end - len(data) + len(complete))
 
 
-def follow(path: str, *, offset: int = 0, poll_s: float = 0.2,
-           stop: Callable[[], bool] = lambda: False) -> Iterator[str]:
+def follow(
+    path: str, *, offset: int = 0, poll_s: float = 0.2, stop: Callable[[], bool] = lambda: False
+) -> Iterator[str]:
     """Yield whole lines appended to ``path`` from ``offset`` on, until ``stop()`` is true."""
     fd: int | None = None
     inode = None

@@ -39,9 +39,9 @@ import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from supervisor.control.progress import Timeline
-from supervisor.plan.spec import Plan, ProcessSpec, Role
-from supervisor.engine.states import DeploymentState, DeploymentStatus, ProcessState, RunnerEvent
 from supervisor.control.status import STATE_WORDS, host_for_url
+from supervisor.engine.states import DeploymentState, DeploymentStatus, ProcessState, RunnerEvent
+from supervisor.plan.spec import Plan, ProcessSpec, Role
 
 log = structlog.get_logger("supervisor")
 PREFIX = "lmcache_supervise"
@@ -70,9 +70,17 @@ def targets(plan: Plan) -> list[dict[str, Any]]:
         port = _metrics_port(spec)
         if port is None:
             continue
-        out.append({"targets": [f"{host_for_url(spec.bind_host)}:{port}"],
-                    "labels": {"deployment": plan.deployment.name, "process": spec.name,
-                               "role": spec.role.value, "gpu": ",".join(str(g) for g in spec.gpus)}})
+        out.append(
+            {
+                "targets": [f"{host_for_url(spec.bind_host)}:{port}"],
+                "labels": {
+                    "deployment": plan.deployment.name,
+                    "process": spec.name,
+                    "role": spec.role.value,
+                    "gpu": ",".join(str(g) for g in spec.gpus),
+                },
+            }
+        )
     return out
 
 
@@ -102,20 +110,38 @@ class SupervisorMetrics:
         labels = ("deployment", "process", "role")
         r = self.registry
         self.up = Gauge(f"{PREFIX}_process_up", "1 while the process is healthy", labels, registry=r)
-        self.state = Gauge(f"{PREFIX}_process_state", "1 for the process's current state", (*labels, "state"),
-                           registry=r)
+        self.state = Gauge(
+            f"{PREFIX}_process_state", "1 for the process's current state", (*labels, "state"), registry=r
+        )
         self.restarts = Counter(f"{PREFIX}_process_restarts", "Restarts of the process", labels, registry=r)
-        self.last_exit = Gauge(f"{PREFIX}_process_last_exit_code",
-                               "Exit code of the last exit; 128+N when signal N killed it", labels, registry=r)
-        self.start_time = Gauge(f"{PREFIX}_process_start_time_seconds", "Unix time the current pid started",
-                                labels, registry=r)
-        self.probe = Histogram(f"{PREFIX}_probe_latency_seconds", "Health probe latency", labels,
-                               buckets=PROBE_BUCKETS, registry=r)
-        self.deployment_state = Gauge(f"{PREFIX}_deployment_state", "1 for the deployment's current state",
-                                      ("deployment", "state"), registry=r)
-        self.time_to_ready = Gauge(f"{PREFIX}_deployment_time_to_ready_seconds",
-                                   "Seconds from the start of supervision to the first ready", ("deployment",),
-                                   registry=r)
+        self.last_exit = Gauge(
+            f"{PREFIX}_process_last_exit_code",
+            "Exit code of the last exit; 128+N when signal N killed it",
+            labels,
+            registry=r,
+        )
+        self.start_time = Gauge(
+            f"{PREFIX}_process_start_time_seconds", "Unix time the current pid started", labels, registry=r
+        )
+        self.probe = Histogram(
+            f"{PREFIX}_probe_latency_seconds",
+            "Health probe latency",
+            labels,
+            buckets=PROBE_BUCKETS,
+            registry=r,
+        )
+        self.deployment_state = Gauge(
+            f"{PREFIX}_deployment_state",
+            "1 for the deployment's current state",
+            ("deployment", "state"),
+            registry=r,
+        )
+        self.time_to_ready = Gauge(
+            f"{PREFIX}_deployment_time_to_ready_seconds",
+            "Seconds from the start of supervision to the first ready",
+            ("deployment",),
+            registry=r,
+        )
         self._source: _Source | None = None
         self._restarts_seen: dict[str, int] = {}
         self._probe_seen: dict[str, object] = {}
@@ -143,8 +169,9 @@ class SupervisorMetrics:
             self._restarts_seen[proc.name] = max(seen, proc.restarts)
             if proc.last_exit is not None:
                 info = proc.last_exit
-                self.last_exit.labels(*labels).set(128 + info.signal if info.signal is not None else
-                                                   info.returncode or 0)
+                self.last_exit.labels(*labels).set(
+                    128 + info.signal if info.signal is not None else info.returncode or 0
+                )
             if proc.started_wall is not None:
                 self.start_time.labels(*labels).set(proc.started_wall)
             probe = proc.last_probe
@@ -175,8 +202,11 @@ class SupervisorMetrics:
             write_atomically(plan.deployment.targets_file, text)
             self._targets_text = text
         except OSError as exc:  # a metrics file must never stop supervision
-            log.error("cannot write the Prometheus targets file", path=plan.deployment.targets_file,
-                      error=exc.strerror or str(exc))
+            log.error(
+                "cannot write the Prometheus targets file",
+                path=plan.deployment.targets_file,
+                error=exc.strerror or str(exc),
+            )
 
     # ---- the service ---------------------------------------------------------------------------
 
@@ -189,14 +219,21 @@ class SupervisorMetrics:
             self.refresh(runner.status(), runner.plan)
             if dep.metrics_port is not None:
                 try:
-                    server, _thread = start_http_server(dep.metrics_port, addr=dep.metrics_host,
-                                                        registry=self.registry)
+                    server, _thread = start_http_server(
+                        dep.metrics_port, addr=dep.metrics_host, registry=self.registry
+                    )
                     self.port = server.server_port
-                    log.info("metrics endpoint listening", url=f"http://{host_for_url(dep.metrics_host)}:"
-                                                               f"{self.port}/metrics")
+                    log.info(
+                        "metrics endpoint listening",
+                        url=f"http://{host_for_url(dep.metrics_host)}:{self.port}/metrics",
+                    )
                 except OSError as exc:
-                    log.error("metrics endpoint not served; supervision continues", host=dep.metrics_host,
-                              port=dep.metrics_port, error=exc.strerror or str(exc))
+                    log.error(
+                        "metrics endpoint not served; supervision continues",
+                        host=dep.metrics_host,
+                        port=dep.metrics_port,
+                        error=exc.strerror or str(exc),
+                    )
             while True:
                 await anyio.sleep(SAMPLE_S)
                 self.refresh(runner.status(), runner.plan)

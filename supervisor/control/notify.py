@@ -28,7 +28,13 @@ from typing import Protocol
 import anyio
 import structlog
 
-from supervisor.engine.states import DeploymentEvent, DeploymentState, DeploymentStatus, ProcessState, RunnerEvent
+from supervisor.engine.states import (
+    DeploymentEvent,
+    DeploymentState,
+    DeploymentStatus,
+    ProcessState,
+    RunnerEvent,
+)
 
 log = structlog.get_logger("supervisor")
 
@@ -172,9 +178,12 @@ def describe(status: DeploymentStatus) -> str:
         return f"{head}, OpenAI API at {status.base_url}/v1 (model {status.model})"
     if status.state is DeploymentState.STOPPED:
         return "stopped"
-    others = [f"{p.name} {p.state.value}" + (f" ({p.reason})" if p.reason and p.state is not ProcessState.STARTING
-                                             else "")
-              for p in procs if p.state is not ProcessState.RUNNING]
+    others = [
+        f"{p.name} {p.state.value}"
+        + (f" ({p.reason})" if p.reason and p.state is not ProcessState.STARTING else "")
+        for p in procs
+        if p.state is not ProcessState.RUNNING
+    ]
     return f"{head}; {', '.join(others)}" if others else head
 
 
@@ -221,8 +230,11 @@ class SystemdBridge:
         self._last_status = text
         if not ok and self.notifier.enabled and not self._error_logged:
             self._error_logged = True  # once: a missing socket would otherwise flood the log
-            log.warning("sd_notify failed; systemd may not see our state", socket=str(self.notifier.address),
-                        error=str(self.notifier.last_error))
+            log.warning(
+                "sd_notify failed; systemd may not see our state",
+                socket=str(self.notifier.address),
+                error=str(self.notifier.last_error),
+            )
 
     def follow(self, status: Callable[[], DeploymentStatus]) -> None:
         """Read the deployment's status from ``status`` (the runner's) on process events and reloads."""

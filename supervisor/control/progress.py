@@ -22,7 +22,12 @@ import anyio
 import structlog
 
 from supervisor.engine.states import (
-    DeploymentEvent, DeploymentState, DeploymentStatus, ProcessEvent, ProcessState, RunnerEvent,
+    DeploymentEvent,
+    DeploymentState,
+    DeploymentStatus,
+    ProcessEvent,
+    ProcessState,
+    RunnerEvent,
 )
 
 log = structlog.get_logger("supervisor")
@@ -30,8 +35,14 @@ P = ProcessState
 LOADING_EVERY_S = 10.0
 
 # Which transitions are a stage worth a line: the rest (waiting, stopping) are in the runner's log.
-_STAGE_WORDS = {P.STARTING: "starting", P.RUNNING: "healthy", P.NOT_READY: "unhealthy",
-                P.BACKOFF: "backoff", P.FAILED: "failed", P.EXITED: "exited"}
+_STAGE_WORDS = {
+    P.STARTING: "starting",
+    P.RUNNING: "healthy",
+    P.NOT_READY: "unhealthy",
+    P.BACKOFF: "backoff",
+    P.FAILED: "failed",
+    P.EXITED: "exited",
+}
 
 
 class _HasStatus(Protocol):
@@ -48,7 +59,11 @@ class Timeline:
         self.first_ready_at: float | None = None
 
     def __call__(self, event: RunnerEvent) -> None:
-        if isinstance(event, DeploymentEvent) and event.new is DeploymentState.READY and self.first_ready_at is None:
+        if (
+            isinstance(event, DeploymentEvent)
+            and event.new is DeploymentState.READY
+            and self.first_ready_at is None
+        ):
             self.first_ready_at = event.at
 
     @property
@@ -63,8 +78,13 @@ class Timeline:
 class Progress:
     """Stage lines with elapsed time, and a periodic line per process still loading."""
 
-    def __init__(self, timeline: Timeline, *, sink: Callable[[str], None] | None = None,
-                 every_s: float = LOADING_EVERY_S) -> None:
+    def __init__(
+        self,
+        timeline: Timeline,
+        *,
+        sink: Callable[[str], None] | None = None,
+        every_s: float = LOADING_EVERY_S,
+    ) -> None:
         self.timeline, self.sink, self.every_s = timeline, sink, every_s
         self._entered: dict[str, float] = {}  # process -> when it last entered STARTING
 
@@ -76,29 +96,54 @@ class Progress:
             stage = _STAGE_WORDS.get(event.new)
             if stage is None or event.new is event.old:
                 return
-            took = event.at - self._entered[event.name] if event.new is P.RUNNING and event.name in self._entered else None
+            took = (
+                event.at - self._entered[event.name]
+                if event.new is P.RUNNING and event.name in self._entered
+                else None
+            )
             detail = f"pid {event.pid}" if event.new is P.STARTING else event.reason
             if took is not None:
                 detail = f"after {took:.1f} s"
-            self._say(elapsed, f"{event.name} {stage}", detail, stage="process", process=event.name,
-                      state=stage, pid=event.pid, took_s=None if took is None else round(took, 3))
+            self._say(
+                elapsed,
+                f"{event.name} {stage}",
+                detail,
+                stage="process",
+                process=event.name,
+                state=stage,
+                pid=event.pid,
+                took_s=None if took is None else round(took, 3),
+            )
         elif isinstance(event, DeploymentEvent):
             ttr = self.timeline.time_to_ready_s if event.new is DeploymentState.READY else None
             detail = f"in {ttr:.1f} s" if ttr is not None else event.reason
-            self._say(elapsed, f"deployment {event.new.value}", detail, stage="deployment",
-                      state=event.new.value, time_to_ready_s=None if ttr is None else round(ttr, 3))
+            self._say(
+                elapsed,
+                f"deployment {event.new.value}",
+                detail,
+                stage="deployment",
+                state=event.new.value,
+                time_to_ready_s=None if ttr is None else round(ttr, 3),
+            )
 
     def _say(self, elapsed: float, what: str, detail: str, **fields: object) -> None:
         if self.sink is not None:
             self.sink(f"[{elapsed:7.1f} s] {what}" + (f": {detail}" if detail else ""))
         else:
-            log.info("startup stage", elapsed_s=round(elapsed, 3), detail=detail,
-                     **{k: v for k, v in fields.items() if v is not None})
+            log.info(
+                "startup stage",
+                elapsed_s=round(elapsed, 3),
+                detail=detail,
+                **{k: v for k, v in fields.items() if v is not None},
+            )
 
     def loading_lines(self, status: DeploymentStatus) -> list[tuple[str, float]]:
         """``(process, seconds)`` for every process that has been starting for at least ``every_s``."""
-        return [(p.name, p.uptime_s) for p in status.processes
-                if p.state is P.STARTING and p.uptime_s is not None and p.uptime_s >= self.every_s]
+        return [
+            (p.name, p.uptime_s)
+            for p in status.processes
+            if p.state is P.STARTING and p.uptime_s is not None and p.uptime_s >= self.every_s
+        ]
 
     async def serve(self, runner: _HasStatus) -> None:
         """The runner service: every ``every_s``, name each process still in its startup probe."""
@@ -108,5 +153,9 @@ class Progress:
                 if self.sink is not None:
                     self.sink(f"[{self.timeline.elapsed_s():7.1f} s] {name}: loading ({loading_s:.0f} s)")
                 else:
-                    log.info("process loading", process=name, loading_s=round(loading_s, 1),
-                             elapsed_s=round(self.timeline.elapsed_s(), 3))
+                    log.info(
+                        "process loading",
+                        process=name,
+                        loading_s=round(loading_s, 1),
+                        elapsed_s=round(self.timeline.elapsed_s(), 3),
+                    )

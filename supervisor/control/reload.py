@@ -27,10 +27,10 @@ from typing import Any, Protocol
 import anyio
 import structlog
 
-from supervisor.errors import ControlError, SupervisorError
-from supervisor.plan.spec import Plan
 from supervisor.engine.states import DeploymentState, DeploymentStatus, ProcessState
+from supervisor.errors import ControlError, SupervisorError
 from supervisor.export.systemd import startup_budget_s
+from supervisor.plan.spec import Plan
 
 log = structlog.get_logger("supervisor")
 OUTCOME_FILE = "reload.json"
@@ -52,8 +52,15 @@ class PlanDiff:
         return not (self.added or self.removed or self.changed)
 
     def describe(self) -> str:
-        parts = [f"{verb} {', '.join(names)}" for verb, names in
-                 (("restarted", self.changed), ("started", self.added), ("stopped", self.removed)) if names]
+        parts = [
+            f"{verb} {', '.join(names)}"
+            for verb, names in (
+                ("restarted", self.changed),
+                ("started", self.added),
+                ("stopped", self.removed),
+            )
+            if names
+        ]
         return "; ".join(parts) or "nothing changed"
 
 
@@ -74,8 +81,10 @@ def refusal(old: Plan, new: Plan) -> str | None:
     for name in FIXED_FIELDS:
         before, after = getattr(old.deployment, name), getattr(new.deployment, name)
         if before != after:
-            return (f"the profile now gives deployment {name} {after!r} instead of {before!r}; "
-                    f"a running deployment cannot change it: stop it and start it again")
+            return (
+                f"the profile now gives deployment {name} {after!r} instead of {before!r}; "
+                f"a running deployment cannot change it: stop it and start it again"
+            )
     return None
 
 
@@ -99,11 +108,13 @@ class Applies(Protocol):
 
     def status(self) -> DeploymentStatus: ...
 
-    async def apply(self, plan: Plan, *, restart: tuple[str, ...], start: tuple[str, ...],
-                    stop: tuple[str, ...]) -> None: ...
+    async def apply(
+        self, plan: Plan, *, restart: tuple[str, ...], start: tuple[str, ...], stop: tuple[str, ...]
+    ) -> None: ...
 
-    async def wait_until(self, predicate: Callable[[DeploymentStatus], bool], *,
-                         timeout_s: float) -> DeploymentStatus: ...
+    async def wait_until(
+        self, predicate: Callable[[DeploymentStatus], bool], *, timeout_s: float
+    ) -> DeploymentStatus: ...
 
 
 class Reloader:
@@ -113,8 +124,13 @@ class Reloader:
     ``on_begin``/``on_end`` get a one-line status (the sd_notify bridge sends RELOADING=1 / READY=1).
     """
 
-    def __init__(self, load: Callable[[], Plan], *, on_begin: Callable[[str], None] = lambda _: None,
-                 on_end: Callable[[str], None] = lambda _: None) -> None:
+    def __init__(
+        self,
+        load: Callable[[], Plan],
+        *,
+        on_begin: Callable[[str], None] = lambda _: None,
+        on_end: Callable[[str], None] = lambda _: None,
+    ) -> None:
         self.load, self.on_begin, self.on_end = load, on_begin, on_end
         self.serial = 0
 
@@ -134,16 +150,22 @@ class Reloader:
         try:
             new = await anyio.to_thread.run_sync(self.load)
         except SupervisorError as exc:
-            log.error("reload refused: the profile no longer validates; every process keeps running",
-                      error=str(exc))
+            log.error(
+                "reload refused: the profile no longer validates; every process keeps running", error=str(exc)
+            )
             return self._outcome(False, str(exc))
         why = refusal(runner.plan, new)
         if why is not None:
             log.error("reload refused; every process keeps running", error=why)
             return self._outcome(False, why)
         changes = diff(runner.plan, new)
-        log.info("reload", restart=list(changes.changed), start=list(changes.added), stop=list(changes.removed),
-                 keep=list(changes.unchanged))
+        log.info(
+            "reload",
+            restart=list(changes.changed),
+            start=list(changes.added),
+            stop=list(changes.removed),
+            keep=list(changes.unchanged),
+        )
         was_ready = runner.status().state is DeploymentState.READY
         await runner.apply(new, restart=changes.changed, start=changes.added, stop=changes.removed)
         touched = (*changes.changed, *changes.added)
@@ -161,9 +183,15 @@ class Reloader:
         return self._outcome(True, changes.describe(), changes)
 
     def _outcome(self, ok: bool, message: str, changes: PlanDiff | None = None) -> Outcome:
-        return Outcome(pid=os.getpid(), serial=self.serial, ok=ok, message=message,
-                       restarted=changes.changed if changes else (), started=changes.added if changes else (),
-                       stopped=changes.removed if changes else ())
+        return Outcome(
+            pid=os.getpid(),
+            serial=self.serial,
+            ok=ok,
+            message=message,
+            restarted=changes.changed if changes else (),
+            started=changes.added if changes else (),
+            stopped=changes.removed if changes else (),
+        )
 
 
 # ---- the outcome file: how `lmcache-supervise reload` learns what happened -----------------
@@ -210,7 +238,8 @@ def request(state_dir: Path, pid: int, *, timeout_s: float) -> Outcome:
         if outcome is not None and outcome.pid == pid and outcome.serial > serial:
             return outcome
         if time.monotonic() >= deadline:
-            raise ControlError(f"supervisor pid {pid} did not report a reload within {timeout_s:g} s "
-                               f"(see its log)")
+            raise ControlError(
+                f"supervisor pid {pid} did not report a reload within {timeout_s:g} s (see its log)"
+            )
         time.sleep(delay)
         delay = min(delay * 2, 0.25)

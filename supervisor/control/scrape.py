@@ -61,9 +61,16 @@ def read_targets(path: str | Path) -> tuple[Target, ...]:
         entries = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
         raise ControlError(f"cannot read the Prometheus targets file {path}: {exc}") from None
-    return tuple(Target(process=e["labels"]["process"], role=e["labels"]["role"], gpu=e["labels"].get("gpu", ""),
-                        url=f"http://{address}/metrics")
-                 for e in entries for address in e["targets"])
+    return tuple(
+        Target(
+            process=e["labels"]["process"],
+            role=e["labels"]["role"],
+            gpu=e["labels"].get("gpu", ""),
+            url=f"http://{address}/metrics",
+        )
+        for e in entries
+        for address in e["targets"]
+    )
 
 
 def parse(text: str) -> Samples:
@@ -78,7 +85,9 @@ def parse(text: str) -> Samples:
 
 def total(samples: Samples, name: str, **match: str) -> float | None:
     """The sum of ``name`` over label sets matching ``match``; None when the series is absent."""
-    values = [v for labels, v in samples.get(name, ()) if all(labels.get(k) == want for k, want in match.items())]
+    values = [
+        v for labels, v in samples.get(name, ()) if all(labels.get(k) == want for k, want in match.items())
+    ]
     return sum(values) if values else None
 
 
@@ -90,7 +99,9 @@ def scrape(url: str, client: httpx.Client, *, timeout_s: float = 2.0) -> tuple[S
             return {}, f"GET {url} answered {response.status_code}"
         return parse(response.text), None
     except httpx.HTTPError as exc:
-        return {}, f"GET {url}: {type(exc).__name__}: {exc}" if str(exc) else f"GET {url}: {type(exc).__name__}"
+        return {}, f"GET {url}: {type(exc).__name__}: {exc}" if str(
+            exc
+        ) else f"GET {url}: {type(exc).__name__}"
     except ValueError as exc:  # the parser's complaint about a malformed exposition
         return {}, f"GET {url}: not Prometheus text ({exc})"
 
@@ -132,16 +143,26 @@ class EndpointSummary:
         return _ratio(self.cached_tokens, self.input_tokens)
 
     def to_json(self) -> dict[str, object]:
-        return {"process": self.target.process, "role": self.target.role, "gpu": self.target.gpu,
-                "url": self.target.url, "error": self.error, "requests": self.requests,
-                "failed_requests": self.failed_requests, "cached_tokens": self.cached_tokens,
-                "input_tokens": self.input_tokens, "kv_cache_usage": self.kv_usage,
-                "prefix_cache_hits": self.prefix_hits, "prefix_cache_queries": self.prefix_queries,
-                "external_prefix_cache_hits": self.external_hits,
-                "external_prefix_cache_queries": self.external_queries,
-                "lmcache_hit_tokens": self.lmcache_hits, "lmcache_requested_tokens": self.lmcache_requested,
-                "lmcache_hit_rate": self.lmcache_hit_rate, "lmcache_local_cache_usage_bytes":
-                self.lmcache_local_usage_bytes}
+        return {
+            "process": self.target.process,
+            "role": self.target.role,
+            "gpu": self.target.gpu,
+            "url": self.target.url,
+            "error": self.error,
+            "requests": self.requests,
+            "failed_requests": self.failed_requests,
+            "cached_tokens": self.cached_tokens,
+            "input_tokens": self.input_tokens,
+            "kv_cache_usage": self.kv_usage,
+            "prefix_cache_hits": self.prefix_hits,
+            "prefix_cache_queries": self.prefix_queries,
+            "external_prefix_cache_hits": self.external_hits,
+            "external_prefix_cache_queries": self.external_queries,
+            "lmcache_hit_tokens": self.lmcache_hits,
+            "lmcache_requested_tokens": self.lmcache_requested,
+            "lmcache_hit_rate": self.lmcache_hit_rate,
+            "lmcache_local_cache_usage_bytes": self.lmcache_local_usage_bytes,
+        }
 
 
 def summarize(target: Target, samples: Samples, error: str | None = None) -> EndpointSummary:
@@ -156,12 +177,18 @@ def summarize(target: Target, samples: Samples, error: str | None = None) -> End
         failed = None
     usage = [v for _, v in samples.get(KV_USAGE, ())]
     return EndpointSummary(
-        target, requests=requests, failed_requests=failed,
-        cached_tokens=total(samples, FRONTEND_CACHED), input_tokens=total(samples, FRONTEND_INPUT),
+        target,
+        requests=requests,
+        failed_requests=failed,
+        cached_tokens=total(samples, FRONTEND_CACHED),
+        input_tokens=total(samples, FRONTEND_INPUT),
         kv_usage=max(usage) if usage else None,
-        prefix_hits=total(samples, PREFIX_HITS), prefix_queries=total(samples, PREFIX_QUERIES),
-        external_hits=total(samples, EXTERNAL_HITS), external_queries=total(samples, EXTERNAL_QUERIES),
-        lmcache_hits=total(samples, LMCACHE_HITS), lmcache_requested=total(samples, LMCACHE_REQUESTED),
+        prefix_hits=total(samples, PREFIX_HITS),
+        prefix_queries=total(samples, PREFIX_QUERIES),
+        external_hits=total(samples, EXTERNAL_HITS),
+        external_queries=total(samples, EXTERNAL_QUERIES),
+        lmcache_hits=total(samples, LMCACHE_HITS),
+        lmcache_requested=total(samples, LMCACHE_REQUESTED),
         lmcache_local_usage_bytes=total(samples, LMCACHE_LOCAL_USAGE),
         counters={name: v for name in HIT_COUNTERS if (v := total(samples, name)) is not None},
     )

@@ -48,13 +48,12 @@ import anyio.abc
 import structlog
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from supervisor.engine import pidfile
-
 from supervisor.control import status as statusview
-from supervisor.errors import BadRequestError, ControlError, SupervisorError
 from supervisor.control.progress import Timeline
-from supervisor.plan.spec import Plan
+from supervisor.engine import pidfile
 from supervisor.engine.states import DeploymentState, DeploymentStatus, ProcessState
+from supervisor.errors import BadRequestError, ControlError, SupervisorError
+from supervisor.plan.spec import Plan
 
 log = structlog.get_logger("supervisor")
 SOCKET_NAME = "control.sock"
@@ -76,8 +75,9 @@ class Supervised(Protocol):
     async def stop(self, name: str) -> None: ...
     async def restart(self, name: str) -> None: ...
     def request_shutdown(self, *, kill: bool = False, reason: str = "requested") -> None: ...
-    async def wait_until(self, predicate: Callable[[DeploymentStatus], bool], *,
-                         timeout_s: float) -> DeploymentStatus: ...
+    async def wait_until(
+        self, predicate: Callable[[DeploymentStatus], bool], *, timeout_s: float
+    ) -> DeploymentStatus: ...
 
 
 # ---- where the socket is ---------------------------------------------------------------------
@@ -87,8 +87,11 @@ def short_dir(uid: int | None = None) -> Path:
     """A private directory for sockets whose natural path is too long: mode 0700, ours, no symlink."""
     uid = os.geteuid() if uid is None else uid
     runtime = Path(f"/run/user/{uid}")
-    base = runtime / "lmcache-supervise" if runtime.is_dir() and os.access(runtime, os.W_OK) else \
-        Path(f"/tmp/lmcache-supervise-{uid}")
+    base = (
+        runtime / "lmcache-supervise"
+        if runtime.is_dir() and os.access(runtime, os.W_OK)
+        else Path(f"/tmp/lmcache-supervise-{uid}")
+    )
     try:
         base.mkdir(mode=0o700, parents=False, exist_ok=True)
     except OSError as exc:
@@ -171,15 +174,18 @@ class ControlServer:
         pointer = Path(dep.state_dir) / POINTER_FILE
         try:
             path = socket_path(dep.control_socket)
-            Path(dep.state_dir).mkdir(parents=True, exist_ok=True)
+            Path(dep.state_dir).mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240  (once, at start)
             _clear_stale(path)
             listener = await anyio.create_unix_listener(path, mode=0o600)
             if path != str(Path(dep.state_dir) / SOCKET_NAME):
                 pointer.write_text(path + "\n")
         except (ControlError, OSError) as exc:
             # Supervision matters more than its remote control: `down` falls back to SIGTERM.
-            log.error("control socket not available; supervision continues", path=dep.control_socket,
-                      error=str(exc) if isinstance(exc, ControlError) else exc.strerror or str(exc))
+            log.error(
+                "control socket not available; supervision continues",
+                path=dep.control_socket,
+                error=str(exc) if isinstance(exc, ControlError) else exc.strerror or str(exc),
+            )
             return
         self.path = path
         log.info("control socket listening", path=path)
@@ -202,8 +208,12 @@ class ControlServer:
                     line = await BufferedByteReceiveStream(stream).receive_until(b"\n", MESSAGE_MAX)
                 if not peer_allowed(uid):
                     log.warning("control connection refused", peer_pid=pid, peer_uid=uid)
-                    await _send(stream, _error(f"refused: peer uid {uid} is not the uid {os.geteuid()} "
-                                               f"this supervisor runs as"))
+                    await _send(
+                        stream,
+                        _error(
+                            f"refused: peer uid {uid} is not the uid {os.geteuid()} this supervisor runs as"
+                        ),
+                    )
                     return
                 try:
                     request = json.loads(line)
@@ -217,8 +227,15 @@ class ControlServer:
                     log.exception("control request failed", request=str(request)[:200])
                     answer = _error(f"internal error: {type(exc).__name__}: {exc}")
                 await _send(stream, answer)
-            except (anyio.EndOfStream, anyio.IncompleteRead, anyio.DelimiterNotFound, TimeoutError,
-                    anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+            except (
+                anyio.EndOfStream,
+                anyio.IncompleteRead,
+                anyio.DelimiterNotFound,
+                TimeoutError,
+                anyio.BrokenResourceError,
+                anyio.ClosedResourceError,
+                OSError,
+            ) as exc:
                 log.debug("control connection dropped", error=type(exc).__name__)
 
     async def answer(self, request: Any) -> dict[str, Any]:
@@ -238,8 +255,11 @@ class ControlServer:
         name = request.get("process")
         names = [p.name for p in runner.status().processes]
         if name not in names:
-            return _error(f"no process {name!r} in deployment {self.plan.deployment.name!r} "
-                          f"(processes: {', '.join(names)})", bad_input=True)
+            return _error(
+                f"no process {name!r} in deployment {self.plan.deployment.name!r} "
+                f"(processes: {', '.join(names)})",
+                bad_input=True,
+            )
         if runner.status().state in (D.STOPPING, D.STOPPED):
             return _error(f"deployment {self.plan.deployment.name!r} is shutting down")
         wait_s = request.get("wait_s", 0)
@@ -250,29 +270,42 @@ class ControlServer:
     async def _act(self, runner: Supervised, op: str, name: str, wait_s: float) -> dict[str, Any]:
         before = runner.status().process(name)
         if op == "start" and before.state not in (P.STOPPED, P.EXITED, P.FAILED):
-            return self._done(runner, name, before.pid, note=f"already {statusview.STATE_WORDS[before.state]}")
+            return self._done(
+                runner, name, before.pid, note=f"already {statusview.STATE_WORDS[before.state]}"
+            )
         log.info("control request", op=op, process=name)
-        action: Callable[[str], Awaitable[None]] = {"restart": runner.restart, "stop": runner.stop,
-                                                   "start": runner.start}[op]
+        action: Callable[[str], Awaitable[None]] = {
+            "restart": runner.restart,
+            "stop": runner.stop,
+            "start": runner.start,
+        }[op]
         await action(name)
         if op != "stop" and wait_s > 0:
             try:
                 await runner.wait_until(_Comeback(name, before.state, before.pid), timeout_s=wait_s)
             except TimeoutError:
                 proc = runner.status().process(name)
-                return _error(f"{name} was {op}ed but is {statusview.STATE_WORDS[proc.state]} after "
-                              f"{wait_s:g} s ({proc.reason}); see `lmcache-supervise logs {name}`")
+                return _error(
+                    f"{name} was {op}ed but is {statusview.STATE_WORDS[proc.state]} after "
+                    f"{wait_s:g} s ({proc.reason}); see `lmcache-supervise logs {name}`"
+                )
             proc = runner.status().process(name)
             if proc.state is not P.RUNNING:
-                return _error(f"{name} did not come back: {statusview.STATE_WORDS[proc.state]} ({proc.reason})")
+                return _error(
+                    f"{name} did not come back: {statusview.STATE_WORDS[proc.state]} ({proc.reason})"
+                )
         return self._done(runner, name, before.pid)
 
     @staticmethod
     def _done(runner: Supervised, name: str, old_pid: int | None, note: str = "") -> dict[str, Any]:
         status = runner.status()
-        return {"ok": True, "old_pid": old_pid, "note": note,
-                "process": statusview.process_view(status.process(name), runner.plan),
-                "deployment_state": status.state.value}
+        return {
+            "ok": True,
+            "old_pid": old_pid,
+            "note": note,
+            "process": statusview.process_view(status.process(name), runner.plan),
+            "deployment_state": status.state.value,
+        }
 
     async def status_document(self) -> dict[str, Any]:
         runner = self._runner
@@ -335,7 +368,9 @@ def find(state_root: str | os.PathLike[str], deployment: str | None) -> Endpoint
     return Endpoint(entry.deployment, state_dir, entry.pid, socket_for(state_dir))
 
 
-def request(endpoint: Endpoint, message: dict[str, Any], *, timeout_s: float = READ_TIMEOUT_S) -> dict[str, Any]:
+def request(
+    endpoint: Endpoint, message: dict[str, Any], *, timeout_s: float = READ_TIMEOUT_S
+) -> dict[str, Any]:
     """Send one request and return the answer's payload; a refusal raises (bad input: exit 2)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
@@ -343,8 +378,10 @@ def request(endpoint: Endpoint, message: dict[str, Any], *, timeout_s: float = R
         try:
             sock.connect(endpoint.socket)
         except OSError as exc:
-            raise ControlError(f"deployment {endpoint.deployment!r} (supervisor pid {endpoint.pid}) does not "
-                               f"answer on {endpoint.socket}: {exc.strerror or exc}") from None
+            raise ControlError(
+                f"deployment {endpoint.deployment!r} (supervisor pid {endpoint.pid}) does not "
+                f"answer on {endpoint.socket}: {exc.strerror or exc}"
+            ) from None
         sock.settimeout(timeout_s)
         sock.sendall((json.dumps(message) + "\n").encode())
         data = b""
@@ -357,14 +394,17 @@ def request(endpoint: Endpoint, message: dict[str, Any], *, timeout_s: float = R
                 break
             data += chunk
     except TimeoutError:
-        raise ControlError(f"deployment {endpoint.deployment!r} did not answer {message.get('op')!r} "
-                           f"within {timeout_s:g} s") from None
+        raise ControlError(
+            f"deployment {endpoint.deployment!r} did not answer {message.get('op')!r} within {timeout_s:g} s"
+        ) from None
     finally:
         sock.close()
     try:
         answer = json.loads(data)
     except ValueError:
-        raise ControlError(f"deployment {endpoint.deployment!r} closed the connection without an answer") from None
+        raise ControlError(
+            f"deployment {endpoint.deployment!r} closed the connection without an answer"
+        ) from None
     if not answer.get("ok"):
         error = BadRequestError if answer.get("bad_input") else ControlError
         raise error(str(answer.get("error", "request failed")))
@@ -377,8 +417,10 @@ def wait_gone(endpoint: Endpoint, *, timeout_s: float) -> float:
     delay = 0.02
     while any(e.pid == endpoint.pid for e in pidfile.running(endpoint.state_dir.parent)):
         if time.monotonic() - started > timeout_s:
-            raise ControlError(f"supervisor pid {endpoint.pid} of {endpoint.deployment!r} did not stop "
-                               f"within {timeout_s:g} s")
+            raise ControlError(
+                f"supervisor pid {endpoint.pid} of {endpoint.deployment!r} did not stop "
+                f"within {timeout_s:g} s"
+            )
         time.sleep(delay)
         delay = min(delay * 2, 0.2)
     return time.monotonic() - started

@@ -25,8 +25,32 @@ import httpx
 from supervisor.control import scrape
 
 # Short, common English words: about one token each for Llama/Qwen/GPT tokenizers.
-_WORDS = ("the", "cache", "keeps", "every", "prefix", "once", "so", "that", "later", "requests", "reuse", "it",
-          "and", "skip", "work", "on", "each", "node", "with", "a", "long", "shared", "context", "window")
+_WORDS = (
+    "the",
+    "cache",
+    "keeps",
+    "every",
+    "prefix",
+    "once",
+    "so",
+    "that",
+    "later",
+    "requests",
+    "reuse",
+    "it",
+    "and",
+    "skip",
+    "work",
+    "on",
+    "each",
+    "node",
+    "with",
+    "a",
+    "long",
+    "shared",
+    "context",
+    "window",
+)
 
 
 def long_prompt(tokens: int, *, nonce: str | None = None) -> str:
@@ -63,26 +87,47 @@ class SmokeReport:
         """The repeat reported cached tokens, or a hit counter grew during it."""
         repeat = self.attempts[-1]
         hits = (scrape.LMCACHE_HITS, scrape.PREFIX_HITS, scrape.EXTERNAL_HITS)
-        return bool(repeat.cached_tokens) or any(repeat.counters_delta.get(name, 0.0) > 0 for name in hits) or (
-            self.run_delta.get(scrape.LMCACHE_HITS, 0.0) > 0)
+        return (
+            bool(repeat.cached_tokens)
+            or any(repeat.counters_delta.get(name, 0.0) > 0 for name in hits)
+            or (self.run_delta.get(scrape.LMCACHE_HITS, 0.0) > 0)
+        )
 
     def to_json(self) -> dict[str, object]:
-        return {"prompt_tokens_requested": self.prompt_tokens_requested, "reuse_seen": self.reuse_seen,
-                "counters_present": list(self.counters_present), "run_delta": dict(self.run_delta),
-                "attempts": [{"ttft_s": a.ttft_s, "total_s": a.total_s, "prompt_tokens": a.prompt_tokens,
-                              "cached_tokens": a.cached_tokens, "completion_tokens": a.completion_tokens,
-                              "counters_delta": dict(a.counters_delta)} for a in self.attempts]}
+        return {
+            "prompt_tokens_requested": self.prompt_tokens_requested,
+            "reuse_seen": self.reuse_seen,
+            "counters_present": list(self.counters_present),
+            "run_delta": dict(self.run_delta),
+            "attempts": [
+                {
+                    "ttft_s": a.ttft_s,
+                    "total_s": a.total_s,
+                    "prompt_tokens": a.prompt_tokens,
+                    "cached_tokens": a.cached_tokens,
+                    "completion_tokens": a.completion_tokens,
+                    "counters_delta": dict(a.counters_delta),
+                }
+                for a in self.attempts
+            ],
+        }
 
 
 class SmokeError(Exception):
     """A smoke request failed (the caller turns it into a ControlError with the deployment's name)."""
 
 
-def stream_once(client: httpx.Client, url: str, model: str, prompt: str, *, max_tokens: int,
-                timeout_s: float) -> Attempt:
+def stream_once(
+    client: httpx.Client, url: str, model: str, prompt: str, *, max_tokens: int, timeout_s: float
+) -> Attempt:
     """POST one streaming chat completion and time it; raises :class:`SmokeError` on any failure."""
-    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     usage: dict[str, object] = {}
     first: float | None = None
     started = time.monotonic()
@@ -111,18 +156,30 @@ def stream_once(client: httpx.Client, url: str, model: str, prompt: str, *, max_
         raise SmokeError(f"POST {url}: {type(exc).__name__}: {exc}") from None
     details = usage.get("prompt_tokens_details") or {}
     cached = details.get("cached_tokens") if isinstance(details, dict) else None
-    return Attempt(ttft_s=first, total_s=time.monotonic() - started,
-                   prompt_tokens=_int(usage.get("prompt_tokens")), cached_tokens=_int(cached),
-                   completion_tokens=_int(usage.get("completion_tokens")))
+    return Attempt(
+        ttft_s=first,
+        total_s=time.monotonic() - started,
+        prompt_tokens=_int(usage.get("prompt_tokens")),
+        cached_tokens=_int(cached),
+        completion_tokens=_int(usage.get("completion_tokens")),
+    )
 
 
 def _int(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def run(base_url: str, model: str, targets: Sequence[scrape.Target], *, prompt_tokens: int = 2048,
-        max_tokens: int = 8, timeout_s: float = 120.0, settle_s: float = 15.0,
-        counters: Callable[[Sequence[scrape.Target]], dict[str, float]] | None = None) -> SmokeReport:
+def run(
+    base_url: str,
+    model: str,
+    targets: Sequence[scrape.Target],
+    *,
+    prompt_tokens: int = 2048,
+    max_tokens: int = 8,
+    timeout_s: float = 120.0,
+    settle_s: float = 15.0,
+    counters: Callable[[Sequence[scrape.Target]], dict[str, float]] | None = None,
+) -> SmokeReport:
     """Send the same long prompt twice; report both attempts and the workers' counter changes."""
     url = base_url.rstrip("/") + "/v1/chat/completions"
     read = counters or (lambda ts: scrape.hit_counters(scrape.collect(ts)))
@@ -137,13 +194,24 @@ def run(base_url: str, model: str, targets: Sequence[scrape.Target], *, prompt_t
             after = read(workers)
             present |= set(after)
             delta = {name: after[name] - before.get(name, 0.0) for name in after}
-            attempts.append(Attempt(attempt.ttft_s, attempt.total_s, attempt.prompt_tokens, attempt.cached_tokens,
-                                    attempt.completion_tokens, delta))
+            attempts.append(
+                Attempt(
+                    attempt.ttft_s,
+                    attempt.total_s,
+                    attempt.prompt_tokens,
+                    attempt.cached_tokens,
+                    attempt.completion_tokens,
+                    delta,
+                )
+            )
             before = after
     deadline = time.monotonic() + settle_s
     # LMCache publishes its counters from a periodic stats thread: wait (bounded) for them to move.
-    while (scrape.LMCACHE_REQUESTED in before and before[scrape.LMCACHE_REQUESTED] == start.get(scrape.LMCACHE_REQUESTED)
-           and time.monotonic() < deadline):
+    while (
+        scrape.LMCACHE_REQUESTED in before
+        and before[scrape.LMCACHE_REQUESTED] == start.get(scrape.LMCACHE_REQUESTED)
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.5)
         before = read(workers)
     run_delta = {name: before[name] - start.get(name, 0.0) for name in before}

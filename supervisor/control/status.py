@@ -22,14 +22,20 @@ import psutil
 
 from supervisor.control import hints as diagnose
 from supervisor.control.progress import Timeline
-from supervisor.plan.spec import Plan
 from supervisor.engine.states import DeploymentStatus, ExitInfo, ProcessState, ProcessStatus
+from supervisor.plan.spec import Plan
 
 SCHEMA = 1
 P = ProcessState
 STATE_WORDS: Mapping[ProcessState, str] = {
-    P.STOPPED: "stopped", P.WAITING: "starting", P.STARTING: "starting", P.RUNNING: "healthy",
-    P.NOT_READY: "unhealthy", P.STOPPING: "stopping", P.BACKOFF: "backoff", P.EXITED: "stopped",
+    P.STOPPED: "stopped",
+    P.WAITING: "starting",
+    P.STARTING: "starting",
+    P.RUNNING: "healthy",
+    P.NOT_READY: "unhealthy",
+    P.STOPPING: "stopping",
+    P.BACKOFF: "backoff",
+    P.EXITED: "stopped",
     P.FAILED: "failed",
 }
 
@@ -44,8 +50,13 @@ def exit_view(info: ExitInfo | None) -> dict[str, Any] | None:
             name = signal.Signals(info.signal).name
         except ValueError:
             name = f"SIG{info.signal}"
-    return {"pid": info.pid, "code": info.returncode, "signal": name, "description": info.describe(),
-            "runtime_s": round(info.runtime_s, 3)}
+    return {
+        "pid": info.pid,
+        "code": info.returncode,
+        "signal": name,
+        "description": info.describe(),
+        "runtime_s": round(info.runtime_s, 3),
+    }
 
 
 def process_view(proc: ProcessStatus, plan: Plan, hints: tuple[diagnose.Hint, ...] = ()) -> dict[str, Any]:
@@ -68,21 +79,29 @@ def process_view(proc: ProcessStatus, plan: Plan, hints: tuple[diagnose.Hint, ..
         "last_exit": exit_view(proc.last_exit),
         "gpus": gpus,
         "ports": ports,
-        "probe": None if probe is None else {"ok": probe.ok, "latency_s": round(probe.latency_s, 6),
-                                             "error": probe.error},
+        "probe": None
+        if probe is None
+        else {"ok": probe.ok, "latency_s": round(probe.latency_s, 6), "error": probe.error},
         "reason": proc.reason,
         "log_file": log_file,
         "hints": [h.to_json() for h in hints],
     }
 
 
-def status_view(status: DeploymentStatus, plan: Plan, timeline: Timeline,
-                hints: Mapping[str, tuple[diagnose.Hint, ...]] | None = None) -> dict[str, Any]:
+def status_view(
+    status: DeploymentStatus,
+    plan: Plan,
+    timeline: Timeline,
+    hints: Mapping[str, tuple[diagnose.Hint, ...]] | None = None,
+) -> dict[str, Any]:
     """The whole ``status --json`` document."""
     dep = plan.deployment
     ttr = timeline.time_to_ready_s
-    metrics_url = (f"http://{host_for_url(dep.metrics_host)}:{dep.metrics_port}/metrics"
-                   if dep.metrics_port is not None else None)
+    metrics_url = (
+        f"http://{host_for_url(dep.metrics_host)}:{dep.metrics_port}/metrics"
+        if dep.metrics_port is not None
+        else None
+    )
     return {
         "schema": SCHEMA,
         "deployment": {
@@ -159,13 +178,17 @@ def gather_hints(status: DeploymentStatus, plan: Plan) -> dict[str, tuple[diagno
         found = diagnose.scan(read_tail(spec.log_file))
         if any(h.kind == "port-in-use" for h in found):
             listeners = _listeners() if listeners is None else listeners
-            found = diagnose.attribute_ports(found, ports=spec.ports, holder=_holder_of(listeners, _tree(proc.pid)))
+            found = diagnose.attribute_ports(
+                found, ports=spec.ports, holder=_holder_of(listeners, _tree(proc.pid))
+            )
         if found:
             out[proc.name] = found
     return out
 
 
-def _holder_of(listeners: Mapping[int, int | None], ours: set[int]) -> Callable[[int], diagnose.PortHolder | None]:
+def _holder_of(
+    listeners: Mapping[int, int | None], ours: set[int]
+) -> Callable[[int], diagnose.PortHolder | None]:
     def holder(port: int) -> diagnose.PortHolder | None:
         if port not in listeners:
             return None
@@ -174,7 +197,10 @@ def _holder_of(listeners: Mapping[int, int | None], ours: set[int]) -> Callable[
         if pid is not None:
             try:
                 # A shortened command line, whitespace folded (an argument may hold newlines).
-                name = " ".join(" ".join(psutil.Process(pid).cmdline()[:4]).split())[:80] or psutil.Process(pid).name()
+                name = (
+                    " ".join(" ".join(psutil.Process(pid).cmdline()[:4]).split())[:80]
+                    or psutil.Process(pid).name()
+                )
             except psutil.Error:
                 pass
         return diagnose.PortHolder(pid=pid, name=name, ours=pid in ours)

@@ -23,9 +23,15 @@ from supervisor.plan.spec import Plan
 log = structlog.get_logger("supervisor")
 
 
-def run(plan: Plan, *, observers: Iterable[Observer] = (), services: Iterable[Service] = (),
-        reload: Service | None = None, log_options: LogOptions = LogOptions(),
-        echo: TerminalEcho | None = None) -> int:
+def run(
+    plan: Plan,
+    *,
+    observers: Iterable[Observer] = (),
+    services: Iterable[Service] = (),
+    reload: Service | None = None,
+    log_options: LogOptions = LogOptions(),
+    echo: TerminalEcho | None = None,
+) -> int:
     """Supervise ``plan`` in the foreground until SIGINT/SIGTERM; returns the exit code.
 
     Signal handlers only enqueue (anyio's receiver); the first SIGINT/SIGTERM starts the orderly
@@ -38,8 +44,10 @@ def run(plan: Plan, *, observers: Iterable[Observer] = (), services: Iterable[Se
         runner = Runner(plan, log_options=log_options, echo=echo)
         for observer in observers:
             runner.subscribe(observer)
-        with PidFile(plan.deployment.state_dir, plan.deployment.name), anyio.open_signal_receiver(
-                signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        with (
+            PidFile(plan.deployment.state_dir, plan.deployment.name),
+            anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals,
+        ):
             async with anyio.create_task_group() as tg:
                 reloads, reload_requests = anyio.create_memory_object_stream[None](1)
 
@@ -70,4 +78,3 @@ def run(plan: Plan, *, observers: Iterable[Observer] = (), services: Iterable[Se
         return code
 
     return anyio.run(main, backend="asyncio")
-

@@ -36,8 +36,9 @@ def configure(*, json: bool | None = None, level: str = "info", stream: TextIO |
     stream = stream or sys.stderr
     if json is None:
         json = not stream.isatty()
-    renderer: Any = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(
-        colors=stream.isatty())
+    renderer: Any = (
+        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=stream.isatty())
+    )
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -109,8 +110,12 @@ class RotatingFile:
         except OSError as exc:
             self.dropped_bytes += len(data)
             if not self._broken_until:  # report the first failure of a run, not every chunk
-                log.error("child log not writable; output dropped, supervision continues",
-                          process=self.owner, path=self.path, error=exc.strerror or str(exc))
+                log.error(
+                    "child log not writable; output dropped, supervision continues",
+                    process=self.owner,
+                    path=self.path,
+                    error=exc.strerror or str(exc),
+                )
             self._broken_until = time.monotonic() + _RETRY_AFTER_S
             self.close()
 

@@ -46,8 +46,9 @@ class PidFile:
         except BlockingIOError:
             other = os.read(fd, 32).decode(errors="replace").strip() or "?"
             os.close(fd)
-            raise StartError(self.deployment, f"another supervisor (pid {other}) already runs it "
-                                              f"({self.path})") from None
+            raise StartError(
+                self.deployment, f"another supervisor (pid {other}) already runs it ({self.path})"
+            ) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
@@ -116,13 +117,15 @@ def stop(entry: Running, *, timeout_s: float) -> float:
     except ProcessLookupError:
         return 0.0
     except PermissionError as exc:
-        raise ControlError(f"not allowed to signal supervisor pid {entry.pid} of "
-                           f"{entry.deployment!r}") from exc
+        raise ControlError(
+            f"not allowed to signal supervisor pid {entry.pid} of {entry.deployment!r}"
+        ) from exc
     delay = 0.01
     while _holder(entry.pid_file) == entry.pid:
         if time.monotonic() - started > timeout_s:
-            raise ControlError(f"supervisor pid {entry.pid} of {entry.deployment!r} did not stop "
-                               f"within {timeout_s:g} s")
+            raise ControlError(
+                f"supervisor pid {entry.pid} of {entry.deployment!r} did not stop within {timeout_s:g} s"
+            )
         time.sleep(delay)
         delay = min(delay * 2, 0.2)
     return time.monotonic() - started

@@ -83,7 +83,7 @@ def _dechunk(body: bytes) -> bytes | None:
             return bytes(out)
         if len(body) < end + 2 + size + 2:
             return None
-        out += body[end + 2:end + 2 + size]
+        out += body[end + 2 : end + 2 + size]
         pos = end + 2 + size + 2
 
 
@@ -109,8 +109,10 @@ async def get(url: str, *, timeout_s: float) -> tuple[int, bytes]:
     port = parts.port or 80
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     host_header = parts.netloc.rpartition("@")[2]
-    request = (f"GET {target} HTTP/1.1\r\nHost: {host_header}\r\nUser-Agent: lmcache-supervise\r\n"
-               "Accept: */*\r\n\r\n").encode()
+    request = (
+        f"GET {target} HTTP/1.1\r\nHost: {host_header}\r\nUser-Agent: lmcache-supervise\r\n"
+        "Accept: */*\r\n\r\n"
+    ).encode()
     with anyio.fail_after(timeout_s):
         family, address = await _address(parts.hostname, port)
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -127,7 +129,7 @@ async def get(url: str, *, timeout_s: float) -> tuple[int, bytes]:
         with anyio.move_on_after(max(0.0, deadline - time.monotonic())):
             while request:
                 try:
-                    request = request[sock.send(request):]
+                    request = request[sock.send(request) :]
                 except BlockingIOError:
                     await anyio.wait_writable(sock)
             while answer is None:

@@ -15,8 +15,8 @@ import os
 import signal
 import subprocess
 import time
-from dataclasses import dataclass
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -25,8 +25,8 @@ import psutil
 
 from supervisor.engine import probe_http
 from supervisor.engine.proctree import descendants
-from supervisor.plan.spec import Check, ExecCheck, HttpCheck, Probe, Probes, SmokeRequest, TcpCheck
 from supervisor.engine.states import ProbeResult
+from supervisor.plan.spec import Check, ExecCheck, HttpCheck, Probe, Probes, SmokeRequest, TcpCheck
 
 #: Probe cadence while a process is starting: a dependent starts within about this of its health.
 FAST_PROBE_S = 0.1
@@ -58,8 +58,6 @@ class Tally:
         failures = self.failures + 1
         passing = self.passing and failures < max(probe.failure_threshold, 1)
         return Tally(passing=passing, successes=0, failures=failures)
-
-
 
 
 def port_owned_by_tree(port: int, pid: int) -> tuple[bool, str | None]:
@@ -134,8 +132,14 @@ async def _tcp(check: TcpCheck, timeout_s: float) -> str | None:
 async def _exec(check: ExecCheck, timeout_s: float) -> str | None:
     """Run ``argv`` in its own group, no shell, waiting on a pidfd (no thread, no poll loop)."""
     try:
-        proc = subprocess.Popen(check.argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+        proc = subprocess.Popen(  # noqa: ASYNC220  (a spawn only; the wait below is on a pidfd)
+            check.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            close_fds=True,
+        )
     except OSError as exc:
         return f"{check.argv[0]}: {exc.strerror or exc}"
     pidfd = os.pidfd_open(proc.pid)
@@ -245,11 +249,14 @@ async def deployment_ready(
         extra = {k: n for k, n in counts.items() if k in max_workers and n > max_workers[k]}
         if extra:
             error = "frontend still counts workers that are gone: " + ", ".join(
-                f"{k} {n} > {max_workers[k]}" for k, n in sorted(extra.items()))
+                f"{k} {n} > {max_workers[k]}" for k, n in sorted(extra.items())
+            )
     return ProbeResult(ok=error is None, latency_s=time.monotonic() - started, error=error), counts
 
 
-async def smoke(base_url: str, model: str, request: SmokeRequest, *, client: httpx.AsyncClient) -> ProbeResult:
+async def smoke(
+    base_url: str, model: str, request: SmokeRequest, *, client: httpx.AsyncClient
+) -> ProbeResult:
     """Send one small OpenAI chat completion; any 200 proves the request path end to end."""
     started = time.monotonic()
     url = base_url.rstrip("/") + request.path
@@ -262,8 +269,11 @@ async def smoke(base_url: str, model: str, request: SmokeRequest, *, client: htt
     }
     try:
         response = await client.post(url, json=body, timeout=request.timeout_s)
-        error = None if response.status_code == 200 else (
-            f"POST {url} answered {response.status_code}: {response.text[:200]}")
+        error = (
+            None
+            if response.status_code == 200
+            else (f"POST {url} answered {response.status_code}: {response.text[:200]}")
+        )
     except httpx.HTTPError as exc:
         error = f"POST {url}: {_describe_oserror(exc)}"
     return ProbeResult(ok=error is None, latency_s=time.monotonic() - started, error=error)

@@ -40,15 +40,20 @@ import anyio
 import anyio.abc
 import psutil
 
-from supervisor.errors import StartError
 from supervisor.engine.proctree import descendants
-from supervisor.plan.spec import ProcessSpec
 from supervisor.engine.states import ExitInfo
+from supervisor.errors import StartError
+from supervisor.plan.spec import ProcessSpec
 
 #: Variables of ours that must not leak into children: systemd's notify/watchdog and socket
 #: activation (a child must never talk to systemd as if it were us), and our metrics directory.
 STRIPPED_ENV = (
-    "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES",
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
     "PROMETHEUS_MULTIPROC_DIR",
 )
 #: How long output is still read after the child exited, for a grandchild holding the pipe.
@@ -93,8 +98,11 @@ class Guardian:
     def __init__(self) -> None:
         self._proc = subprocess.Popen(
             [sys.executable, "-S", "-c", _GUARDIAN_CODE],
-            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True, close_fds=True,  # own session: a terminal Ctrl-C spares it
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            close_fds=True,  # own session: a terminal Ctrl-C spares it
         )
         assert self._proc.stdin is not None
         self._fd = self._proc.stdin.fileno()
@@ -172,7 +180,7 @@ def group_members(pgid: int) -> list[int]:
                 stat = fh.read()
         except OSError:
             continue
-        fields = stat[stat.rfind(b")") + 2:].split()
+        fields = stat[stat.rfind(b")") + 2 :].split()
         if int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
             members.append(int(entry))
     return members
@@ -190,8 +198,9 @@ def signal_group(pgid: int, sig: int) -> bool:
 class Child:
     """A running (or finished) child. Create it with :func:`spawn`; call :meth:`stop` exactly when done."""
 
-    def __init__(self, spec: ProcessSpec, popen: subprocess.Popen[bytes], out_fd: int,
-                 guardian: Guardian | None) -> None:
+    def __init__(
+        self, spec: ProcessSpec, popen: subprocess.Popen[bytes], out_fd: int, guardian: Guardian | None
+    ) -> None:
         self.spec = spec
         self.pid = popen.pid
         self.pgid = popen.pid  # start_new_session: the child leads its own session and group
@@ -220,11 +229,9 @@ class Child:
             await anyio.wait_readable(self._pidfd)
             code = self._popen.wait()  # readable pidfd: the child is a zombie, this does not block
             os.close(self._pidfd)
-            self.exit = ExitInfo.from_popen_code(self.pid, code,
-                                                 runtime_s=time.monotonic() - self.started_at)
+            self.exit = ExitInfo.from_popen_code(self.pid, code, runtime_s=time.monotonic() - self.started_at)
             self._exited.set()
-            self._pump_scope.deadline = min(self._pump_scope.deadline,
-                                            anyio.current_time() + DRAIN_GRACE_S)
+            self._pump_scope.deadline = min(self._pump_scope.deadline, anyio.current_time() + DRAIN_GRACE_S)
 
     async def _pump(self, sink: OutputSink) -> None:
         fd = self._out_fd
@@ -345,14 +352,20 @@ def spawn(spec: ProcessSpec, *, guardian: Guardian | None, env: Mapping[str, str
     try:
         reset_multiproc_dir(spec.multiproc_dir)
     except OSError as exc:  # a full or read-only disk: this start fails, the supervisor does not
-        raise StartError(spec.name, f"PROMETHEUS_MULTIPROC_DIR {spec.multiproc_dir}: "
-                                    f"{exc.strerror or exc}") from exc
+        raise StartError(
+            spec.name, f"PROMETHEUS_MULTIPROC_DIR {spec.multiproc_dir}: {exc.strerror or exc}"
+        ) from exc
     read_fd, write_fd = os.pipe()
     try:
         popen = subprocess.Popen(
-            list(spec.argv), stdin=subprocess.DEVNULL, stdout=write_fd, stderr=write_fd,
-            env=child_env(spec) if env is None else dict(env), cwd=spec.cwd,
-            start_new_session=True, close_fds=True,
+            list(spec.argv),
+            stdin=subprocess.DEVNULL,
+            stdout=write_fd,
+            stderr=write_fd,
+            env=child_env(spec) if env is None else dict(env),
+            cwd=spec.cwd,
+            start_new_session=True,
+            close_fds=True,
             preexec_fn=functools.partial(_in_child, os.getpid()),
         )
     except (OSError, subprocess.SubprocessError) as exc:

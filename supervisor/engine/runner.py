@@ -28,18 +28,28 @@ import httpx
 import structlog
 
 from supervisor.engine import discovery
-
-from supervisor.host import nvml as gpu
-from supervisor.errors import StartError
 from supervisor.engine.logs import ChildOutput, LogOptions, TerminalEcho
 from supervisor.engine.probes import FAST_PROBE_S, deployment_ready, smoke, watch_health
 from supervisor.engine.process import Child, Guardian, spawn
-from supervisor.plan.spec import Condition, Plan, ProcessSpec
 from supervisor.engine.states import (
-    DeploymentEvent, DeploymentState, DeploymentStatus, ExitInfo, ProbeResult, ProcessEvent,
-    ProcessState, ProcessStatus, RestartAction, RunnerEvent, check_deployment_transition,
-    check_process_transition, decide_restart, next_attempt,
+    DeploymentEvent,
+    DeploymentState,
+    DeploymentStatus,
+    ExitInfo,
+    ProbeResult,
+    ProcessEvent,
+    ProcessState,
+    ProcessStatus,
+    RestartAction,
+    RunnerEvent,
+    check_deployment_transition,
+    check_process_transition,
+    decide_restart,
+    next_attempt,
 )
+from supervisor.errors import StartError
+from supervisor.host import nvml as gpu
+from supervisor.plan.spec import Condition, Plan, ProcessSpec
 
 log = structlog.get_logger("supervisor")
 P, D = ProcessState, DeploymentState
@@ -73,13 +83,21 @@ class _Slot:
 class Runner:
     """Supervises one :class:`~supervisor.spec.Plan`; run it with :meth:`serve`."""
 
-    def __init__(self, plan: Plan, *, log_options: LogOptions = LogOptions(),
-                 echo: TerminalEcho | None = None, gpu_pids: GpuPids = gpu.gpu_pids,
-                 rand: Callable[[], float] = random.random) -> None:
+    def __init__(
+        self,
+        plan: Plan,
+        *,
+        log_options: LogOptions = LogOptions(),
+        echo: TerminalEcho | None = None,
+        gpu_pids: GpuPids = gpu.gpu_pids,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
         self.plan = plan
         self._log_options, self._echo = log_options, echo
-        self._slots = {spec.name: _Slot(spec, ChildOutput(spec.name, spec.log_file, log_options, echo))
-                       for spec in plan.processes}
+        self._slots = {
+            spec.name: _Slot(spec, ChildOutput(spec.name, spec.log_file, log_options, echo))
+            for spec in plan.processes
+        }
         self._observers: list[Observer] = []
         self._gpu_pids, self._rand = gpu_pids, rand
         self._deployment = D.STARTING
@@ -105,18 +123,34 @@ class Runner:
         procs = []
         for slot in self._slots.values():
             child = slot.child if slot.state.is_live else None
-            procs.append(ProcessStatus(
-                name=slot.spec.name, role=slot.spec.role.value, state=slot.state,
-                required=slot.spec.required, pid=child.pid if child else None,
-                started_wall=child.started_wall if child else None,
-                uptime_s=now - child.started_at if child else None, restarts=slot.restarts,
-                last_exit=slot.last_exit, last_probe=slot.last_probe, reason=slot.reason))
+            procs.append(
+                ProcessStatus(
+                    name=slot.spec.name,
+                    role=slot.spec.role.value,
+                    state=slot.state,
+                    required=slot.spec.required,
+                    pid=child.pid if child else None,
+                    started_wall=child.started_wall if child else None,
+                    uptime_s=now - child.started_at if child else None,
+                    restarts=slot.restarts,
+                    last_exit=slot.last_exit,
+                    last_probe=slot.last_probe,
+                    reason=slot.reason,
+                )
+            )
         dep = self.plan.deployment
-        return DeploymentStatus(name=dep.name, state=self._deployment, base_url=dep.base_url,
-                                model=dep.served_model_name, ready_since_wall=self._ready_since_wall,
-                                processes=tuple(procs))
+        return DeploymentStatus(
+            name=dep.name,
+            state=self._deployment,
+            base_url=dep.base_url,
+            model=dep.served_model_name,
+            ready_since_wall=self._ready_since_wall,
+            processes=tuple(procs),
+        )
 
-    async def wait_until(self, predicate: Callable[[DeploymentStatus], bool], *, timeout_s: float) -> DeploymentStatus:
+    async def wait_until(
+        self, predicate: Callable[[DeploymentStatus], bool], *, timeout_s: float
+    ) -> DeploymentStatus:
         """Wait for a status satisfying ``predicate``; raises TimeoutError after ``timeout_s``."""
         with anyio.fail_after(timeout_s):
             while not predicate(status := self.status()):
@@ -161,8 +195,9 @@ class Runner:
         else:
             await self.start(name)
 
-    async def apply(self, plan: Plan, *, restart: Iterable[str] = (), start: Iterable[str] = (),
-                    stop: Iterable[str] = ()) -> None:
+    async def apply(
+        self, plan: Plan, *, restart: Iterable[str] = (), start: Iterable[str] = (), stop: Iterable[str] = ()
+    ) -> None:
         """Swap in ``plan`` (a reload): stop ``stop``, restart ``restart`` with its new spec, start
         ``start``; every other process keeps running untouched. Nothing starts once shutting down."""
         restart, start, stop = tuple(restart), tuple(start), tuple(stop)
@@ -177,8 +212,9 @@ class Runner:
         self.plan = plan
         self._slots = {}
         for spec in plan.processes:  # plan order is start order: shutdown walks it backwards
-            slot = old.get(spec.name) or _Slot(spec, ChildOutput(spec.name, spec.log_file, self._log_options,
-                                                                 self._echo))
+            slot = old.get(spec.name) or _Slot(
+                spec, ChildOutput(spec.name, spec.log_file, self._log_options, self._echo)
+            )
             if slot.spec.log_file != spec.log_file:
                 slot.output.close()
                 slot.output = ChildOutput(spec.name, spec.log_file, self._log_options, self._echo)
@@ -245,8 +281,9 @@ class Runner:
         if new is P.FAILED and slot.spec.required:
             self._failed_required.append(slot.spec.name)
         level = "error" if new is P.FAILED else "warning" if new in (P.BACKOFF, P.NOT_READY) else "info"
-        getattr(log, level)("process " + new.value, process=slot.spec.name, pid=pid, was=old.value,
-                            reason=reason)
+        getattr(log, level)(
+            "process " + new.value, process=slot.spec.name, pid=pid, was=old.value, reason=reason
+        )
         self._emit(ProcessEvent(slot.spec.name, old, new, pid, reason, time.monotonic()))
         self._recompute(reason=f"{slot.spec.name} {new.value}")
 
@@ -258,8 +295,13 @@ class Runner:
         self._deployment = new
         if new is D.READY:
             self._ready_since_wall = time.time()
-        log.log(40 if new is D.FAILED else 20, "deployment " + new.value,
-                deployment=self.plan.deployment.name, was=old.value, reason=reason)
+        log.log(
+            40 if new is D.FAILED else 20,
+            "deployment " + new.value,
+            deployment=self.plan.deployment.name,
+            was=old.value,
+            reason=reason,
+        )
         self._emit(DeploymentEvent(old, new, reason, time.monotonic(), self.status()))
 
     def _recompute(self, *, reason: str) -> None:
@@ -315,8 +357,11 @@ class Runner:
         spec, policy = slot.spec, slot.spec.restart
         while True:
             if not self._deps_met(spec):
-                self._set(slot, P.WAITING, "waiting for " + ", ".join(
-                    f"{d.name} {d.condition.value}" for d in spec.depends_on))
+                self._set(
+                    slot,
+                    P.WAITING,
+                    "waiting for " + ", ".join(f"{d.name} {d.condition.value}" for d in spec.depends_on),
+                )
                 await self._until(lambda: self._deps_met(spec))
             await self._gpu_clear(slot)
             slot.kick = anyio.Event()
@@ -343,9 +388,15 @@ class Runner:
                 self._set(slot, P.WAITING, why)
                 continue
             slot.attempt = next_attempt(policy, slot.attempt, healthy_for)
-            decision = decide_restart(policy, failed=killed or not exit_info.clean, why=why,
-                                      starts=slot.starts, now=time.monotonic(), attempt=slot.attempt,
-                                      rand=self._rand())
+            decision = decide_restart(
+                policy,
+                failed=killed or not exit_info.clean,
+                why=why,
+                starts=slot.starts,
+                now=time.monotonic(),
+                attempt=slot.attempt,
+                rand=self._rand(),
+            )
             if decision.action is RestartAction.DONE:
                 self._set(slot, P.EXITED, decision.reason)
                 return
@@ -408,9 +459,15 @@ class Runner:
             elif not ready and slot.state is P.RUNNING:
                 self._set(slot, P.NOT_READY, why)
 
-        return await watch_health(slot.spec.probes, pid=child.pid, started_at=child.started_at,
-                                  client=self._client, record=record, started=started,
-                                  readiness=readiness)
+        return await watch_health(
+            slot.spec.probes,
+            pid=child.pid,
+            started_at=child.started_at,
+            client=self._client,
+            record=record,
+            started=started,
+            readiness=readiness,
+        )
 
     def _forget_registration(self, slot: _Slot) -> None:
         """A worker that died without deregistering is removed from file discovery right away."""
@@ -424,11 +481,16 @@ class Runner:
         """Before relaunching a GPU worker, wait until its previous incarnation let go of the GPUs."""
         dead = slot.child
         if slot.spec.gpus and dead is not None:
-            left = await gpu.wait_released(slot.spec.gpus, dead.descendants,
-                                           gpu_pids=self._gpu_pids, timeout_s=GPU_CLEAR_TIMEOUT_S)
+            left = await gpu.wait_released(
+                slot.spec.gpus, dead.descendants, gpu_pids=self._gpu_pids, timeout_s=GPU_CLEAR_TIMEOUT_S
+            )
             if left:
-                log.warning("GPU memory still held; starting anyway", process=slot.spec.name,
-                            gpus=list(slot.spec.gpus), pids=sorted(left))
+                log.warning(
+                    "GPU memory still held; starting anyway",
+                    process=slot.spec.name,
+                    gpus=list(slot.spec.gpus),
+                    pids=sorted(left),
+                )
 
     # ---- deployment gate and shutdown ------------------------------------------------------
 
@@ -445,8 +507,9 @@ class Runner:
             if dep.ready_url:
                 # The first time, remember how many workers per type the frontend counts; later
                 # gates (after restarts) wait until stale registrations are gone again.
-                result, counts = await deployment_ready(dep.ready_url, client=self._client,
-                                                        max_workers=self._worker_baseline)
+                result, counts = await deployment_ready(
+                    dep.ready_url, client=self._client, max_workers=self._worker_baseline
+                )
                 if result.ok and self._worker_baseline is None:
                     self._worker_baseline = counts
             if result.ok and dep.smoke is not None:
@@ -457,8 +520,12 @@ class Runner:
                 continue
             if not self._timed_out and time.monotonic() > deadline:
                 self._timed_out = True
-                log.error("deployment not ready in time; still trying", deployment=dep.name,
-                          timeout_s=dep.ready_timeout_s, last_error=result.error)
+                log.error(
+                    "deployment not ready in time; still trying",
+                    deployment=dep.name,
+                    timeout_s=dep.ready_timeout_s,
+                    last_error=result.error,
+                )
                 self._recompute(reason=f"not ready after {dep.ready_timeout_s:g} s")
             with anyio.move_on_after(FAST_PROBE_S):
                 await self._changed.wait()
@@ -506,4 +573,3 @@ class Runner:
             for slot in reversed(slots):  # reverse start order among the ones free to stop together
                 tg.start_soon(stop_after_dependents, slot)
         self._set_deployment(D.STOPPED, "every process stopped")
-

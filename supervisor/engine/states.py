@@ -38,8 +38,12 @@ class ProcessState(enum.Enum):
     @property
     def is_live(self) -> bool:
         """A child process exists (or is being stopped) in this state."""
-        return self in (ProcessState.STARTING, ProcessState.RUNNING, ProcessState.NOT_READY,
-                        ProcessState.STOPPING)
+        return self in (
+            ProcessState.STARTING,
+            ProcessState.RUNNING,
+            ProcessState.NOT_READY,
+            ProcessState.STOPPING,
+        )
 
 
 _P = ProcessState

@@ -30,8 +30,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from supervisor.redact import is_secret_name, redact_text
 from supervisor.plan.spec import Plan, ProcessSpec, Role
+from supervisor.redact import is_secret_name, redact_text
 
 API_VERSION = "nvidia.com/v1beta1"
 KIND = "DynamoGraphDeployment"
@@ -41,15 +41,34 @@ DEFAULT_IMAGES = {
     "vllm": f"nvcr.io/nvidia/ai-dynamo/vllm-runtime:{DYNAMO_VERSION}",
     "mocker": f"nvcr.io/nvidia/ai-dynamo/dynamo-planner:{DYNAMO_VERSION}",
 }
-COMPONENT_TYPES = {Role.FRONTEND: "frontend", Role.AGG: "worker", Role.DECODE: "decode", Role.PREFILL: "prefill"}
+COMPONENT_TYPES = {
+    Role.FRONTEND: "frontend",
+    Role.AGG: "worker",
+    Role.DECODE: "decode",
+    Role.PREFILL: "prefill",
+}
 GPU_RESOURCE = "nvidia.com/gpu"
 # Variables the supervisor sets for one host that the operator sets per pod (see the module docstring).
-HOST_ENV = frozenset({
-    "DYN_TCP_RPC_HOST", "DYN_EVENT_PLANE_HOST", "DYN_TCP_RESPONSE_STREAM_HOST", "DYN_SYSTEM_HOST",
-    "DYN_SYSTEM_PORT", "DYN_DISCOVERY_BACKEND", "DYN_FILE_KV", "ETCD_ENDPOINTS", "ETCD_LEASE_TTL",
-    "NATS_SERVER", "DYN_REQUEST_PLANE", "DYN_EVENT_PLANE", "CUDA_VISIBLE_DEVICES",
-    "VLLM_NIXL_SIDE_CHANNEL_HOST", "VLLM_NIXL_SIDE_CHANNEL_PORT", "PROMETHEUS_MULTIPROC_DIR",
-})
+HOST_ENV = frozenset(
+    {
+        "DYN_TCP_RPC_HOST",
+        "DYN_EVENT_PLANE_HOST",
+        "DYN_TCP_RESPONSE_STREAM_HOST",
+        "DYN_SYSTEM_HOST",
+        "DYN_SYSTEM_PORT",
+        "DYN_DISCOVERY_BACKEND",
+        "DYN_FILE_KV",
+        "ETCD_ENDPOINTS",
+        "ETCD_LEASE_TTL",
+        "NATS_SERVER",
+        "DYN_REQUEST_PLANE",
+        "DYN_EVENT_PLANE",
+        "CUDA_VISIBLE_DEVICES",
+        "VLLM_NIXL_SIDE_CHANNEL_HOST",
+        "VLLM_NIXL_SIDE_CHANNEL_PORT",
+        "PROMETHEUS_MULTIPROC_DIR",
+    }
+)
 FRONTEND_HOST_FLAGS = ("--http-host", "--http-port")
 _DNS_LABEL = re.compile(r"[^a-z0-9-]+")
 
@@ -139,8 +158,9 @@ def _container(spec: ProcessSpec, *, image: str, secrets: _Secrets) -> dict[str,
     return container
 
 
-def export(plan: Plan, *, image: str | None = None, namespace: str | None = None,
-           secret_name: str | None = None) -> Export:
+def export(
+    plan: Plan, *, image: str | None = None, namespace: str | None = None, secret_name: str | None = None
+) -> Export:
     """The ``DynamoGraphDeployment`` for ``plan`` (rendered for one machine, ``node_role="all"``)."""
     dep = plan.deployment
     name = dns_label(dep.name)
@@ -150,12 +170,14 @@ def export(plan: Plan, *, image: str | None = None, namespace: str | None = None
     for spec in plan.processes:
         if spec.role not in COMPONENT_TYPES:
             continue  # etcd / nats: the platform's job on Kubernetes
-        components.append({
-            "name": _component_name(spec),
-            "type": COMPONENT_TYPES[spec.role],
-            "replicas": 1,
-            "podTemplate": {"spec": {"containers": [_container(spec, image=chosen, secrets=secrets)]}},
-        })
+        components.append(
+            {
+                "name": _component_name(spec),
+                "type": COMPONENT_TYPES[spec.role],
+                "replicas": 1,
+                "podTemplate": {"spec": {"containers": [_container(spec, image=chosen, secrets=secrets)]}},
+            }
+        )
     metadata: dict[str, Any] = {"name": name}
     if namespace:
         metadata["namespace"] = namespace
@@ -166,8 +188,10 @@ def export(plan: Plan, *, image: str | None = None, namespace: str | None = None
     spec_body["components"] = components
     notes = []
     if dep.model.startswith("/"):
-        notes.append(f"the model is a path on this host ({dep.model}): make it exist at that path in the image "
-                     "or a mounted volume, or export with --model <HF id>")
+        notes.append(
+            f"the model is a path on this host ({dep.model}): make it exist at that path in the image "
+            "or a mounted volume, or export with --model <HF id>"
+        )
     if secrets.keys:
         keys = " ".join(f"--from-literal={k}=..." for k in secrets.keys)
         notes.append(f"create the Secret first: kubectl create secret generic {secrets.name} {keys}")

@@ -113,8 +113,11 @@ def critical_start_s(plan: Plan) -> float:
     finish: dict[str, float] = {}
     for spec in plan.processes:
         start[spec.name] = max(
-            (finish[d.name] if d.condition is Condition.HEALTHY else start[d.name]
-             for d in spec.depends_on if d.name in start),
+            (
+                finish[d.name] if d.condition is Condition.HEALTHY else start[d.name]
+                for d in spec.depends_on
+                if d.name in start
+            ),
             default=0.0,
         )
         finish[spec.name] = start[spec.name] + startup_budget_s(spec)
@@ -126,8 +129,12 @@ def timeouts(plan: Plan, *, watchdog_s: int = WATCHDOG_SEC) -> Timeouts:
     start = max(critical_start_s(plan), plan.deployment.ready_timeout_s) + smoke_s + START_MARGIN_S
     stop = sum(spec.stop_timeout_s + KILL_WAIT_S for spec in plan.processes)
     # ``down`` (ExecStop) gives up before systemd does, so that its failure is what the journal shows.
-    return Timeouts(start_s=math.ceil(start), stop_s=math.ceil(stop) + STOP_MARGIN_S, watchdog_s=watchdog_s,
-                    down_s=math.ceil(stop) + STOP_MARGIN_S // 2)
+    return Timeouts(
+        start_s=math.ceil(start),
+        stop_s=math.ceil(stop) + STOP_MARGIN_S,
+        watchdog_s=watchdog_s,
+        down_s=math.ceil(stop) + STOP_MARGIN_S // 2,
+    )
 
 
 # ------------------------------------------------------------------------------------ quoting
@@ -156,7 +163,9 @@ def exec_word(word: Word, *, source: str = "unit") -> str:
     if isinstance(word, Specifier):
         return word.text
     if any(c in word for c in "\n\r\0"):
-        raise PlanError(source, "systemd", f"{word!r} cannot be written into a systemd unit (a line break or NUL)")
+        raise PlanError(
+            source, "systemd", f"{word!r} cannot be written into a systemd unit (a line break or NUL)"
+        )
     escaped = escape_specifiers(word)
     if _BARE.fullmatch(word):
         return escaped
@@ -188,8 +197,12 @@ def _writable_paths(plan: Plan) -> list[str]:
 
 
 def _under_home(paths: Iterable[str]) -> bool:
-    return any(PurePosixPath(path).is_relative_to(root)
-               for path in paths if path.startswith("/") for root in HOME_ROOTS)
+    return any(
+        PurePosixPath(path).is_relative_to(root)
+        for path in paths
+        if path.startswith("/")
+        for root in HOME_ROOTS
+    )
 
 
 def _uses_rdma(plan: Plan) -> bool:

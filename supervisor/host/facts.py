@@ -28,8 +28,14 @@ import psutil
 from supervisor.host.gpu import GpuFacts, gpu_facts
 from supervisor.host.redis import RemoteFacts, RemoteTarget, probe_remote
 from supervisor.host.software import (
-    ExecutableFacts, ExecutableRequest, InterpreterRequest, ModuleFacts, NativeFacts, SoftwareFacts,
-    executable_facts, software_facts,
+    ExecutableFacts,
+    ExecutableRequest,
+    InterpreterRequest,
+    ModuleFacts,
+    NativeFacts,
+    SoftwareFacts,
+    executable_facts,
+    software_facts,
 )
 
 __all__ = [
@@ -53,6 +59,7 @@ __all__ = [
     "gather",
     "hf_cache_dirs",
 ]
+
 
 @dataclass(frozen=True)
 class ModelRequest:
@@ -265,7 +272,8 @@ def lmcache_file_facts(path: str, cwd: str | None) -> LMCacheFileFacts:
         return LMCacheFileFacts(path, cwd, problem=f"holds a {kind}, not a mapping of LMCache keys")
     values = tuple(
         (str(key), ("true" if value else "false") if isinstance(value, bool) else str(value))
-        for key, value in data.items() if isinstance(value, (str, int, float, bool))
+        for key, value in data.items()
+        if isinstance(value, (str, int, float, bool))
     )
     return LMCacheFileFacts(path, cwd, values)
 

@@ -48,8 +48,10 @@ def gpu_pids(gpu_indices: Iterable[int]) -> set[int] | None:
     try:
         for index in indices:
             handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            for getter in (pynvml.nvmlDeviceGetComputeRunningProcesses,
-                           pynvml.nvmlDeviceGetGraphicsRunningProcesses):
+            for getter in (
+                pynvml.nvmlDeviceGetComputeRunningProcesses,
+                pynvml.nvmlDeviceGetGraphicsRunningProcesses,
+            ):
                 pids.update(proc.pid for proc in getter(handle))
     except pynvml.NVMLError:
         return None

@@ -88,24 +88,37 @@ def node(profile: Profile, role: str, *, head: str | None, advertise: str | None
             raise PlanError("--head", "", "is only used with --role worker")
         return Node(role="all", local=profile.ports.host, advertise=advertise)
     if profile.discovery.backend != "etcd":
-        raise PlanError(src, "discovery.backend",
-                        f'--role {role} needs "etcd" (file discovery cannot cross machines), got '
-                        f'"{profile.discovery.backend}"; add --set discovery.backend=etcd')
+        raise PlanError(
+            src,
+            "discovery.backend",
+            f'--role {role} needs "etcd" (file discovery cannot cross machines), got '
+            f'"{profile.discovery.backend}"; add --set discovery.backend=etcd',
+        )
     if role == "worker" and not head:
         raise PlanError("--head", "", "is required with --role worker: the head node's address")
     if role == "head" and head is not None:
         raise PlanError("--head", "", "is only used with --role worker")
     if not advertise:
-        raise PlanError("--advertise", "", f"is required with --role {role}: the address other nodes reach this "
-                                           "host at (or set ports.host to it)")
+        raise PlanError(
+            "--advertise",
+            "",
+            f"is required with --role {role}: the address other nodes reach this "
+            "host at (or set ports.host to it)",
+        )
     if advertise in WILDCARDS:
-        raise PlanError("--advertise", "", f"expected the concrete address other nodes reach this host at, got {advertise!r}")
+        raise PlanError(
+            "--advertise",
+            "",
+            f"expected the concrete address other nodes reach this host at, got {advertise!r}",
+        )
     for flag, value in (("--head", head), ("--advertise", advertise)):
         if value and (value.startswith("-") or "/" in value or any(c.isspace() for c in value)):
             raise PlanError(flag, "", f"expected a host name or IP address, got {value!r}")
     placed = {w.node for w in profile.workers.values()}
     if role == "worker" and "worker" not in placed:
-        raise PlanError(src, "workers", 'no worker is placed on worker nodes (every workers.<name>.node is "head")')
+        raise PlanError(
+            src, "workers", 'no worker is placed on worker nodes (every workers.<name>.node is "head")'
+        )
     return Node(role=role, local=profile.ports.host, advertise=advertise, head=head)
 
 
@@ -163,8 +176,11 @@ def discovery_env(profile: Profile, here: Node, discovery_dir: str | None) -> di
     if disc.backend == "file":
         env = {"DYN_DISCOVERY_BACKEND": "file", "DYN_FILE_KV": discovery_dir or ""}
     else:
-        env = {"DYN_DISCOVERY_BACKEND": "etcd", "ETCD_ENDPOINTS": ",".join(etcd_endpoints(profile, here)),
-               "ETCD_LEASE_TTL": str(disc.lease_ttl_s)}
+        env = {
+            "DYN_DISCOVERY_BACKEND": "etcd",
+            "ETCD_ENDPOINTS": ",".join(etcd_endpoints(profile, here)),
+            "ETCD_LEASE_TTL": str(disc.lease_ttl_s),
+        }
     if disc.request_plane != "tcp":
         env["DYN_REQUEST_PLANE"] = disc.request_plane
     if disc.event_plane != "zmq":
@@ -180,8 +196,9 @@ def _binary(name: str, binaries: Mapping[str, str]) -> str:
     return name if "/" in name else binaries.get(name, name)
 
 
-def infra_processes(profile: Profile, here: Node, *, state: Path, claim: Claim,
-                    binaries: Mapping[str, str]) -> list[ProcessSpec]:
+def infra_processes(
+    profile: Profile, here: Node, *, state: Path, claim: Claim, binaries: Mapping[str, str]
+) -> list[ProcessSpec]:
     """etcd and nats-server for the head (or a single machine), in start order; none on worker nodes."""
     # Late import: plan.py imports this module, and owns the probe and restart builders.
     from supervisor.plan.render import _probes, _restart
@@ -191,46 +208,96 @@ def infra_processes(profile: Profile, here: Node, *, state: Path, claim: Claim,
         etcd = profile.infra.etcd
         client = claim(etcd_ports(profile)[0], "etcd.client", "infra.etcd.client_port")
         peer = claim(etcd_ports(profile)[1], "etcd.peer", "infra.etcd.peer_port")
-        binds = [here.local] + ([here.advertise] if here.advertise and here.local not in WILDCARDS
-                                and here.advertise != here.local else [])
+        binds = [here.local] + (
+            [here.advertise]
+            if here.advertise and here.local not in WILDCARDS and here.advertise != here.local
+            else []
+        )
         listen = ",".join(f"http://{url_host(h)}:{client}" for h in binds)
         # One member, peering with nobody: its peer URL never needs to leave loopback.
         peer_url = f"http://127.0.0.1:{peer}"
         name = f"lmcs-{profile.name}"
         probe_url = f"http://{url_host(reachable(here.local))}:{client}"
-        out.append(ProcessSpec(
-            name="etcd", role=Role.ETCD,
-            argv=(_binary(etcd.binary, binaries), "--name", name, "--data-dir", str(state / "etcd"),
-                  "--listen-client-urls", listen,
-                  "--advertise-client-urls", f"http://{url_host(reachable(here.plane_host))}:{client}",
-                  "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
-                  "--initial-cluster", f"{name}={peer_url}", *etcd.args),
-            env={}, gpus=(), ports={"client": client, "peer": peer},
-            probes=_probes(etcd.health,
-                           HttpCheck(url=f"{probe_url}/health", json_field="health", json_value="true",
-                                     owned_port=client),
-                           HttpCheck(url=f"{probe_url}/version", owned_port=client), INFRA_STARTUP_BUDGET_S),
-            restart=_restart(etcd.restart), stop_timeout_s=etcd.stop_timeout_s,
-            bind_host=binds[-1], multiproc_dir="", log_file=str(state / "logs" / "etcd.log"),
-        ))
+        out.append(
+            ProcessSpec(
+                name="etcd",
+                role=Role.ETCD,
+                argv=(
+                    _binary(etcd.binary, binaries),
+                    "--name",
+                    name,
+                    "--data-dir",
+                    str(state / "etcd"),
+                    "--listen-client-urls",
+                    listen,
+                    "--advertise-client-urls",
+                    f"http://{url_host(reachable(here.plane_host))}:{client}",
+                    "--listen-peer-urls",
+                    peer_url,
+                    "--initial-advertise-peer-urls",
+                    peer_url,
+                    "--initial-cluster",
+                    f"{name}={peer_url}",
+                    *etcd.args,
+                ),
+                env={},
+                gpus=(),
+                ports={"client": client, "peer": peer},
+                probes=_probes(
+                    etcd.health,
+                    HttpCheck(
+                        url=f"{probe_url}/health", json_field="health", json_value="true", owned_port=client
+                    ),
+                    HttpCheck(url=f"{probe_url}/version", owned_port=client),
+                    INFRA_STARTUP_BUDGET_S,
+                ),
+                restart=_restart(etcd.restart),
+                stop_timeout_s=etcd.stop_timeout_s,
+                bind_host=binds[-1],
+                multiproc_dir="",
+                log_file=str(state / "logs" / "etcd.log"),
+            )
+        )
     if runs_nats(profile, here):
         nats = profile.infra.nats
         port = claim(nats_ports(profile)[0], "nats.client", "infra.nats.port")
         monitor = claim(nats_ports(profile)[1], "nats.monitor", "infra.nats.monitor_port")
         bind = _nats_bind(here)
         url = f"http://{url_host(reachable(bind))}:{monitor}"
-        out.append(ProcessSpec(
-            name="nats", role=Role.NATS,
-            # JetStream on, as Dynamo's own launch scripts run it; its store lives in the state dir.
-            argv=(_binary(nats.binary, binaries), "--addr", bind, "--port", str(port), "--http_port", str(monitor),
-                  "--jetstream", "--store_dir", str(state / "nats"), *nats.args),
-            env={}, gpus=(), ports={"client": port, "monitor": monitor},
-            probes=_probes(nats.health,
-                           HttpCheck(url=f"{url}/healthz", json_field="status", json_value="ok", owned_port=monitor),
-                           HttpCheck(url=f"{url}/varz", owned_port=monitor), INFRA_STARTUP_BUDGET_S),
-            restart=_restart(nats.restart), stop_timeout_s=nats.stop_timeout_s,
-            bind_host=bind, multiproc_dir="", log_file=str(state / "logs" / "nats.log"),
-        ))
+        out.append(
+            ProcessSpec(
+                name="nats",
+                role=Role.NATS,
+                # JetStream on, as Dynamo's own launch scripts run it; its store lives in the state dir.
+                argv=(
+                    _binary(nats.binary, binaries),
+                    "--addr",
+                    bind,
+                    "--port",
+                    str(port),
+                    "--http_port",
+                    str(monitor),
+                    "--jetstream",
+                    "--store_dir",
+                    str(state / "nats"),
+                    *nats.args,
+                ),
+                env={},
+                gpus=(),
+                ports={"client": port, "monitor": monitor},
+                probes=_probes(
+                    nats.health,
+                    HttpCheck(url=f"{url}/healthz", json_field="status", json_value="ok", owned_port=monitor),
+                    HttpCheck(url=f"{url}/varz", owned_port=monitor),
+                    INFRA_STARTUP_BUDGET_S,
+                ),
+                restart=_restart(nats.restart),
+                stop_timeout_s=nats.stop_timeout_s,
+                bind_host=bind,
+                multiproc_dir="",
+                log_file=str(state / "logs" / "nats.log"),
+            )
+        )
     return out
 
 

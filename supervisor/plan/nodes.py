@@ -31,8 +31,12 @@ class NodeOptions:
     binaries: Mapping[str, str]
 
     def as_kwargs(self) -> dict[str, object]:
-        return {"node_role": self.node_role, "head": self.head, "advertise": self.advertise,
-                "binaries": dict(self.binaries)}
+        return {
+            "node_role": self.node_role,
+            "head": self.head,
+            "advertise": self.advertise,
+            "binaries": dict(self.binaries),
+        }
 
 
 def _is_specific(host: str) -> bool:
@@ -70,7 +74,9 @@ def default_advertise(profile: Profile, role: NodeRole, head: str | None) -> str
     if role == "worker" and head:
         found = route_source(head)
         if found is None:
-            raise PlanError("--head", "", f"no route from this host to {head!r}; check the address or pass --advertise")
+            raise PlanError(
+                "--head", "", f"no route from this host to {head!r}; check the address or pass --advertise"
+            )
         return found
     return None
 
@@ -90,8 +96,9 @@ def find_binaries(profile: Profile, python: str | None = None) -> dict[str, str]
     return found
 
 
-def node_options(profile: Profile, role: NodeRole = "all", *, head: str | None = None,
-                 advertise: str | None = None) -> NodeOptions:
+def node_options(
+    profile: Profile, role: NodeRole = "all", *, head: str | None = None, advertise: str | None = None
+) -> NodeOptions:
     """Fill in what the user left out (this node's address, binary paths); render validates the rest."""
     if advertise is None and not (role == "worker" and not head):
         advertise = default_advertise(profile, role, head)

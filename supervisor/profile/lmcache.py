@@ -33,18 +33,37 @@ REMOTE_SCHEMES = {
 # "yes"/"on" silently mean False. The supervisor accepts only true/false/1/0 for these.
 BOOLEAN_KEYS = frozenset(
     {
-        "local_cpu", "local_cpu_use_hugepages", "use_layerwise", "save_decode_cache", "enable_blending",
-        "enable_p2p", "enable_controller", "enable_pd", "pd_skip_proxy_notification", "pd_bidirectional",
-        "use_gds", "save_unfull_chunk", "py_enable_gc", "enable_async_loading",
-        "internal_api_server_enabled", "enable_scheduler_bypass_lookup", "enable_lazy_memory_allocator",
+        "local_cpu",
+        "local_cpu_use_hugepages",
+        "use_layerwise",
+        "save_decode_cache",
+        "enable_blending",
+        "enable_p2p",
+        "enable_controller",
+        "enable_pd",
+        "pd_skip_proxy_notification",
+        "pd_bidirectional",
+        "use_gds",
+        "save_unfull_chunk",
+        "py_enable_gc",
+        "enable_async_loading",
+        "internal_api_server_enabled",
+        "enable_scheduler_bypass_lookup",
+        "enable_lazy_memory_allocator",
         "track_usage",
     }
 )
 BOOLEAN_SPELLINGS = {"true": "true", "false": "false", "1": "true", "0": "false"}
 NUMBER_KEYS = frozenset(
     {
-        "chunk_size", "max_local_cpu_size", "reserve_local_cpu_size", "max_local_disk_size",
-        "gds_buffer_size", "blocking_timeout_secs", "pd_allocation_timeout_sec", "lookup_timeout_ms",
+        "chunk_size",
+        "max_local_cpu_size",
+        "reserve_local_cpu_size",
+        "max_local_disk_size",
+        "gds_buffer_size",
+        "blocking_timeout_secs",
+        "pd_allocation_timeout_sec",
+        "lookup_timeout_ms",
     }
 )
 

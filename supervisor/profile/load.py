@@ -115,7 +115,11 @@ def load_raw(path: Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
 def _anchor_model(data: dict[str, Any], base: Path) -> None:
     """A relative model path (``./x``, ``../x``) is relative to the file, or the shell, that wrote it."""
     model = data.get("model")
-    if isinstance(model, dict) and isinstance(model.get("name"), str) and model["name"].startswith(("./", "../")):
+    if (
+        isinstance(model, dict)
+        and isinstance(model.get("name"), str)
+        and model["name"].startswith(("./", "../"))
+    ):
         data["model"] = {**model, "name": str((base / model["name"]).resolve())}
 
 
@@ -168,7 +172,12 @@ def _expected(error: Mapping[str, Any]) -> str:
         "missing": "is required",
     }
     ctx = error.get("ctx") or {}
-    bounds = {"greater_than": "above", "greater_than_equal": "at least", "less_than": "below", "less_than_equal": "at most"}
+    bounds = {
+        "greater_than": "above",
+        "greater_than_equal": "at least",
+        "less_than": "below",
+        "less_than_equal": "at most",
+    }
     if kind in bounds:
         limit = next(iter(ctx.values()), "?")
         return f"expected a number {bounds[kind]} {limit}, got {got_text}"
@@ -237,9 +246,7 @@ def validate(data: dict[str, Any], source: str) -> Profile:
     return profile
 
 
-def load(
-    name_or_path: str, *, overrides: Sequence[str] = (), model: str | None = None
-) -> Profile:
+def load(name_or_path: str, *, overrides: Sequence[str] = (), model: str | None = None) -> Profile:
     """Load, merge, override and validate a profile by built-in name or path."""
     path = resolve(name_or_path)
     data = load_raw(path)
@@ -265,4 +272,3 @@ def _blame_overrides(exc: ProfileErrors, overrides: Sequence[str], model: str | 
         return error.source
 
     return ProfileErrors([ProfileError(source_of(e), e.key, e.problem) for e in exc.errors])
-

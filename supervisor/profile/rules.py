@@ -17,7 +17,11 @@ if TYPE_CHECKING:
 
 # Flags the supervisor sets itself; a profile that passes them in `args` would fight the plan.
 MANAGED_FLAGS = {
-    "frontend": {"--http-host": "frontend.host", "--http-port": "frontend.port", "--router-mode": "frontend.router_mode"},
+    "frontend": {
+        "--http-host": "frontend.host",
+        "--http-port": "frontend.port",
+        "--router-mode": "frontend.router_mode",
+    },
     "worker": {
         "--model": "model.name",
         "--model-path": "model.name",
@@ -49,15 +53,27 @@ def _flag_errors(profile: Profile, where: str, args: list[str], kind: str) -> li
         flag = arg.split("=", 1)[0]
         if flag in MANAGED_FLAGS[kind]:
             errors.append(
-                ProfileError(profile.source, f"{where}.args", f"{flag} is set by the supervisor; use {MANAGED_FLAGS[kind][flag]}")
+                ProfileError(
+                    profile.source,
+                    f"{where}.args",
+                    f"{flag} is set by the supervisor; use {MANAGED_FLAGS[kind][flag]}",
+                )
             )
             continue
         # argparse (the frontend's and the mocker's parsers) takes any unambiguous prefix of a long
         # flag, and the last one wins: `--http-ho 0.0.0.0` would move the frontend off loopback.
-        owned = sorted(f for f in MANAGED_FLAGS[kind] if flag.startswith("--") and len(flag) > 2 and f.startswith(flag))
+        owned = sorted(
+            f for f in MANAGED_FLAGS[kind] if flag.startswith("--") and len(flag) > 2 and f.startswith(flag)
+        )
         if owned:
-            errors.append(ProfileError(profile.source, f"{where}.args", f"{flag} abbreviates {owned[0]}, which is set by "
-                                                                       f"the supervisor; use {MANAGED_FLAGS[kind][owned[0]]}"))
+            errors.append(
+                ProfileError(
+                    profile.source,
+                    f"{where}.args",
+                    f"{flag} abbreviates {owned[0]}, which is set by "
+                    f"the supervisor; use {MANAGED_FLAGS[kind][owned[0]]}",
+                )
+            )
     return errors
 
 
@@ -65,7 +81,11 @@ def _env_errors(profile: Profile, where: str, env: dict[str, str]) -> list[Profi
     errors = []
     for key, value in env.items():
         if key in MANAGED_ENV:
-            errors.append(ProfileError(profile.source, f"{where}.env.{key}", f"is set by the supervisor; use {MANAGED_ENV[key]}"))
+            errors.append(
+                ProfileError(
+                    profile.source, f"{where}.env.{key}", f"is set by the supervisor; use {MANAGED_ENV[key]}"
+                )
+            )
         elif key.startswith("LMCACHE_"):
             problem = check_env_value(key, value)
             if problem:
@@ -78,24 +98,52 @@ def _lmcache_errors(profile: Profile) -> list[ProfileError]:
     errors = []
     if lm.local_disk and lm.max_local_disk_size <= 0:
         errors.append(
-            ProfileError(src, "lmcache.max_local_disk_size", "must be above 0 when lmcache.local_disk is set (LMCache ignores the disk otherwise)")
+            ProfileError(
+                src,
+                "lmcache.max_local_disk_size",
+                "must be above 0 when lmcache.local_disk is set (LMCache ignores the disk otherwise)",
+            )
         )
     if lm.max_local_disk_size > 0 and not lm.local_disk:
-        errors.append(ProfileError(src, "lmcache.local_disk", "is required when lmcache.max_local_disk_size is above 0"))
+        errors.append(
+            ProfileError(src, "lmcache.local_disk", "is required when lmcache.max_local_disk_size is above 0")
+        )
     if lm.gds is not None and lm.gds.buffer_size_mib is None:
-        errors.append(ProfileError(src, "lmcache.gds.buffer_size_mib", "is required with lmcache.gds.path (LMCache needs gds_buffer_size)"))
+        errors.append(
+            ProfileError(
+                src,
+                "lmcache.gds.buffer_size_mib",
+                "is required with lmcache.gds.path (LMCache needs gds_buffer_size)",
+            )
+        )
     if lm.remote is not None:
         backend = remote_backend(lm.remote.url)
         if backend is None:
             schemes = "redis, rediss, redis-sentinel, redis-cluster, lm, infinistore, mooncakestore"
-            errors.append(ProfileError(src, "lmcache.remote.url", f"unknown scheme in {lm.remote.url.split('://')[0]!r}://...; expected one of {schemes}"))
+            errors.append(
+                ProfileError(
+                    src,
+                    "lmcache.remote.url",
+                    f"unknown scheme in {lm.remote.url.split('://')[0]!r}://...; expected one of {schemes}",
+                )
+            )
         elif backend == "redis-sentinel" and not lm.remote.service_name:
-            errors.append(ProfileError(src, "lmcache.remote.service_name", "is required for redis-sentinel (the master name)"))
+            errors.append(
+                ProfileError(
+                    src, "lmcache.remote.service_name", "is required for redis-sentinel (the master name)"
+                )
+            )
         elif backend == "mooncake" and not lm.remote.config_path:
-            errors.append(ProfileError(src, "lmcache.remote.config_path", "is required for mooncakestore (MOONCAKE_CONFIG_PATH)"))
+            errors.append(
+                ProfileError(
+                    src, "lmcache.remote.config_path", "is required for mooncakestore (MOONCAKE_CONFIG_PATH)"
+                )
+            )
     for key, value in lm.extra.items():
         if not key.replace("_", "").isalnum() or key != key.lower():
-            errors.append(ProfileError(src, f"lmcache.extra.{key}", "expected a lower-case LMCache config key"))
+            errors.append(
+                ProfileError(src, f"lmcache.extra.{key}", "expected a lower-case LMCache config key")
+            )
             continue
         problem = check_env_value(key, value if isinstance(value, str) else str(value).lower())
         if problem:
@@ -110,9 +158,15 @@ def _graph_errors(profile: Profile) -> list[ProfileError]:
     if not roles:
         errors.append(ProfileError(src, "workers", "expected at least one worker"))
     if "prefill" in roles and "decode" not in roles:
-        errors.append(ProfileError(src, "workers", "a prefill worker needs a decode worker (disaggregated serving)"))
+        errors.append(
+            ProfileError(src, "workers", "a prefill worker needs a decode worker (disaggregated serving)")
+        )
     if "decode" in roles and "prefill" not in roles:
-        errors.append(ProfileError(src, "workers", "a decode worker needs a prefill worker (use role = \"agg\" for one worker)"))
+        errors.append(
+            ProfileError(
+                src, "workers", 'a decode worker needs a prefill worker (use role = "agg" for one worker)'
+            )
+        )
     if "agg" in roles and ("decode" in roles or "prefill" in roles):
         errors.append(ProfileError(src, "workers", "mixes agg with decode/prefill workers; pick one mode"))
     owners: dict[int, str] = {}
@@ -120,16 +174,24 @@ def _graph_errors(profile: Profile) -> list[ProfileError]:
         key = f"workers.{name}"
         if profile.engine == "vllm":
             if not worker.gpus:
-                errors.append(ProfileError(src, f"{key}.gpus", "expected at least one GPU index for a vLLM worker"))
+                errors.append(
+                    ProfileError(src, f"{key}.gpus", "expected at least one GPU index for a vLLM worker")
+                )
             elif len(worker.gpus) != worker.tensor_parallel_size:
                 errors.append(
-                    ProfileError(src, f"{key}.gpus", f"expected {worker.tensor_parallel_size} GPU indices (tensor_parallel_size), got {len(worker.gpus)}")
+                    ProfileError(
+                        src,
+                        f"{key}.gpus",
+                        f"expected {worker.tensor_parallel_size} GPU indices (tensor_parallel_size), got {len(worker.gpus)}",
+                    )
                 )
         if len(set(worker.gpus)) != len(worker.gpus):
             errors.append(ProfileError(src, f"{key}.gpus", f"lists a GPU twice: {worker.gpus}"))
         for gpu in worker.gpus:
             if gpu in owners and owners[gpu] != name:
-                errors.append(ProfileError(src, f"{key}.gpus", f"GPU {gpu} is already given to worker {owners[gpu]!r}"))
+                errors.append(
+                    ProfileError(src, f"{key}.gpus", f"GPU {gpu} is already given to worker {owners[gpu]!r}")
+                )
             owners.setdefault(gpu, name)
         errors += _flag_errors(profile, key, worker.args, "worker")
         errors += _env_errors(profile, key, worker.env)
@@ -138,9 +200,28 @@ def _graph_errors(profile: Profile) -> list[ProfileError]:
 
 # Flags the plan gives the infrastructure servers (plan_infra.py); `args` may not fight them.
 INFRA_FLAGS = {
-    "etcd": ("--name", "--data-dir", "--listen-client-urls", "--advertise-client-urls", "--listen-peer-urls",
-             "--initial-advertise-peer-urls", "--initial-cluster"),
-    "nats": ("-a", "--addr", "--net", "-p", "--port", "-m", "--http_port", "-js", "--jetstream", "-sd", "--store_dir"),
+    "etcd": (
+        "--name",
+        "--data-dir",
+        "--listen-client-urls",
+        "--advertise-client-urls",
+        "--listen-peer-urls",
+        "--initial-advertise-peer-urls",
+        "--initial-cluster",
+    ),
+    "nats": (
+        "-a",
+        "--addr",
+        "--net",
+        "-p",
+        "--port",
+        "-m",
+        "--http_port",
+        "-js",
+        "--jetstream",
+        "-sd",
+        "--store_dir",
+    ),
 }
 
 
@@ -150,15 +231,31 @@ def _discovery_errors(profile: Profile) -> list[ProfileError]:
     for index, endpoint in enumerate(disc.etcd_endpoints):
         scheme, sep, rest = endpoint.partition("://")
         if not sep or scheme not in ("http", "https") or not rest.strip("/"):
-            errors.append(ProfileError(src, f"discovery.etcd_endpoints.{index}",
-                                       f"expected an etcd client URL like http://host:2379, got {endpoint!r}"))
+            errors.append(
+                ProfileError(
+                    src,
+                    f"discovery.etcd_endpoints.{index}",
+                    f"expected an etcd client URL like http://host:2379, got {endpoint!r}",
+                )
+            )
     if disc.nats_server is not None and not disc.nats_server.startswith(("nats://", "tls://")):
-        errors.append(ProfileError(src, "discovery.nats_server", f"expected a URL like nats://host:4222, got {disc.nats_server!r}"))
+        errors.append(
+            ProfileError(
+                src,
+                "discovery.nats_server",
+                f"expected a URL like nats://host:4222, got {disc.nats_server!r}",
+            )
+        )
     for server, flags in INFRA_FLAGS.items():
         for arg in getattr(profile.infra, server).args:
             if arg.split("=", 1)[0] in flags:
-                errors.append(ProfileError(src, f"infra.{server}.args",
-                                           f"{arg.split('=', 1)[0]} is set by the supervisor; use ports.base or infra.{server}.*"))
+                errors.append(
+                    ProfileError(
+                        src,
+                        f"infra.{server}.args",
+                        f"{arg.split('=', 1)[0]} is set by the supervisor; use ports.base or infra.{server}.*",
+                    )
+                )
     return errors
 
 

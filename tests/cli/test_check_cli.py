@@ -15,8 +15,6 @@ import pytest
 from supervisor.host.facts import port_facts
 from supervisor.host.gpu import NO_DRIVER, gpu_facts
 
-from realredis import redis_factory  # noqa: F401 - a fixture
-
 CLI = str(Path(sys.executable).parent / "lmcache-supervise")
 # Offsets from ports.base that the built-in profiles bind (frontend, health ports, metrics, NIXL, bootstrap).
 OFFSETS = (0, 81, 82, 90, 200, 216, 601)
@@ -80,8 +78,17 @@ def test_a_port_held_by_this_test_fails_demo_and_names_this_process(tmp_path: Pa
 
 def test_a_missing_etcd_binary_fails_check_with_exit_3(tmp_path: Path) -> None:
     absent = tmp_path / "bin" / "etcd"
-    done = run(tmp_path, "demo", "--set", f"ports.base={free_base()}", "--set", 'discovery.backend="etcd"',
-               "--set", f'infra.etcd.binary="{absent}"', "--json")
+    done = run(
+        tmp_path,
+        "demo",
+        "--set",
+        f"ports.base={free_base()}",
+        "--set",
+        'discovery.backend="etcd"',
+        "--set",
+        f'infra.etcd.binary="{absent}"',
+        "--json",
+    )
     assert done.returncode == 3, done.stdout + done.stderr
     (row,) = [r for r in as_json(done) if r["status"] == "fail"]
     assert (row["check"], row["message"]) == ("software", f"etcd cannot start: {absent} does not exist")
@@ -91,13 +98,27 @@ def test_a_missing_etcd_binary_fails_check_with_exit_3(tmp_path: Path) -> None:
 def test_an_lmcache_config_file_is_read_and_a_misread_value_fails_check(tmp_path: Path) -> None:
     config = tmp_path / "lmcache.yaml"
     config.write_text("max_local_disk_size: 10GB\n")
-    done = run(tmp_path, "disagg", "--set", f"ports.base={free_base()}", "--set",
-               f'workers.prefill.env.LMCACHE_CONFIG_FILE="{config}"', "--skip-check", "gpu",
-               "--skip-check", "software", "--skip-check", "model", "--json")
+    done = run(
+        tmp_path,
+        "disagg",
+        "--set",
+        f"ports.base={free_base()}",
+        "--set",
+        f'workers.prefill.env.LMCACHE_CONFIG_FILE="{config}"',
+        "--skip-check",
+        "gpu",
+        "--skip-check",
+        "software",
+        "--skip-check",
+        "model",
+        "--json",
+    )
     assert done.returncode == 3, done.stdout + done.stderr
     (row,) = [r for r in as_json(done) if r["status"] == "fail"]
     assert row["check"] == "lmcache-config"
-    assert row["message"].startswith(f"prefill: LMCACHE_CONFIG_FILE {config}: max_local_disk_size: expected a number")
+    assert row["message"].startswith(
+        f"prefill: LMCACHE_CONFIG_FILE {config}: max_local_disk_size: expected a number"
+    )
 
 
 def test_disagg_without_a_driver_exits_3_with_the_nvml_message_and_hint(tmp_path: Path) -> None:

@@ -17,11 +17,11 @@ import anyio
 import pytest
 
 from supervisor.control import server as control
-from supervisor.errors import BadRequestError, ControlError
 from supervisor.control.progress import Timeline
 from supervisor.engine.runner import Runner
-from supervisor.plan.spec import Plan
 from supervisor.engine.states import DeploymentState, ProcessState
+from supervisor.errors import BadRequestError, ControlError
+from supervisor.plan.spec import Plan
 
 pytestmark = pytest.mark.anyio
 NOBODY = 65534
@@ -47,7 +47,11 @@ async def controlled(plan: Plan) -> AsyncIterator[tuple[Runner, control.ControlS
                 await runner.wait_until(lambda s: s.state is DeploymentState.READY, timeout_s=10)
                 while server.path is None:
                     await anyio.sleep(0.01)
-            yield runner, server, control.Endpoint("test", Path(plan.deployment.state_dir), os.getpid(), server.path)
+            yield (
+                runner,
+                server,
+                control.Endpoint("test", Path(plan.deployment.state_dir), os.getpid(), server.path),
+            )
         finally:
             runner.request_shutdown()
 
@@ -67,7 +71,10 @@ async def test_socket_is_private_answers_status_and_goes_at_shutdown(make_spec, 
         doc = (await ask(endpoint, {"op": "status"}))["status"]
         assert doc["schema"] == 1
         assert doc["deployment"]["name"] == "test" and doc["deployment"]["state"] == "ready"
-        assert doc["deployment"]["time_to_ready_s"] is not None and doc["deployment"]["supervisor_pid"] == os.getpid()
+        assert (
+            doc["deployment"]["time_to_ready_s"] is not None
+            and doc["deployment"]["supervisor_pid"] == os.getpid()
+        )
         by_name = {p["name"]: p for p in doc["processes"]}
         assert list(by_name) == ["a", "b"]
         assert by_name["a"]["state"] == "healthy" and by_name["a"]["phase"] == "running"
@@ -113,7 +120,11 @@ async def test_bad_requests_are_refused_with_one_clear_line(make_spec, make_plan
                 return json.loads(sock.makefile("rb").readline())
 
         answer = await anyio.to_thread.run_sync(raw, b"not json\n")
-        assert answer == {"ok": False, "error": 'a request is one JSON object with an "op" field', "bad_input": True}
+        assert answer == {
+            "ok": False,
+            "error": 'a request is one JSON object with an "op" field',
+            "bad_input": True,
+        }
         assert runner.status().process("a").state is ProcessState.RUNNING  # nothing was disturbed
 
 
@@ -154,11 +165,14 @@ async def test_a_stale_socket_is_replaced_and_a_live_one_is_left_alone(make_spec
         os.unlink(path)
 
 
-async def test_a_path_too_long_for_a_unix_socket_falls_back_to_a_short_recorded_one(tmp_path: Path, make_spec,
-                                                                                      make_plan) -> None:
+async def test_a_path_too_long_for_a_unix_socket_falls_back_to_a_short_recorded_one(
+    tmp_path: Path, make_spec, make_plan
+) -> None:
     plan = make_plan(make_spec("a"))
     state = tmp_path / ("deep-" * 25)
-    dep = dataclasses.replace(plan.deployment, state_dir=str(state), control_socket=str(state / "control.sock"))
+    dep = dataclasses.replace(
+        plan.deployment, state_dir=str(state), control_socket=str(state / "control.sock")
+    )
     plan = dataclasses.replace(plan, deployment=dep)
     assert len(dep.control_socket.encode()) > control.SUN_PATH_MAX
     async with controlled(plan) as (_, server, endpoint):

@@ -7,18 +7,21 @@ import socket
 from pathlib import Path
 
 from supervisor.control import hints as diagnose
-
 from supervisor.control import status as statusview
 from supervisor.control.hints import Hint, PortHolder, Severity
-from supervisor.plan.spec import Role
 from supervisor.engine.states import DeploymentState, DeploymentStatus, ProcessState, ProcessStatus
+from supervisor.plan.spec import Role
 
 # Captured from a Dynamo 1.6.1 mocker whose DYN_SYSTEM_PORT was taken (colours and all).
-DYNAMO_BIND = ("\x1b[2m2026-11-28T03:03:10.956021Z\x1b[0m \x1b[31mERROR\x1b[0m \x1b[2mdynamo_runtime::system_status_server"
-               "\x1b[0m\x1b[2m:\x1b[0m Failed to bind to address 127.0.0.1:24081: Failed to bind to address: Address "
-               "already in use (os error 98)")
-DYNAMO_BIND_NO_PORT = ("\x1b[31mERROR\x1b[0m dynamo_runtime::distributed: System status server startup failed "
-                       "error=Failed to bind to address: Address already in use (os error 98)")
+DYNAMO_BIND = (
+    "\x1b[2m2026-11-28T03:03:10.956021Z\x1b[0m \x1b[31mERROR\x1b[0m \x1b[2mdynamo_runtime::system_status_server"
+    "\x1b[0m\x1b[2m:\x1b[0m Failed to bind to address 127.0.0.1:24081: Failed to bind to address: Address "
+    "already in use (os error 98)"
+)
+DYNAMO_BIND_NO_PORT = (
+    "\x1b[31mERROR\x1b[0m dynamo_runtime::distributed: System status server startup failed "
+    "error=Failed to bind to address: Address already in use (os error 98)"
+)
 
 
 def kinds(hints: tuple[Hint, ...]) -> list[str]:
@@ -32,13 +35,21 @@ def test_each_known_line_becomes_its_hint() -> None:
         "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.1 GiB total capacity)",
         "pynvml.NVMLError_DriverNotLoaded: Driver Not Loaded",
         "[2025-05-01 10:00:00,000] LMCache WARNING: PrometheusLogger instance already created with different metadata.",
-        ("WARNING 05-01 10:00:00 [prometheus.py:41] Found PROMETHEUS_MULTIPROC_DIR was set by user. This "
-         "directory must be wiped between vLLM runs or you will find inaccurate metrics."),
+        (
+            "WARNING 05-01 10:00:00 [prometheus.py:41] Found PROMETHEUS_MULTIPROC_DIR was set by user. This "
+            "directory must be wiped between vLLM runs or you will find inaccurate metrics."
+        ),
         "ValueError: No available memory for the cache blocks. Try increasing `gpu_memory_utilization`",
     ]
     hints = diagnose.scan(lines)
-    assert kinds(hints) == ["port-in-use", "cuda-oom", "nvml", "lmcache-prometheus-logger",
-                            "prometheus-multiproc-dir", "kv-cache-memory"]
+    assert kinds(hints) == [
+        "port-in-use",
+        "cuda-oom",
+        "nvml",
+        "lmcache-prometheus-logger",
+        "prometheus-multiproc-dir",
+        "kv-cache-memory",
+    ]
     by_kind = {h.kind: h for h in hints}
     assert by_kind["port-in-use"].port == 24081
     assert "\x1b" not in by_kind["port-in-use"].line  # ANSI colours stripped from the evidence
@@ -56,8 +67,13 @@ def test_repeats_fold_into_one_hint_and_the_line_naming_the_port_wins() -> None:
 
 
 def test_ports_are_read_from_the_usual_spellings() -> None:
-    assert diagnose.port_in("OSError: [Errno 98] error while attempting to bind on address ('127.0.0.1', 8000): "
-                            "address already in use") == 8000
+    assert (
+        diagnose.port_in(
+            "OSError: [Errno 98] error while attempting to bind on address ('127.0.0.1', 8000): "
+            "address already in use"
+        )
+        == 8000
+    )
     assert diagnose.port_in("listen tcp [::1]:2379: bind: address already in use") == 2379
     assert diagnose.port_in("could not bind port 5600: Address already in use") == 5600
     assert diagnose.port_in("Address already in use") is None
@@ -65,9 +81,13 @@ def test_ports_are_read_from_the_usual_spellings() -> None:
 
 def test_attribution_names_the_holder_and_drops_a_clash_that_is_over() -> None:
     hint = diagnose.scan([DYNAMO_BIND])
-    stranger = diagnose.attribute_ports(hint, ports={"system": 24081}, holder=lambda p: PortHolder(42, "nginx"))
+    stranger = diagnose.attribute_ports(
+        hint, ports={"system": 24081}, holder=lambda p: PortHolder(42, "nginx")
+    )
     assert stranger[0].message == "port 24081 (system) was already in use, held by pid 42 (nginx)"
-    over = diagnose.attribute_ports(hint, ports={"system": 24081}, holder=lambda p: PortHolder(7, "x", ours=True))
+    over = diagnose.attribute_ports(
+        hint, ports={"system": 24081}, holder=lambda p: PortHolder(7, "x", ours=True)
+    )
     assert over == ()
     gone = diagnose.attribute_ports(hint, ports={}, holder=lambda p: None)
     assert "nobody now" in gone[0].message
@@ -78,8 +98,9 @@ def test_attribution_names_the_holder_and_drops_a_clash_that_is_over() -> None:
     assert [h.port for h in named] == [18081] and "another user" in named[0].message
 
 
-def test_a_real_port_clash_in_a_log_names_the_port_and_this_test_as_its_holder(tmp_path: Path, make_spec,
-                                                                                 make_plan) -> None:
+def test_a_real_port_clash_in_a_log_names_the_port_and_this_test_as_its_holder(
+    tmp_path: Path, make_spec, make_plan
+) -> None:
     holder = socket.socket()
     holder.bind(("127.0.0.1", 0))
     holder.listen(1)
@@ -88,16 +109,36 @@ def test_a_real_port_clash_in_a_log_names_the_port_and_this_test_as_its_holder(t
         spec = make_spec("decode", role=Role.DECODE, ports={"system": port})
         Path(spec.log_file).parent.mkdir(parents=True)
         filler = "x" * 200 + "\n"
-        Path(spec.log_file).write_text(filler * 1000 + DYNAMO_BIND.replace("24081", str(port)) + "\n" + filler)
+        Path(spec.log_file).write_text(
+            filler * 1000 + DYNAMO_BIND.replace("24081", str(port)) + "\n" + filler
+        )
         plan = make_plan(spec)
-        proc = ProcessStatus(name="decode", role="decode", state=ProcessState.RUNNING, required=True,
-                             pid=None, started_wall=None, uptime_s=1.0, restarts=0, last_exit=None,
-                             last_probe=None, reason="")
-        status = DeploymentStatus(name="test", state=DeploymentState.READY, base_url="", model="m",
-                                  ready_since_wall=None, processes=(proc,))
+        proc = ProcessStatus(
+            name="decode",
+            role="decode",
+            state=ProcessState.RUNNING,
+            required=True,
+            pid=None,
+            started_wall=None,
+            uptime_s=1.0,
+            restarts=0,
+            last_exit=None,
+            last_probe=None,
+            reason="",
+        )
+        status = DeploymentStatus(
+            name="test",
+            state=DeploymentState.READY,
+            base_url="",
+            model="m",
+            ready_since_wall=None,
+            processes=(proc,),
+        )
         hints = statusview.gather_hints(status, plan)["decode"]
         assert len(hints) == 1
-        assert hints[0].message.startswith(f"port {port} (system) was already in use, held by pid {os.getpid()}")
+        assert hints[0].message.startswith(
+            f"port {port} (system) was already in use, held by pid {os.getpid()}"
+        )
         assert "python" in hints[0].message  # the holder's command line, shortened
     finally:
         holder.close()

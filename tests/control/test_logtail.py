@@ -6,8 +6,8 @@ import threading
 import time
 from pathlib import Path
 
-from supervisor.engine.logs import RotatingFile
 from supervisor.control.logtail import follow, last_lines
+from supervisor.engine.logs import RotatingFile
 
 
 def test_last_lines_and_the_offset_to_follow_from(tmp_path: Path) -> None:
@@ -43,7 +43,9 @@ def test_follow_reads_across_rotations_in_order(tmp_path: Path) -> None:
     writer = threading.Thread(target=write)
     writer.start()
     try:
-        for line in follow(path, poll_s=0.005, stop=lambda: len(seen) >= total or time.monotonic() > deadline):
+        for line in follow(
+            path, poll_s=0.005, stop=lambda: len(seen) >= total or time.monotonic() > deadline
+        ):
             seen.append(int(line.split()[1]))
     finally:
         writer.join()

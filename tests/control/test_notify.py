@@ -18,7 +18,13 @@ import pytest
 
 from supervisor.control import notify
 from supervisor.control.notify import Notifier, SystemdBridge, describe
-from supervisor.engine.states import DeploymentEvent, DeploymentState, DeploymentStatus, ProcessState, ProcessStatus
+from supervisor.engine.states import (
+    DeploymentEvent,
+    DeploymentState,
+    DeploymentStatus,
+    ProcessState,
+    ProcessStatus,
+)
 
 SO_PASSCRED = getattr(socket, "SO_PASSCRED", 16)
 SCM_CREDENTIALS = getattr(socket, "SCM_CREDENTIALS", 2)
@@ -69,7 +75,10 @@ def abstract_listener() -> Iterator[Listener]:
 
 def test_socket_address_forms() -> None:
     assert notify.socket_address("/run/systemd/notify") == "/run/systemd/notify"
-    assert notify.socket_address("@/org/freedesktop/systemd1/notify/1") == b"\0/org/freedesktop/systemd1/notify/1"
+    assert (
+        notify.socket_address("@/org/freedesktop/systemd1/notify/1")
+        == b"\0/org/freedesktop/systemd1/notify/1"
+    )
     for unusable in ("", "@", "relative/path", "vsock:2:1234"):
         assert notify.socket_address(unusable) is None, unusable
 
@@ -125,8 +134,12 @@ def test_abstract_namespace_socket(abstract_listener: Listener) -> None:
 
 
 def test_from_env_reads_then_unsets(listener: Listener) -> None:
-    environ = {"NOTIFY_SOCKET": listener.env_value, "WATCHDOG_USEC": "4000000",
-               "WATCHDOG_PID": str(os.getpid()), "PATH": "/usr/bin"}
+    environ = {
+        "NOTIFY_SOCKET": listener.env_value,
+        "WATCHDOG_USEC": "4000000",
+        "WATCHDOG_PID": str(os.getpid()),
+        "PATH": "/usr/bin",
+    }
     notifier = Notifier.from_env(environ)
     assert notifier.watchdog_s == 2.0
     assert environ == {"PATH": "/usr/bin"}
@@ -135,7 +148,8 @@ def test_from_env_reads_then_unsets(listener: Listener) -> None:
 
 
 def test_children_spawned_after_from_env_never_see_the_socket(
-        listener: Listener, monkeypatch: pytest.MonkeyPatch) -> None:
+    listener: Listener, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("NOTIFY_SOCKET", listener.env_value)
     monkeypatch.setenv("WATCHDOG_USEC", "1000000")
     with Notifier.from_env() as notifier:
@@ -172,11 +186,28 @@ def test_a_vanished_socket_costs_the_message_not_the_caller(tmp_path: Path) -> N
 
 def snapshot(state: DeploymentState, **procs: ProcessState) -> DeploymentStatus:
     return DeploymentStatus(
-        name="demo", state=state, base_url="http://127.0.0.1:18000", model="demo", ready_since_wall=None,
-        processes=tuple(ProcessStatus(name=n, role="decode", state=s, required=True, pid=None, started_wall=None,
-                                      uptime_s=None, restarts=0, last_exit=None, last_probe=None,
-                                      reason="pid 7 exit code 1; restarting in 0.5 s" if s is ProcessState.BACKOFF
-                                      else "") for n, s in procs.items()))
+        name="demo",
+        state=state,
+        base_url="http://127.0.0.1:18000",
+        model="demo",
+        ready_since_wall=None,
+        processes=tuple(
+            ProcessStatus(
+                name=n,
+                role="decode",
+                state=s,
+                required=True,
+                pid=None,
+                started_wall=None,
+                uptime_s=None,
+                restarts=0,
+                last_exit=None,
+                last_probe=None,
+                reason="pid 7 exit code 1; restarting in 0.5 s" if s is ProcessState.BACKOFF else "",
+            )
+            for n, s in procs.items()
+        ),
+    )
 
 
 def event(old: DeploymentState, new: DeploymentState, status: DeploymentStatus) -> DeploymentEvent:
@@ -188,11 +219,14 @@ P, D = ProcessState, DeploymentState
 
 def test_describe_says_what_is_not_healthy() -> None:
     assert describe(snapshot(D.READY, frontend=P.RUNNING, decode=P.RUNNING, prefill=P.RUNNING)) == (
-        "ready: 3/3 processes healthy, OpenAI API at http://127.0.0.1:18000/v1 (model demo)")
+        "ready: 3/3 processes healthy, OpenAI API at http://127.0.0.1:18000/v1 (model demo)"
+    )
     assert describe(snapshot(D.STARTING, frontend=P.RUNNING, decode=P.STARTING, prefill=P.WAITING)) == (
-        "starting: 1/3 processes healthy; decode starting, prefill waiting")
+        "starting: 1/3 processes healthy; decode starting, prefill waiting"
+    )
     assert describe(snapshot(D.DEGRADED, frontend=P.RUNNING, decode=P.BACKOFF)) == (
-        "degraded: 1/2 processes healthy; decode backoff (pid 7 exit code 1; restarting in 0.5 s)")
+        "degraded: 1/2 processes healthy; decode backoff (pid 7 exit code 1; restarting in 0.5 s)"
+    )
     assert describe(snapshot(D.STOPPED, frontend=P.STOPPED)) == "stopped"
 
 

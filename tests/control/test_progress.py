@@ -10,7 +10,12 @@ import structlog
 
 from supervisor.control.progress import Progress, Timeline
 from supervisor.engine.states import (
-    DeploymentEvent, DeploymentState, DeploymentStatus, ProcessEvent, ProcessState, ProcessStatus,
+    DeploymentEvent,
+    DeploymentState,
+    DeploymentStatus,
+    ProcessEvent,
+    ProcessState,
+    ProcessStatus,
 )
 
 P, D = ProcessState, DeploymentState
@@ -25,10 +30,22 @@ class Clock:
 
 
 def status(state: ProcessState, uptime_s: float | None) -> DeploymentStatus:
-    proc = ProcessStatus(name="decode", role="decode", state=state, required=True, pid=7, started_wall=None,
-                         uptime_s=uptime_s, restarts=0, last_exit=None, last_probe=None, reason="")
-    return DeploymentStatus(name="d", state=D.STARTING, base_url="", model="m", ready_since_wall=None,
-                            processes=(proc,))
+    proc = ProcessStatus(
+        name="decode",
+        role="decode",
+        state=state,
+        required=True,
+        pid=7,
+        started_wall=None,
+        uptime_s=uptime_s,
+        restarts=0,
+        last_exit=None,
+        last_probe=None,
+        reason="",
+    )
+    return DeploymentStatus(
+        name="d", state=D.STARTING, base_url="", model="m", ready_since_wall=None, processes=(proc,)
+    )
 
 
 def test_stage_lines_carry_elapsed_time_and_load_duration() -> None:
@@ -45,14 +62,20 @@ def test_stage_lines_carry_elapsed_time_and_load_duration() -> None:
     ready = DeploymentEvent(D.STARTING, D.READY, "model ready", 146.0, status(P.RUNNING, 45.5))
     for observer in (timeline, progress):
         observer(ready)
-    assert lines == ["[    0.0 s] decode starting: pid 7", "[   45.5 s] decode healthy: after 45.0 s",
-                     "[   46.0 s] deployment ready: in 46.0 s"]
+    assert lines == [
+        "[    0.0 s] decode starting: pid 7",
+        "[   45.5 s] decode healthy: after 45.0 s",
+        "[   46.0 s] deployment ready: in 46.0 s",
+    ]
     assert timeline.time_to_ready_s == 46.0
 
 
 def test_without_a_terminal_stages_are_structured_log_events(capsys: pytest.CaptureFixture[str]) -> None:
-    structlog.configure(processors=[structlog.processors.JSONRenderer()],
-                        logger_factory=structlog.PrintLoggerFactory(), cache_logger_on_first_use=False)
+    structlog.configure(
+        processors=[structlog.processors.JSONRenderer()],
+        logger_factory=structlog.PrintLoggerFactory(),
+        cache_logger_on_first_use=False,
+    )
     try:
         clock = Clock()
         progress = Progress(Timeline(now=clock))
@@ -61,8 +84,17 @@ def test_without_a_terminal_stages_are_structured_log_events(capsys: pytest.Capt
         events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     finally:
         structlog.reset_defaults()
-    assert events == [{"elapsed_s": 0.0, "detail": "pid 7", "stage": "process", "process": "decode",
-                       "state": "starting", "pid": 7, "event": "startup stage"}]
+    assert events == [
+        {
+            "elapsed_s": 0.0,
+            "detail": "pid 7",
+            "stage": "process",
+            "process": "decode",
+            "state": "starting",
+            "pid": 7,
+            "event": "startup stage",
+        }
+    ]
 
 
 def test_a_process_loading_for_long_is_named_periodically() -> None:

@@ -9,27 +9,32 @@ from collections.abc import Callable
 from pathlib import Path
 
 import anyio
+import anyio.lowlevel
 import pytest
-
 from conftest import alive
-from supervisor.plan import render as planmod
-from supervisor.profile import load as profiles
+
 from supervisor.control import reload
-from supervisor.errors import ControlError, ProfileError
 from supervisor.engine.runner import Runner
-from supervisor.plan.spec import Plan
 from supervisor.engine.states import DeploymentState, DeploymentStatus, ProcessState
+from supervisor.errors import ControlError, ProfileError
+from supervisor.plan import render as planmod
+from supervisor.plan.spec import Plan
+from supervisor.profile import load as profiles
 
 STATE = Path("/srv/state")
 
 
 def demo(*overrides: str) -> Plan:
-    return planmod.render(profiles.load("demo", overrides=overrides), state_root=STATE, python="/opt/py/bin/python")
+    return planmod.render(
+        profiles.load("demo", overrides=overrides), state_root=STATE, python="/opt/py/bin/python"
+    )
 
 
 def test_one_workers_env_changes_only_that_worker() -> None:
     changes = reload.diff(demo(), demo("workers.decode.env.GREETING=hello"))
-    assert changes == reload.PlanDiff(added=(), removed=(), changed=("decode",), unchanged=("frontend", "prefill"))
+    assert changes == reload.PlanDiff(
+        added=(), removed=(), changed=("decode",), unchanged=("frontend", "prefill")
+    )
     assert changes.describe() == "restarted decode"
 
 
@@ -45,8 +50,10 @@ def test_a_shared_setting_changes_every_process_it_reaches() -> None:
 
 def test_added_and_removed_workers(tmp_path: Path) -> None:
     three = tmp_path / "three.toml"
-    three.write_text(f'extends = "{profiles.profiles_dir() / "demo.toml"}"\nname = "demo"\n'
-                     '[workers.decode2]\nrole = "decode"\n')
+    three.write_text(
+        f'extends = "{profiles.profiles_dir() / "demo.toml"}"\nname = "demo"\n'
+        '[workers.decode2]\nrole = "decode"\n'
+    )
     bigger = planmod.render(profiles.load(str(three)), state_root=STATE, python="/opt/py/bin/python")
     grown = reload.diff(demo(), bigger)
     assert grown.added == ("decode2",) and grown.removed == ()
@@ -89,15 +96,24 @@ class FakeRunner:
         self.applied: list[tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = []
 
     def status(self) -> DeploymentStatus:
-        return DeploymentStatus(name="demo", state=DeploymentState.READY, base_url="", model="demo",
-                                ready_since_wall=None, processes=())
+        return DeploymentStatus(
+            name="demo",
+            state=DeploymentState.READY,
+            base_url="",
+            model="demo",
+            ready_since_wall=None,
+            processes=(),
+        )
 
-    async def apply(self, plan: Plan, *, restart: tuple[str, ...], start: tuple[str, ...],
-                    stop: tuple[str, ...]) -> None:
+    async def apply(
+        self, plan: Plan, *, restart: tuple[str, ...], start: tuple[str, ...], stop: tuple[str, ...]
+    ) -> None:
         self.plan = plan
         self.applied.append((restart, start, stop))
 
-    async def wait_until(self, predicate: Callable[[DeploymentStatus], bool], *, timeout_s: float) -> DeploymentStatus:
+    async def wait_until(
+        self, predicate: Callable[[DeploymentStatus], bool], *, timeout_s: float
+    ) -> DeploymentStatus:
         return self.status()
 
 
@@ -110,8 +126,9 @@ async def test_a_bad_profile_is_refused_and_nothing_is_applied(tmp_path: Path) -
     def broken() -> Plan:
         raise ProfileError("demo.toml", "workers.decode.role", "expected one of 'agg', 'decode' or 'prefill'")
 
-    reloader = reload.Reloader(broken, on_begin=lambda t: said.append(("begin", t)),
-                               on_end=lambda t: said.append(("end", t)))
+    reloader = reload.Reloader(
+        broken, on_begin=lambda t: said.append(("begin", t)), on_end=lambda t: said.append(("end", t))
+    )
     outcome = await reloader(runner)
     assert not outcome.ok and "workers.decode.role" in outcome.message
     assert runner.applied == [] and runner.plan is plan
@@ -124,8 +141,11 @@ async def test_a_bad_profile_is_refused_and_nothing_is_applied(tmp_path: Path) -
 async def test_a_good_profile_is_applied_as_a_diff(tmp_path: Path) -> None:
     plan = planmod.render(profiles.load("demo"), state_root=tmp_path, python="/opt/py/bin/python")
     runner = FakeRunner(plan)
-    new = planmod.render(profiles.load("demo", overrides=["workers.prefill.env.X=one"]), state_root=tmp_path,
-                         python="/opt/py/bin/python")
+    new = planmod.render(
+        profiles.load("demo", overrides=["workers.prefill.env.X=one"]),
+        state_root=tmp_path,
+        python="/opt/py/bin/python",
+    )
     outcome = await reload.Reloader(lambda: new)(runner)
     assert outcome.ok and outcome.restarted == ("prefill",) and outcome.message == "restarted prefill"
     assert runner.applied == [(("prefill",), (), ())] and runner.plan is new
@@ -166,7 +186,9 @@ async def test_shutdown_during_apply_starts_nothing_new_and_leaves_nothing(make_
     slow = make_spec("slow", stop_timeout_s=1.0)
     runner = Runner(make_plan(slow))
     started: list[str] = []
-    runner.subscribe(lambda e: started.append(e.name) if getattr(e, "new", None) is ProcessState.STARTING else None)
+    runner.subscribe(
+        lambda e: started.append(e.name) if getattr(e, "new", None) is ProcessState.STARTING else None
+    )
     codes: list[int] = []
     async with anyio.create_task_group() as tg:
 
@@ -174,11 +196,13 @@ async def test_shutdown_during_apply_starts_nothing_new_and_leaves_nothing(make_
             codes.append(await runner.serve())
 
         tg.start_soon(serve)
-        first = await runner.wait_until(lambda s: s.process("slow").state is ProcessState.RUNNING, timeout_s=10)
+        first = await runner.wait_until(
+            lambda s: s.process("slow").state is ProcessState.RUNNING, timeout_s=10
+        )
         old_pid = first.process("slow").pid
         new_plan = make_plan(make_spec("slow", env={"X": "1"}, stop_timeout_s=1.0), make_spec("extra"))
         tg.start_soon(lambda: runner.apply(new_plan, restart=("slow",), start=("extra",)))
-        await anyio.sleep(0)  # apply is now stopping the old "slow"
+        await anyio.lowlevel.checkpoint()  # apply is now stopping the old "slow"
         runner.request_shutdown(reason="test")
     assert codes == [0]
     assert started == ["slow"]  # the first start only: neither the new "slow" nor "extra" after shutdown

@@ -49,8 +49,14 @@ class FakeSystemd:
                     continue
                 except OSError:
                     return
-                pid = next((array.array("i", p[:CREDS])[0] for level, kind, p in anc
-                            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS), -1)
+                pid = next(
+                    (
+                        array.array("i", p[:CREDS])[0]
+                        for level, kind, p in anc
+                        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS
+                    ),
+                    -1,
+                )
                 message = Message(time.monotonic(), pid, data.decode().split("\n"))
                 if "READY=1" in message.fields and not any("READY=1" in m.fields for m in self.messages):
                     try:  # the moment READY=1 arrives, does the model say it is ready?

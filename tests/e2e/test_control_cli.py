@@ -17,9 +17,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-
 from conftest import alive, wait_for
+from prometheus_client.parser import text_string_to_metric_families
 from updemo import CLI, FAST_STOP, Up
 
 pytestmark = pytest.mark.e2e
@@ -57,12 +56,19 @@ def test_status_table_json_and_the_private_socket(up: Up) -> None:
     procs = {p["name"]: p for p in doc["processes"]}
     assert list(procs) == ["frontend", "decode", "prefill"]
     assert all(p["state"] == "healthy" and p["pid"] and p["probe"]["ok"] for p in procs.values())
-    assert procs["decode"]["ports"] == {"system": up.base + 81} and procs["frontend"]["ports"] == {"http": up.base}
+    assert procs["decode"]["ports"] == {"system": up.base + 81} and procs["frontend"]["ports"] == {
+        "http": up.base
+    }
     table = up.cli("status", "--deployment", "demo")
     assert table.returncode == 0, table.stderr
     assert "demo ready" in table.stdout and "decode" in table.stdout and "healthy" in table.stdout
-    watch = subprocess.Popen([CLI, "status", "--json", "--watch", "--interval", "0.2"], env=up.env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    watch = subprocess.Popen(
+        [CLI, "status", "--json", "--watch", "--interval", "0.2"],
+        env=up.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         docs = [json.loads(watch.stdout.readline()) for _ in range(2)]  # one document per refresh
         assert all(d["deployment"]["name"] == "demo" for d in docs)
@@ -74,13 +80,23 @@ def test_status_table_json_and_the_private_socket(up: Up) -> None:
 def test_bad_input_and_a_missing_deployment_are_one_line(up: Up, tmp_path: Path) -> None:
     wrong = up.cli("restart", "nope")
     assert wrong.returncode == 2 and wrong.stdout == ""
-    assert wrong.stderr == ("lmcache-supervise: no process 'nope' in deployment 'demo' "
-                            "(processes: frontend, decode, prefill)\n")
+    assert wrong.stderr == (
+        "lmcache-supervise: no process 'nope' in deployment 'demo' (processes: frontend, decode, prefill)\n"
+    )
     other = up.cli("status", "--deployment", "other")
     assert other.returncode == 1 and other.stderr.count("\n") == 1 and "'other'" in other.stderr
-    empty = subprocess.run([CLI, "status"], env={**up.env, "LMCACHE_SUPERVISE_STATE_ROOT": str(tmp_path)},
-                           capture_output=True, text=True, timeout=30, check=False)
-    assert empty.returncode == 1 and empty.stderr == f"lmcache-supervise: no running deployment under {tmp_path}\n"
+    empty = subprocess.run(
+        [CLI, "status"],
+        env={**up.env, "LMCACHE_SUPERVISE_STATE_ROOT": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert (
+        empty.returncode == 1
+        and empty.stderr == f"lmcache-supervise: no running deployment under {tmp_path}\n"
+    )
 
 
 def test_supervisor_metrics_and_the_file_sd_targets(up: Up) -> None:
@@ -95,14 +111,25 @@ def test_supervisor_metrics_and_the_file_sd_targets(up: Up) -> None:
     assert families["lmcache_supervise_probe_latency_seconds"].type == "histogram"
     targets = json.loads(Path(dep["targets_file"]).read_text())
     assert [(t["targets"], t["labels"]) for t in targets] == [
-        ([f"127.0.0.1:{up.base}"], {"deployment": "demo", "process": "frontend", "role": "frontend", "gpu": ""}),
-        ([f"127.0.0.1:{up.base + 81}"], {"deployment": "demo", "process": "decode", "role": "decode", "gpu": ""}),
-        ([f"127.0.0.1:{up.base + 82}"], {"deployment": "demo", "process": "prefill", "role": "prefill", "gpu": ""}),
+        (
+            [f"127.0.0.1:{up.base}"],
+            {"deployment": "demo", "process": "frontend", "role": "frontend", "gpu": ""},
+        ),
+        (
+            [f"127.0.0.1:{up.base + 81}"],
+            {"deployment": "demo", "process": "decode", "role": "decode", "gpu": ""},
+        ),
+        (
+            [f"127.0.0.1:{up.base + 82}"],
+            {"deployment": "demo", "process": "prefill", "role": "prefill", "gpu": ""},
+        ),
     ]
     summary = up.cli("metrics", "--json")
     assert summary.returncode == 0, summary.stderr
     endpoints = {e["process"]: e for e in json.loads(summary.stdout)["endpoints"]}
-    assert set(endpoints) == {"frontend", "decode", "prefill"} and not any(e["error"] for e in endpoints.values())
+    assert set(endpoints) == {"frontend", "decode", "prefill"} and not any(
+        e["error"] for e in endpoints.values()
+    )
     assert endpoints["frontend"]["requests"] >= 1  # the supervisor's own smoke request at least
     assert endpoints["decode"]["kv_cache_usage"] is not None  # the mocker's vllm:kv_cache_usage_perc
     assert endpoints["decode"]["lmcache_hit_tokens"] is None  # mocker: no LMCache series, and not faked
@@ -118,7 +145,9 @@ def test_restart_changes_only_that_pid_and_the_model_is_ready_again(up: Up) -> N
     assert done.returncode == 0, done.stderr
     after = pids(up)
     assert after["decode"] != before["decode"] and not alive(before["decode"])
-    assert {k: v for k, v in after.items() if k != "decode"} == {k: v for k, v in before.items() if k != "decode"}
+    assert {k: v for k, v in after.items() if k != "decode"} == {
+        k: v for k, v in before.items() if k != "decode"
+    }
     assert f"pid {before['decode']} -> {after['decode']}, healthy; deployment ready" in done.stdout
     assert status(up)["deployment"]["state"] == "ready"
     assert up.chat().status_code == 200
@@ -130,7 +159,9 @@ def test_stop_then_start(up: Up) -> None:
     assert stopped.returncode == 0, stopped.stderr
     doc = status(up)
     prefill = next(p for p in doc["processes"] if p["name"] == "prefill")
-    assert prefill["state"] == "stopped" and prefill["pid"] is None and doc["deployment"]["state"] == "degraded"
+    assert (
+        prefill["state"] == "stopped" and prefill["pid"] is None and doc["deployment"]["state"] == "degraded"
+    )
     started = up.cli("start", "prefill")
     assert started.returncode == 0, started.stderr
     assert "started prefill" in started.stdout and "deployment ready" in started.stdout
@@ -141,8 +172,13 @@ def test_logs_tail_and_follow(up: Up) -> None:
     tail = up.cli("logs", "frontend", "-n", "5")
     assert tail.returncode == 0, tail.stderr
     assert 0 < len(tail.stdout.splitlines()) <= 5
-    follow = subprocess.Popen([CLI, "logs", "frontend", "-f", "-n", "0"], env=up.env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
+    follow = subprocess.Popen(
+        [CLI, "logs", "frontend", "-f", "-n", "0"],
+        env=up.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(follow.stdout), daemon=True)
     reader.start()
@@ -187,4 +223,6 @@ def test_down_ends_everything(up: Up) -> None:
     after = up.cli("logs", "decode", "-n", "2")  # a stopped deployment's logs are still readable
     assert after.returncode == 0 and len(after.stdout.splitlines()) == 2
     unknown = up.cli("logs", "nope")
-    assert unknown.returncode == 2 and unknown.stderr.startswith("lmcache-supervise: no log for process 'nope'")
+    assert unknown.returncode == 2 and unknown.stderr.startswith(
+        "lmcache-supervise: no log for process 'nope'"
+    )

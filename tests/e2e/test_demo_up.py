@@ -16,7 +16,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from conftest import alive, group_alive, wait_for
 from updemo import CLI, FAST_STOP, Up
 
@@ -75,7 +74,7 @@ def test_down_stops_in_reverse_order_and_cleans_up(demo: Up) -> None:
     assert time.monotonic() - started < 15
     assert demo.proc.wait(timeout=30) == 0
     events = demo.events()
-    after = events[max(i for i, e in enumerate(events) if e.get("event") == "shutdown requested"):]
+    after = events[max(i for i, e in enumerate(events) if e.get("event") == "shutdown requested") :]
     order = [e["process"] for e in after if e.get("event") == "process stopping"]
     assert order == ["prefill", "decode", "frontend"]
     assert not any(alive(pid) for pid in pids.values())

@@ -16,7 +16,6 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-
 from conftest import alive, wait_for
 from fake_systemd import FakeSystemd
 from updemo import Up
@@ -27,7 +26,7 @@ NAMES = ("frontend", "decode", "prefill")
 
 
 def profile_text(decode_env: str = "") -> str:
-    return f'''extends = "{PROFILES / 'demo.toml'}"
+    return f'''extends = "{PROFILES / "demo.toml"}"
 name = "reloadable"
 
 [workers.decode]
@@ -62,11 +61,18 @@ def running(tmp_path: Path) -> Iterator[Running]:
     profile = tmp_path / "reloadable.toml"
     profile.write_text(profile_text())  # its model is the parent's ./demo-model, beside demo.toml
     fake = FakeSystemd(str(tmp_path / "notify.sock"), "")
-    up = Up.start(tmp_path, "--quiet-children", profile=str(profile), name="reloadable",
-                  env={"NOTIFY_SOCKET": fake.path})
+    up = Up.start(
+        tmp_path,
+        "--quiet-children",
+        profile=str(profile),
+        name="reloadable",
+        env={"NOTIFY_SOCKET": fake.path},
+    )
     fake.ready_url = f"{up.url}/v1/models/demo/ready"  # set long before READY=1 can come (~1 s)
     try:
-        wait_for(lambda: fake.with_field("READY=1") or up.proc.poll() is not None, 60, what="deployment ready")
+        wait_for(
+            lambda: fake.with_field("READY=1") or up.proc.poll() is not None, 60, what="deployment ready"
+        )
         assert up.proc.poll() is None, up.stderr.read_text()[-3000:]
         yield Running(up, profile, fake)
         up.proc.send_signal(signal.SIGTERM)
@@ -100,9 +106,18 @@ def test_reload_restarts_only_the_changed_worker_and_refuses_a_broken_profile(ru
     running.profile.write_text(profile_text('role = "sideways"'))
     errors_before = sum(e.get("level") == "error" for e in running.up.events())
     os.kill(running.up.proc.pid, signal.SIGHUP)
-    wait_for(lambda: len(running.fake.with_field("RELOADING=1")) == 2 and any(
-        f.startswith("STATUS=reload refused: ") for m in running.fake.with_field("READY=1") for f in m.fields),
-        10, what="the refused reload to end with READY=1")
+    wait_for(
+        lambda: (
+            len(running.fake.with_field("RELOADING=1")) == 2
+            and any(
+                f.startswith("STATUS=reload refused: ")
+                for m in running.fake.with_field("READY=1")
+                for f in m.fields
+            )
+        ),
+        10,
+        what="the refused reload to end with READY=1",
+    )
     errors = [e for e in running.up.events() if e.get("level") == "error"]
     assert len(errors) == errors_before + 1
     assert "workers.decode.role" in errors[-1]["error"] and "keeps running" in errors[-1]["event"]
@@ -112,5 +127,7 @@ def test_reload_restarts_only_the_changed_worker_and_refuses_a_broken_profile(ru
     # 3. The same through the command: it says why, exits 2 (bad input), and still nothing moves.
     refused = running.reload()
     assert refused.returncode == 2
-    assert "refused, every process keeps running" in refused.stderr and "workers.decode.role" in refused.stderr
+    assert (
+        "refused, every process keeps running" in refused.stderr and "workers.decode.role" in refused.stderr
+    )
     assert running.pids() == after and running.up.proc.poll() is None

@@ -8,17 +8,17 @@ import errno
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-
 from soakkit.deployment import Deployment
 
-pytestmark = [pytest.mark.e2e,
-              pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount a tmpfs or a read-only bind")]
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount a tmpfs or a read-only bind"),
+]
 ERROR_EVENT = "child log not writable; output dropped, supervision continues"
 
 

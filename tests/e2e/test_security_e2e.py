@@ -6,14 +6,11 @@ from __future__ import annotations
 import ipaddress
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import psutil
 import pytest
-
 from conftest import marked
-
 from soakkit.deployment import CLI, NAMES, Deployment
 
 pytestmark = pytest.mark.e2e
@@ -71,9 +68,14 @@ def test_listeners_are_loopback_but_for_dynamos_documented_ones(tmp_path: Path) 
 def test_no_secret_reaches_the_supervisors_output(tmp_path: Path) -> None:
     """Secrets in the profile (remote URL, env) never appear in what the supervisor prints or logs,
     through start, a crash and restart, and shutdown (the children's own logs are theirs)."""
-    secrets = ("--set", f'lmcache.remote.url="redis://:{SECRET}@127.0.0.1:1"',
-               "--set", f'env.HF_TOKEN="{SECRET}-token"',
-               "--set", f'workers.decode.env.CACHE_PASSWORD="{SECRET}"')
+    secrets = (
+        "--set",
+        f'lmcache.remote.url="redis://:{SECRET}@127.0.0.1:1"',
+        "--set",
+        f'env.HF_TOKEN="{SECRET}-token"',
+        "--set",
+        f'workers.decode.env.CACHE_PASSWORD="{SECRET}"',
+    )
     with Deployment(tmp_path, extra=secrets, echo_children=True) as dep:
         dep.wait_ready()
         old = dep.process_state("decode")[1]
@@ -85,8 +87,11 @@ def test_no_secret_reaches_the_supervisors_output(tmp_path: Path) -> None:
     assert SECRET not in output
     # The plan view and preflight mask the same URL (a vLLM profile probes the remote cache).
     env = {**dep.env}
-    for argv in ([CLI, "plan", "demo", *secrets, "--json"], [CLI, "check", "agg", *secrets[:4], "--json"],
-                 [CLI, "check", "agg", *secrets[:4]]):
+    for argv in (
+        [CLI, "plan", "demo", *secrets, "--json"],
+        [CLI, "check", "agg", *secrets[:4], "--json"],
+        [CLI, "check", "agg", *secrets[:4]],
+    ):
         done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
         assert done.returncode in (0, 3), done.stderr
         assert SECRET not in done.stdout + done.stderr
@@ -100,11 +105,17 @@ def test_up_refuses_a_state_dir_of_another_user(tmp_path: Path, no_leaked_proces
     planted.mkdir(parents=True)
     os.chown(planted, 65534, 65534)
     env = {**os.environ, "LMCACHE_SUPERVISE_STATE_ROOT": str(tmp_path / "state")}
-    done = subprocess.run([CLI, "up", "demo", "--set", "ports.base=24000", "--quiet-children"], env=env,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [CLI, "up", "demo", "--set", "ports.base=24000", "--quiet-children"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1] == (
         f"lmcache-supervise: state directory {planted}: is owned by uid 65534, not by this user (uid 0); "
-        "refusing to use it: remove it or run as its owner")
+        "refusing to use it: remove it or run as its owner"
+    )
     assert list(planted.iterdir()) == []  # no pid file, no logs, no discovery entries
     assert not marked(no_leaked_processes)  # and no process started

@@ -3,11 +3,9 @@ client (``scripts/soak.py --duration 30 --gap 2 5``; the 5-minute run is ``make 
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
-
 import soak
 
 pytestmark = pytest.mark.e2e

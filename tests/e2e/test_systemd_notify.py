@@ -17,7 +17,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from conftest import wait_for
 from fake_systemd import FakeSystemd
 from updemo import Up
@@ -26,14 +25,20 @@ pytestmark = pytest.mark.e2e
 WATCHDOG_USEC = 1_000_000
 # What systemd does between fork and exec, in Python: WATCHDOG_PID is the pid that will run the
 # service, known only in the child. (No shell: argv is passed through untouched.)
-EXEC_AS_SERVICE = "import os, sys; os.environ['WATCHDOG_PID'] = str(os.getpid()); os.execv(sys.argv[1], sys.argv[1:])"
+EXEC_AS_SERVICE = (
+    "import os, sys; os.environ['WATCHDOG_PID'] = str(os.getpid()); os.execv(sys.argv[1], sys.argv[1:])"
+)
 
 
 @pytest.fixture
 def supervised(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], FakeSystemd]]:
     fake = FakeSystemd(str(tmp_path / "notify.sock"), "")
-    up = Up.start(tmp_path, "--quiet-children", env={"NOTIFY_SOCKET": fake.path, "WATCHDOG_USEC": str(WATCHDOG_USEC)},
-                  wrapper=(sys.executable, "-c", EXEC_AS_SERVICE))
+    up = Up.start(
+        tmp_path,
+        "--quiet-children",
+        env={"NOTIFY_SOCKET": fake.path, "WATCHDOG_USEC": str(WATCHDOG_USEC)},
+        wrapper=(sys.executable, "-c", EXEC_AS_SERVICE),
+    )
     fake.ready_url = f"{up.url}/v1/models/demo/ready"  # set long before READY=1 can come (~1 s)
     try:
         yield up.proc, fake
@@ -58,8 +63,11 @@ def test_ready_only_once_serving_watchdog_keeps_coming_stopping_at_sigterm(super
     assert {m.pid for m in fake.messages} == {proc.pid}
 
     # The watchdog: pings keep coming at half of WATCHDOG_USEC, well inside it.
-    wait_for(lambda: len([m for m in fake.with_field("WATCHDOG=1") if m.at > first.at]) >= 4, 10,
-             what="four watchdog pings after READY=1")
+    wait_for(
+        lambda: len([m for m in fake.with_field("WATCHDOG=1") if m.at > first.at]) >= 4,
+        10,
+        what="four watchdog pings after READY=1",
+    )
     # systemd arms the watchdog at READY=1: from then on no gap may reach WATCHDOG_USEC.
     pings = [first.at] + [m.at for m in fake.with_field("WATCHDOG=1") if m.at > first.at]
     gaps = [b - a for a, b in itertools.pairwise(pings)]
@@ -68,8 +76,11 @@ def test_ready_only_once_serving_watchdog_keeps_coming_stopping_at_sigterm(super
     # there may be none); its size is three ticks of the watchdog's pace.
     extends = fake.with_field("EXTEND_TIMEOUT_USEC=")
     assert all(m.at < first.at and m.fields == ["EXTEND_TIMEOUT_USEC=1500000"] for m in extends)
-    print("sd_notify after start:", *(f"{m.at - fake.messages[0].at:6.3f} {' | '.join(m.fields)}"
-                                      for m in fake.messages), sep="\n")
+    print(
+        "sd_notify after start:",
+        *(f"{m.at - fake.messages[0].at:6.3f} {' | '.join(m.fields)}" for m in fake.messages),
+        sep="\n",
+    )
 
     # Children never see systemd's variables.
     children = psutil.Process(proc.pid).children(recursive=True)

@@ -29,7 +29,6 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-
 from conftest import MARKER, SESSION, reap_marked, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -37,9 +36,19 @@ CLI = str(Path(sys.executable).parent / "lmcache-supervise")
 HEAD_IP, WORKER_IP = "10.213.0.1", "10.213.0.2"
 BASE = 21000  # fresh namespaces: every port is free there
 LEASE_TTL_S = 3  # how long a SIGKILLed worker's registration outlives it (discovery.lease_ttl_s)
-COMMON = ("demo", "--set", "discovery.backend=etcd", "--set", f"ports.base={BASE}",
-          "--set", f"discovery.lease_ttl_s={LEASE_TTL_S}",
-          "--set", "workers.decode.stop_timeout_s=3", "--set", "workers.prefill.stop_timeout_s=3")
+COMMON = (
+    "demo",
+    "--set",
+    "discovery.backend=etcd",
+    "--set",
+    f"ports.base={BASE}",
+    "--set",
+    f"discovery.lease_ttl_s={LEASE_TTL_S}",
+    "--set",
+    "workers.decode.stop_timeout_s=3",
+    "--set",
+    "workers.prefill.stop_timeout_s=3",
+)
 READY_URL = f"http://127.0.0.1:{BASE}/v1/models/demo/ready"
 _CLONE_NEWNET = 0x40000000
 _LIBC = ctypes.CDLL(None, use_errno=True)
@@ -83,8 +92,9 @@ class NetnsClient:
 
     def chat(self) -> tuple[int, str]:
         body = {"model": "demo", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 5}
-        return self._pool.submit(self._request, "POST", f"http://127.0.0.1:{BASE}/v1/chat/completions",
-                                 body, 30.0).result()
+        return self._pool.submit(
+            self._request, "POST", f"http://127.0.0.1:{BASE}/v1/chat/completions", body, 30.0
+        ).result()
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -123,9 +133,13 @@ def netns_pair() -> Iterator[Pair]:
             ip("-n", name, "link", "set", dev, "up")
         yield pair
     finally:
-        subprocess.run(["ip", "link", "del", f"lmh{tag}"], check=False, capture_output=True)  # if it never moved
+        subprocess.run(
+            ["ip", "link", "del", f"lmh{tag}"], check=False, capture_output=True
+        )  # if it never moved
         for name in made:
-            pids = subprocess.run(["ip", "netns", "pids", name], check=False, capture_output=True, text=True).stdout.split()
+            pids = subprocess.run(
+                ["ip", "netns", "pids", name], check=False, capture_output=True, text=True
+            ).stdout.split()
             for pid in pids:  # only our own processes can live in a namespace this test made
                 try:
                     os.kill(int(pid), signal.SIGKILL)
@@ -156,17 +170,23 @@ class Node:
         self.out, self.err = self.tmp / f"up{self.runs}.out", self.tmp / f"up{self.runs}.err"
         with open(self.out, "wb") as out, open(self.err, "wb") as err:
             # `ip netns exec` execs the command in place: this pid is the supervisor itself.
-            self.proc = subprocess.Popen(["ip", "netns", "exec", self.netns, CLI, "up", "--quiet-children", *self.args],
-                                         stdout=out,
-                                         stderr=err, stdin=subprocess.DEVNULL, env=self.env())
+            self.proc = subprocess.Popen(
+                ["ip", "netns", "exec", self.netns, CLI, "up", "--quiet-children", *self.args],
+                stdout=out,
+                stderr=err,
+                stdin=subprocess.DEVNULL,
+                env=self.env(),
+            )
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
     def said(self, text: str) -> bool:
         if not self.alive():
-            pytest.fail(f"{self.netns} supervisor exited {self.proc.returncode if self.proc else '?'}: "
-                        f"{self.err.read_text(errors='replace')[-3000:]}")
+            pytest.fail(
+                f"{self.netns} supervisor exited {self.proc.returncode if self.proc else '?'}: "
+                f"{self.err.read_text(errors='replace')[-3000:]}"
+            )
         return text in self.out.read_text(errors="replace")
 
     def events(self, name: str) -> list[dict]:
@@ -193,8 +213,9 @@ NATS_PLANES = ("--set", "discovery.request_plane=nats", "--set", "discovery.even
 
 
 @pytest.mark.parametrize("planes", [(), NATS_PLANES], ids=["tcp-zmq-planes", "nats-planes"])
-def test_worker_node_joins_leaves_and_rejoins_the_head(netns_pair: Pair, tmp_path: Path,
-                                                       planes: tuple[str, ...]) -> None:
+def test_worker_node_joins_leaves_and_rejoins_the_head(
+    netns_pair: Pair, tmp_path: Path, planes: tuple[str, ...]
+) -> None:
     started = time.monotonic()
     (tmp_path / "head").mkdir()
     (tmp_path / "worker").mkdir()
@@ -205,16 +226,34 @@ def test_worker_node_joins_leaves_and_rejoins_the_head(netns_pair: Pair, tmp_pat
     at_head, at_worker = NetnsClient(netns_pair.head), NetnsClient(netns_pair.worker)
     try:
         # `check` on a worker node asks the head's etcd; with no head yet it fails, exit 3.
-        check = ["ip", "netns", "exec", netns_pair.worker, CLI, "check", *profile, "--role", "worker",
-                 "--head", HEAD_IP, "--json"]
-        down = subprocess.run(check, check=False, capture_output=True, text=True, env=worker.env(), timeout=120)
+        check = [
+            "ip",
+            "netns",
+            "exec",
+            netns_pair.worker,
+            CLI,
+            "check",
+            *profile,
+            "--role",
+            "worker",
+            "--head",
+            HEAD_IP,
+            "--json",
+        ]
+        down = subprocess.run(
+            check, check=False, capture_output=True, text=True, env=worker.env(), timeout=120
+        )
         found = {f["check"]: f for f in json.loads(down.stdout)}
         assert down.returncode == 3 and found["discovery"]["status"] == "fail", down.stdout
         assert f"http://{HEAD_IP}:{BASE + 379}" in found["discovery"]["message"]
 
         head.start()
-        wait_for(lambda: any(e["process"] == "frontend" for e in head.events("process running")), 30, interval=0.1,
-                 what="the head's etcd and frontend running")
+        wait_for(
+            lambda: any(e["process"] == "frontend" for e in head.events("process running")),
+            30,
+            interval=0.1,
+            what="the head's etcd and frontend running",
+        )
         infra = ["etcd", "nats"] if planes else ["etcd"]
         assert [e["process"] for e in head.events("process starting")] == [*infra, "frontend"]
         assert at_head.get(READY_URL)[0] != 200  # no workers anywhere yet
@@ -227,22 +266,33 @@ def test_worker_node_joins_leaves_and_rejoins_the_head(netns_pair: Pair, tmp_pat
         joined = time.monotonic()
         worker.start()
         wait_for(lambda: worker.said("ready:"), 30, interval=0.1, what="the worker node ready")
-        wait_for(lambda: at_head.get(READY_URL)[0] == 200, 30, interval=0.1, what="the model ready at the head")
+        wait_for(
+            lambda: at_head.get(READY_URL)[0] == 200, 30, interval=0.1, what="the model ready at the head"
+        )
         ready_s = time.monotonic() - joined
-        wait_for(lambda: head.said("ready:"), 30, interval=0.1, what="the head's gate (ready + smoke request)")
+        wait_for(
+            lambda: head.said("ready:"), 30, interval=0.1, what="the head's gate (ready + smoke request)"
+        )
         for _ in range(3):
             status, text = at_head.chat()
             assert status == 200, text
             assert json.loads(text)["usage"]["completion_tokens"] > 0
         # The workers really are in the other namespace, serving through the veth.
-        assert worker.events("process running") and not [e for e in head.events("process starting")
-                                                          if e["process"] in ("decode", "prefill")]
+        assert worker.events("process running") and not [
+            e for e in head.events("process starting") if e["process"] in ("decode", "prefill")
+        ]
 
-        assert worker.proc is not None and "lmcache-supervise" in " ".join(psutil.Process(worker.proc.pid).cmdline())
+        assert worker.proc is not None and "lmcache-supervise" in " ".join(
+            psutil.Process(worker.proc.pid).cmdline()
+        )
         killed = time.monotonic()
         worker.stop(signal.SIGKILL)  # the guardian takes decode and prefill down with it, unregistered
-        wait_for(lambda: at_head.get(READY_URL)[0] not in (200, 0), 10 * LEASE_TTL_S, interval=0.1,
-                 what="the head to drop the killed worker node")
+        wait_for(
+            lambda: at_head.get(READY_URL)[0] not in (200, 0),
+            10 * LEASE_TTL_S,
+            interval=0.1,
+            what="the head to drop the killed worker node",
+        )
         dropped_s = time.monotonic() - killed
         assert dropped_s >= 0.5 * LEASE_TTL_S  # the lease, not an orderly deregistration, removed them
 
@@ -252,9 +302,11 @@ def test_worker_node_joins_leaves_and_rejoins_the_head(netns_pair: Pair, tmp_pat
         again_s = time.monotonic() - rejoined
         status, text = at_head.chat()
         assert status == 200, text
-        print(f"two hosts ({'nats' if planes else 'tcp/zmq'} planes): worker node ready at the head in {ready_s:.1f} s; killed worker node dropped in "
-              f"{dropped_s:.1f} s (lease {LEASE_TTL_S} s); ready again in {again_s:.1f} s; "
-              f"whole test {time.monotonic() - started:.1f} s")
+        print(
+            f"two hosts ({'nats' if planes else 'tcp/zmq'} planes): worker node ready at the head in {ready_s:.1f} s; killed worker node dropped in "
+            f"{dropped_s:.1f} s (lease {LEASE_TTL_S} s); ready again in {again_s:.1f} s; "
+            f"whole test {time.monotonic() - started:.1f} s"
+        )
     finally:
         at_head.close()
         at_worker.close()

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-
 from conftest import MARKER, SESSION, free_port_base, reap_marked, wait_for
 
 CLI = str(Path(sys.executable).parent / "lmcache-supervise")
@@ -41,8 +40,15 @@ class Up:
     name: str = "demo"
 
     @classmethod
-    def start(cls, tmp: Path, *args: str, profile: str = "demo", name: str = "demo",
-              env: Mapping[str, str] | None = None, wrapper: Sequence[str] = ()) -> Up:
+    def start(
+        cls,
+        tmp: Path,
+        *args: str,
+        profile: str = "demo",
+        name: str = "demo",
+        env: Mapping[str, str] | None = None,
+        wrapper: Sequence[str] = (),
+    ) -> Up:
         """``[*wrapper] lmcache-supervise up PROFILE --set ports.base=<free> *args``, state under ``tmp``."""
         base = free_port_base(DEMO_PORT_SPAN)
         marker = f"{SESSION}-e2e-{uuid.uuid4().hex[:8]}"
@@ -50,14 +56,22 @@ class Up:
         full_env.pop("LMCACHE_SUPERVISE_DEBUG", None)
         stdout, stderr = tmp / "up.out", tmp / "up.err"
         with open(stdout, "wb") as out, open(stderr, "wb") as err:
-            proc = subprocess.Popen([*wrapper, CLI, "up", profile, "--set", f"ports.base={base}", *args],
-                                    stdout=out, stderr=err, stdin=subprocess.DEVNULL, env={**full_env, **(env or {})})
+            proc = subprocess.Popen(
+                [*wrapper, CLI, "up", profile, "--set", f"ports.base={base}", *args],
+                stdout=out,
+                stderr=err,
+                stdin=subprocess.DEVNULL,
+                env={**full_env, **(env or {})},
+            )
         return cls(proc, base, full_env, marker, stdout, stderr, name)
 
     def wait_ready(self, timeout: float = 60) -> None:
         """Until ``up`` prints its ready line; fails with its stderr if it exits first."""
-        wait_for(lambda: "ready:" in self.stdout.read_text() or self.proc.poll() is not None, timeout,
-                 what="deployment ready")
+        wait_for(
+            lambda: "ready:" in self.stdout.read_text() or self.proc.poll() is not None,
+            timeout,
+            what="deployment ready",
+        )
         assert self.proc.poll() is None, self.stderr.read_text()[-3000:]
 
     def stop(self) -> None:
@@ -95,11 +109,17 @@ class Up:
 
     def pid(self, process: str) -> int | None:
         """The pid of the newest incarnation of ``process``, from the supervisor's own events."""
-        pids = [e["pid"] for e in self.events() if e.get("event") == "process starting" and e.get("process") == process]
+        pids = [
+            e["pid"]
+            for e in self.events()
+            if e.get("event") == "process starting" and e.get("process") == process
+        ]
         return pids[-1] if pids else None
 
     def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([CLI, *args], env=self.env, capture_output=True, text=True, timeout=timeout, check=False)
+        return subprocess.run(
+            [CLI, *args], env=self.env, capture_output=True, text=True, timeout=timeout, check=False
+        )
 
     def chat(self, max_tokens: int = 4) -> httpx.Response:
         body = {"model": "demo", "messages": [{"role": "user", "content": "hello"}], "max_tokens": max_tokens}

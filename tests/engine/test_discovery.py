@@ -16,14 +16,38 @@ MODEL = Path(__file__).resolve().parents[2] / "profiles" / "demo-model"
 
 
 def start_mocker(kv: Path, port: int, mode: str, extra: list[str]) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DYN_DISCOVERY_BACKEND": "file", "DYN_FILE_KV": str(kv),
-           "DYN_SYSTEM_PORT": str(port), "DYN_SYSTEM_HOST": "127.0.0.1", "DYN_TCP_RPC_HOST": "127.0.0.1",
-           "DYN_EVENT_PLANE_HOST": "127.0.0.1", "DYN_TCP_RESPONSE_STREAM_HOST": "127.0.0.1",
-           "DYN_SYSTEM_STARTING_HEALTH_STATUS": "ready"}
-    argv = [sys.executable, "-m", "dynamo.mocker", "--model-path", str(MODEL), "--model-name", "demo",
-            "--disaggregation-mode", mode, *extra]
-    return subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "DYN_DISCOVERY_BACKEND": "file",
+        "DYN_FILE_KV": str(kv),
+        "DYN_SYSTEM_PORT": str(port),
+        "DYN_SYSTEM_HOST": "127.0.0.1",
+        "DYN_TCP_RPC_HOST": "127.0.0.1",
+        "DYN_EVENT_PLANE_HOST": "127.0.0.1",
+        "DYN_TCP_RESPONSE_STREAM_HOST": "127.0.0.1",
+        "DYN_SYSTEM_STARTING_HEALTH_STATUS": "ready",
+    }
+    argv = [
+        sys.executable,
+        "-m",
+        "dynamo.mocker",
+        "--model-path",
+        str(MODEL),
+        "--model-name",
+        "demo",
+        "--disaggregation-mode",
+        mode,
+        *extra,
+    ]
+    return subprocess.Popen(
+        argv,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
 
 
 def entries(kv: Path) -> set[Path]:
@@ -37,6 +61,7 @@ def test_forget_worker_removes_only_the_dead_workers_entries(tmp_path: Path) -> 
     decode = start_mocker(kv, base, "decode", [])
     prefill = start_mocker(kv, base + 1, "prefill", ["--bootstrap-ports", str(base + 2)])
     try:
+
         def cards() -> list[str]:
             mdc = kv / "v1" / "mdc"
             return sorted(p.read_text() for p in mdc.iterdir()) if mdc.is_dir() else []

@@ -15,14 +15,13 @@ from pathlib import Path
 import anyio
 import pytest
 import structlog
-
 from conftest import alive, free_port_base
 from test_runner import FAST, Recorder, health, supervising, until
 
 from supervisor.engine.process import spawn
 from supervisor.engine.runner import Runner
-from supervisor.plan.spec import HttpCheck, Probe, Probes, RestartPolicy
 from supervisor.engine.states import DeploymentState, ProcessState
+from supervisor.plan.spec import HttpCheck, Probe, Probes, RestartPolicy
 
 pytestmark = pytest.mark.anyio
 P, D = ProcessState, DeploymentState
@@ -33,8 +32,19 @@ async def test_child_exiting_during_its_startup_probe_is_a_crash(make_spec, make
     goes through backoff like any crash, and the crash-loop limit ends it."""
     base = free_port_base(1)
     policy = RestartPolicy(backoff_initial_s=0.05, jitter=0.0, limit_starts=3, limit_window_s=60.0)
-    spec = make_spec("loader", "--port", str(base), "--health-after", "30", "--exit-after", "0.3",
-                     "--exit-code", "7", probes=health(base, startup_budget_s=10.0), restart=policy)
+    spec = make_spec(
+        "loader",
+        "--port",
+        str(base),
+        "--health-after",
+        "30",
+        "--exit-after",
+        "0.3",
+        "--exit-code",
+        "7",
+        probes=health(base, startup_budget_s=10.0),
+        restart=policy,
+    )
     rec, codes = Recorder(), []
     runner = Runner(make_plan(spec))
     runner.subscribe(rec)
@@ -71,8 +81,10 @@ async def test_frozen_child_is_stopped_without_sitting_out_its_timeout(make_spec
 async def test_frozen_child_is_restarted_by_liveness(make_spec, make_plan) -> None:
     base = free_port_base(1)
     check = HttpCheck(url=f"http://127.0.0.1:{base}/health", owned_port=base)
-    probes = Probes(startup=Probe(check=check, period_s=0.05, timeout_s=0.5, failure_threshold=200),
-                    liveness=Probe(check=check, period_s=0.2, timeout_s=0.2, failure_threshold=3))
+    probes = Probes(
+        startup=Probe(check=check, period_s=0.05, timeout_s=0.5, failure_threshold=200),
+        liveness=Probe(check=check, period_s=0.2, timeout_s=0.2, failure_threshold=3),
+    )
     spec = make_spec("frozen", "--port", str(base), probes=probes, restart=FAST, stop_timeout_s=20.0)
     rec = Recorder()
     runner = Runner(make_plan(spec))
@@ -91,8 +103,9 @@ async def test_frozen_child_is_restarted_by_liveness(make_spec, make_plan) -> No
     assert not alive(first)
 
 
-async def test_metrics_dir_that_cannot_be_made_fails_the_process_in_one_line(make_spec, make_plan,
-                                                                               tmp_path: Path) -> None:
+async def test_metrics_dir_that_cannot_be_made_fails_the_process_in_one_line(
+    make_spec, make_plan, tmp_path: Path
+) -> None:
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("")
     spec = make_spec("nometrics", multiproc_dir=str(blocker / "nometrics"))
@@ -108,13 +121,15 @@ async def test_metrics_dir_that_cannot_be_made_fails_the_process_in_one_line(mak
     assert codes == [1]
 
 
-async def test_unwritable_log_keeps_supervising_and_says_so_once(make_spec, make_plan,
-                                                                  tmp_path: Path) -> None:
+async def test_unwritable_log_keeps_supervising_and_says_so_once(
+    make_spec, make_plan, tmp_path: Path
+) -> None:
     blocker = tmp_path / "logs-blocked"
     blocker.write_text("")
     base = free_port_base(1)
-    spec = make_spec("talker", "--port", str(base), probes=health(base), restart=FAST,
-                     log_file=str(blocker / "talker.log"))
+    spec = make_spec(
+        "talker", "--port", str(base), probes=health(base), restart=FAST, log_file=str(blocker / "talker.log")
+    )
     with structlog.testing.capture_logs() as captured:
         runner = Runner(make_plan(spec))
         async with supervising(runner):

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import anyio
 import pytest
-
 from conftest import alive, free_port_base
+
 from supervisor.engine.runner import Runner
-from supervisor.plan.spec import HttpCheck, Probe, Probes, RestartPolicy
 from supervisor.engine.states import DeploymentState, ProcessState
+from supervisor.plan.spec import HttpCheck, Probe, Probes, RestartPolicy
 
 pytestmark = pytest.mark.anyio
 P, D = ProcessState, DeploymentState
@@ -31,8 +31,10 @@ FAST = RestartPolicy(backoff_initial_s=0.0, jitter=0.0)
 
 def health(port: int) -> Probes:
     check = HttpCheck(url=f"http://127.0.0.1:{port}/health", owned_port=port)
-    return Probes(startup=Probe(check=check, period_s=0.05, timeout_s=0.5, failure_threshold=200),
-                  readiness=Probe(check=check, period_s=0.1, timeout_s=0.5, failure_threshold=2))
+    return Probes(
+        startup=Probe(check=check, period_s=0.05, timeout_s=0.5, failure_threshold=200),
+        readiness=Probe(check=check, period_s=0.1, timeout_s=0.5, failure_threshold=2),
+    )
 
 
 def grandchildren(pidfile: Path) -> list[int]:
@@ -41,11 +43,22 @@ def grandchildren(pidfile: Path) -> list[int]:
     return pids[1::2]
 
 
-async def test_restart_waits_for_an_escaped_grandchild_nvml_still_lists(make_spec, make_plan,
-                                                                       tmp_path: Path) -> None:
+async def test_restart_waits_for_an_escaped_grandchild_nvml_still_lists(
+    make_spec, make_plan, tmp_path: Path
+) -> None:
     port, pidfile = free_port_base(1), tmp_path / "pids"
-    spec = make_spec("worker", "--port", str(port), "--grandchild", "escape", "--pidfile", str(pidfile),
-                     probes=health(port), gpus=(0,), restart=FAST)
+    spec = make_spec(
+        "worker",
+        "--port",
+        str(port),
+        "--grandchild",
+        "escape",
+        "--pidfile",
+        str(pidfile),
+        probes=health(port),
+        gpus=(0,),
+        restart=FAST,
+    )
     listed: set[int] = set()  # what the fake NVML lists on GPU 0
     polls: list[tuple[float, frozenset[int]]] = []
     released: list[float] = []
@@ -74,7 +87,8 @@ async def test_restart_waits_for_an_escaped_grandchild_nvml_still_lists(make_spe
                 listed.add(grand)  # not the leader: real NVML dropped it before the exit was even seen
                 os.kill(old, signal.SIGKILL)
                 status = await runner.wait_until(
-                    lambda s: s.process("worker").pid not in (None, old) and s.state is D.READY, timeout_s=10)
+                    lambda s: s.process("worker").pid not in (None, old) and s.state is D.READY, timeout_s=10
+                )
                 respawned = time.monotonic()
             finally:
                 runner.request_shutdown()
@@ -107,8 +121,9 @@ async def test_an_unrelated_process_on_the_gpu_does_not_hold_up_the_restart(make
             assert old is not None
             before = len(polls)
             os.kill(old, signal.SIGKILL)
-            await runner.wait_until(lambda s: s.process("worker").pid not in (None, old)
-                                    and s.state is D.READY, timeout_s=10)
+            await runner.wait_until(
+                lambda s: s.process("worker").pid not in (None, old) and s.state is D.READY, timeout_s=10
+            )
         finally:
             runner.request_shutdown()
     assert len(polls) - before == 1, "one poll showing only a stranger must be enough to respawn"

@@ -99,8 +99,12 @@ async def test_content_length_answer_and_we_close_first(canned) -> None:
 
 
 async def test_chunked_interim_and_unframed_answers(canned) -> None:
-    chunked = canned(fixed(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 503 Service Unavailable\r\n"
-                           b"Transfer-Encoding: chunked\r\n\r\n4\r\n{\"a\"\r\n3;ext=1\r\n: 1\r\n1\r\n}\r\n0\r\n\r\n"))
+    chunked = canned(
+        fixed(
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 503 Service Unavailable\r\n"
+            b'Transfer-Encoding: chunked\r\n\r\n4\r\n{"a"\r\n3;ext=1\r\n: 1\r\n1\r\n}\r\n0\r\n\r\n'
+        )
+    )
     assert await probe_http.get(chunked.url(), timeout_s=2) == (503, b'{"a": 1}')
     unframed = canned(fixed(b"HTTP/1.0 200 OK\r\n\r\nplain body"), close_after=True)
     assert await probe_http.get(unframed.url(), timeout_s=2) == (200, b"plain body")
@@ -110,8 +114,9 @@ async def test_errors_are_the_probe_messages(canned) -> None:
     import httpx
 
     async with httpx.AsyncClient(trust_env=False) as client:
-        refused = await run_check(HttpCheck(url=f"http://127.0.0.1:{free_port_base(1)}/health"), client=client,
-                                  timeout_s=1)
+        refused = await run_check(
+            HttpCheck(url=f"http://127.0.0.1:{free_port_base(1)}/health"), client=client, timeout_s=1
+        )
         assert refused.error == "connection refused"
         silent = canned(lambda request: None)
         hung = await run_check(HttpCheck(url=silent.url()), client=client, timeout_s=0.3)
@@ -123,6 +128,7 @@ async def test_errors_are_the_probe_messages(canned) -> None:
         cut = await run_check(HttpCheck(url=short.url()), client=client, timeout_s=1)
         assert cut.error is not None and "3 of 10 bytes" in cut.error
         not_json = canned(fixed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"))
-        nj = await run_check(HttpCheck(url=not_json.url(), json_field="status", json_value="ready"),
-                             client=client, timeout_s=1)
+        nj = await run_check(
+            HttpCheck(url=not_json.url(), json_field="status", json_value="ready"), client=client, timeout_s=1
+        )
         assert nj.error == f"GET {not_json.url()} did not answer JSON"

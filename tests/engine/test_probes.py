@@ -11,8 +11,8 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-
 from conftest import FIXTURE_CHILD, free_port_base, wait_for
+
 from supervisor.engine.probes import Tally, port_owned_by_tree, run_check
 from supervisor.plan.spec import ExecCheck, HttpCheck, Probe, TcpCheck
 
@@ -52,14 +52,17 @@ async def client() -> httpx.AsyncClient:
 
 async def test_http_status_and_json_field(stranger: int, client: httpx.AsyncClient) -> None:
     base = f"http://127.0.0.1:{stranger}"
-    ok = await run_check(HttpCheck(url=f"{base}/ok", json_field="status", json_value="ready"),
-                         client=client, timeout_s=2)
+    ok = await run_check(
+        HttpCheck(url=f"{base}/ok", json_field="status", json_value="ready"), client=client, timeout_s=2
+    )
     assert ok.ok and ok.error is None and 0 < ok.latency_s < 2
-    nested = await run_check(HttpCheck(url=f"{base}/ok", json_field="nested.n", json_value=3),
-                             client=client, timeout_s=2)
+    nested = await run_check(
+        HttpCheck(url=f"{base}/ok", json_field="nested.n", json_value=3), client=client, timeout_s=2
+    )
     assert nested.ok
-    wrong = await run_check(HttpCheck(url=f"{base}/ok", json_field="status", json_value="notready"),
-                            client=client, timeout_s=2)
+    wrong = await run_check(
+        HttpCheck(url=f"{base}/ok", json_field="status", json_value="notready"), client=client, timeout_s=2
+    )
     assert not wrong.ok and "'ready'" in wrong.error
     bad = await run_check(HttpCheck(url=f"{base}/other"), client=client, timeout_s=2)
     assert not bad.ok and "503" in bad.error
@@ -78,8 +81,9 @@ async def test_exec_status_and_timeout(client: httpx.AsyncClient) -> None:
     assert (await run_check(ExecCheck(argv=("true",)), client=client, timeout_s=2)).ok
     failed = await run_check(ExecCheck(argv=("false",)), client=client, timeout_s=2)
     assert not failed.ok and "exited with 1" in failed.error
-    slow = await run_check(ExecCheck(argv=(sys.executable, "-c", "import time; time.sleep(30)")),
-                           client=client, timeout_s=0.3)
+    slow = await run_check(
+        ExecCheck(argv=(sys.executable, "-c", "import time; time.sleep(30)")), client=client, timeout_s=0.3
+    )
     assert not slow.ok and "did not finish" in slow.error and slow.latency_s < 5
     missing = await run_check(ExecCheck(argv=("/nonexistent/probe",)), client=client, timeout_s=1)
     assert not missing.ok
@@ -133,7 +137,14 @@ def test_tally_applies_kubernetes_thresholds() -> None:
 def test_worker_counts_from_the_model_ready_answer() -> None:
     from supervisor.engine.probes import worker_counts
 
-    payload = {"model": "demo", "ready": True, "namespaces": {"dynamo": {"worker_types": {
-        "decode": {"workers": 2, "needs": [["prefill"]]}, "prefill": {"workers": 1}}}}}
+    payload = {
+        "model": "demo",
+        "ready": True,
+        "namespaces": {
+            "dynamo": {
+                "worker_types": {"decode": {"workers": 2, "needs": [["prefill"]]}, "prefill": {"workers": 1}}
+            }
+        },
+    }
     assert worker_counts(payload) == {"decode": 2, "prefill": 1}
     assert worker_counts({"ready": False}) == {} and worker_counts([]) == {}

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import anyio
 import pytest
-
 from conftest import alive, wait_for
+
 from supervisor.engine.logs import ChildOutput, LogOptions, RotatingFile
 from supervisor.engine.process import DRAIN_GRACE_S, Guardian, group_members, spawn
 from supervisor.plan.spec import ProcessSpec
@@ -110,7 +110,9 @@ async def test_grandchild_holding_the_pipe_does_not_block(make_spec, tmp_path: P
             os.kill(grandchild, signal.SIGKILL)
 
 
-async def test_hundred_megabytes_of_output_neither_blocks_nor_fills_the_disk(make_spec, tmp_path: Path) -> None:
+async def test_hundred_megabytes_of_output_neither_blocks_nor_fills_the_disk(
+    make_spec, tmp_path: Path
+) -> None:
     spec = make_spec("flood", "--flood", str(100 * 1024 * 1024), "--exit-after", "0")
     options = LogOptions(max_bytes=8 * 1024 * 1024, backups=2)
     output = ChildOutput("flood", spec.log_file, options, echo=None)
@@ -151,7 +153,9 @@ def test_unwritable_log_dir_drops_output_and_keeps_going(tmp_path: Path, capsys)
 
 def _grandchild_pid(pidfile: Path) -> int:
     """The fixture child writes its own pid, then its grandchild's."""
-    wait_for(lambda: pidfile.exists() and len(pidfile.read_text().split()) == 2, 10, what="grandchild started")
+    wait_for(
+        lambda: pidfile.exists() and len(pidfile.read_text().split()) == 2, 10, what="grandchild started"
+    )
     return int(pidfile.read_text().split()[1])
 
 

@@ -10,8 +10,8 @@ from collections.abc import Iterator
 
 import psutil
 import pytest
-
 from conftest import wait_for
+
 from supervisor.engine import proctree
 
 # A child that starts a grandchild (which starts a great-grandchild) and one in a session of its own.
@@ -59,6 +59,7 @@ def test_a_kernel_without_child_lists_falls_back_to_psutil(tree: tuple[int, list
 
 
 def test_a_gone_process_has_no_descendants() -> None:
-    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
     assert proctree.descendants(int(done.stdout)) == []

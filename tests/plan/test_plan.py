@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.plan import render as planmod
-from supervisor.profile import load as profiles
 from supervisor.errors import PlanError
+from supervisor.plan import render as planmod
 from supervisor.plan.spec import Condition, Role
+from supervisor.profile import load as profiles
 
 ROOT = Path(__file__).resolve().parents[2]
 STATE = Path("/srv/state")
@@ -27,7 +27,9 @@ PD = {
 
 
 def render(name: str, *overrides: str):
-    return planmod.render(profiles.load(name, overrides=overrides), state_root=STATE, python="/opt/py/bin/python")
+    return planmod.render(
+        profiles.load(name, overrides=overrides), state_root=STATE, python="/opt/py/bin/python"
+    )
 
 
 def flag(argv: tuple[str, ...], name: str) -> str | None:
@@ -40,7 +42,14 @@ def kv_config(argv: tuple[str, ...]):
 
 
 def test_builtin_profiles_are_listed() -> None:
-    assert set(profiles.builtin_names()) >= {"agg", "disagg", "agg-nolmcache", "disagg-nolmcache", "demo", "demo-agg"}
+    assert set(profiles.builtin_names()) >= {
+        "agg",
+        "disagg",
+        "agg-nolmcache",
+        "disagg-nolmcache",
+        "demo",
+        "demo-agg",
+    }
 
 
 @pytest.mark.parametrize(
@@ -49,8 +58,20 @@ def test_builtin_profiles_are_listed() -> None:
         # name: [(process, role, --disaggregation-mode, kv-transfer-config, CUDA_VISIBLE_DEVICES, loads LMCache)]
         ("agg", [("worker", "agg", "agg", LMCACHE, "0", True)]),
         ("agg-nolmcache", [("worker", "agg", "agg", None, "0", False)]),
-        ("disagg", [("decode", "decode", "decode", NIXL, "0", False), ("prefill", "prefill", "prefill", PD, "1", True)]),
-        ("disagg-nolmcache", [("decode", "decode", "decode", NIXL, "0", False), ("prefill", "prefill", "prefill", NIXL, "1", False)]),
+        (
+            "disagg",
+            [
+                ("decode", "decode", "decode", NIXL, "0", False),
+                ("prefill", "prefill", "prefill", PD, "1", True),
+            ],
+        ),
+        (
+            "disagg-nolmcache",
+            [
+                ("decode", "decode", "decode", NIXL, "0", False),
+                ("prefill", "prefill", "prefill", NIXL, "1", False),
+            ],
+        ),
     ],
 )
 def test_vllm_profiles(name: str, expected: list) -> None:
@@ -84,13 +105,17 @@ def test_disagg_order_and_conditions() -> None:
     assert plan.processes[0].depends_on == ()
     assert [(d.name, d.condition) for d in decode.depends_on] == [("frontend", Condition.STARTED)]
     assert [(d.name, d.condition) for d in prefill.depends_on] == [
-        ("frontend", Condition.STARTED), ("decode", Condition.HEALTHY)]
+        ("frontend", Condition.STARTED),
+        ("decode", Condition.HEALTHY),
+    ]
     # The gate is the worker's own health endpoint, trusted only when the child owns the port.
     assert decode.probes.startup.check.url == f"http://127.0.0.1:{decode.ports['system']}/health"
     assert decode.probes.startup.check.json_field == "status"
     assert decode.probes.startup.check.owned_port == decode.ports["system"]
     assert decode.probes.startup.period_s <= 0.1
-    assert decode.probes.startup.period_s * decode.probes.startup.failure_threshold >= 600  # a real load takes minutes
+    assert (
+        decode.probes.startup.period_s * decode.probes.startup.failure_threshold >= 600
+    )  # a real load takes minutes
 
 
 @pytest.mark.parametrize("name", ["agg", "disagg", "agg-nolmcache", "disagg-nolmcache", "demo", "demo-agg"])
@@ -108,7 +133,12 @@ def test_ports_and_multiproc_dirs_are_distinct(name: str) -> None:
         if spec.role.is_worker:
             assert int(spec.env["DYN_SYSTEM_PORT"]) == spec.ports["system"] <= 32767
             assert spec.env["PYTHONHASHSEED"] == "0"
-            for host_var in ("DYN_SYSTEM_HOST", "DYN_TCP_RPC_HOST", "DYN_EVENT_PLANE_HOST", "DYN_TCP_RESPONSE_STREAM_HOST"):
+            for host_var in (
+                "DYN_SYSTEM_HOST",
+                "DYN_TCP_RPC_HOST",
+                "DYN_EVENT_PLANE_HOST",
+                "DYN_TCP_RESPONSE_STREAM_HOST",
+            ):
                 assert spec.env[host_var] == "127.0.0.1"
 
 
@@ -167,8 +197,13 @@ def test_remote_backend_env_and_tensor_parallel() -> None:
 
 def test_render_is_deterministic_byte_for_byte() -> None:
     out = [
-        subprocess.run([sys.executable, "-m", "supervisor", "plan", "disagg", "--json"], capture_output=True,
-                       text=True, check=True, cwd=ROOT).stdout
+        subprocess.run(
+            [sys.executable, "-m", "supervisor", "plan", "disagg", "--json"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=ROOT,
+        ).stdout
         for _ in range(2)
     ]
     assert out[0] == out[1]
@@ -179,11 +214,22 @@ def test_render_is_deterministic_byte_for_byte() -> None:
 
 
 def test_secrets_are_redacted_in_plan_output() -> None:
-    args = ["plan", "agg", "--set", 'lmcache.remote.url="redis://user:hunter2@cache:6379"',
-            "--set", 'workers.worker.env.HF_TOKEN="hf_abcdef"']
+    args = [
+        "plan",
+        "agg",
+        "--set",
+        'lmcache.remote.url="redis://user:hunter2@cache:6379"',
+        "--set",
+        'workers.worker.env.HF_TOKEN="hf_abcdef"',
+    ]
     for extra in ([], ["--json"]):
-        result = subprocess.run([sys.executable, "-m", "supervisor", *args, *extra], capture_output=True,
-                                text=True, cwd=ROOT, env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"})
+        result = subprocess.run(
+            [sys.executable, "-m", "supervisor", *args, *extra],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
+        )
         assert result.returncode == 0, result.stderr
         assert "hunter2" not in result.stdout and "hf_abcdef" not in result.stdout
         if extra:

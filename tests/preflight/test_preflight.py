@@ -8,14 +8,12 @@ from pathlib import Path
 import pytest
 
 from supervisor.cli import app as cli
-from supervisor.plan import render as planmod
-from supervisor.profile import load as profiles
 from supervisor.errors import EXIT_PREFLIGHT, PreflightError, ProfileError
 from supervisor.host.facts import (
-    ExecutableFacts,
-    LMCacheFileFacts,
     EndpointFacts,
+    ExecutableFacts,
     HostFacts,
+    LMCacheFileFacts,
     MemoryFacts,
     ModelFacts,
     ModuleFacts,
@@ -26,9 +24,19 @@ from supervisor.host.facts import (
 )
 from supervisor.host.gpu import NO_DRIVER, Gpu, GpuFacts, GpuProcess, MigMode
 from supervisor.host.redis import RemoteFacts
-from supervisor.preflight.checks import CHECKS, Finding, Status, check, enforce, facts_request, lmcache_file_requests
-from supervisor.preflight.needs import parse_remote_url, planned_ports
+from supervisor.plan import render as planmod
 from supervisor.plan.spec import Plan, ProcessSpec, Role
+from supervisor.preflight.checks import (
+    CHECKS,
+    Finding,
+    Status,
+    check,
+    enforce,
+    facts_request,
+    lmcache_file_requests,
+)
+from supervisor.preflight.needs import parse_remote_url, planned_ports
+from supervisor.profile import load as profiles
 
 GIB = 1024**3
 STATE = Path("/srv/state")
@@ -483,9 +491,12 @@ def test_a_missing_infrastructure_binary_fails_before_anything_starts() -> None:
     assert {e.name for e in facts_request(plan).executables} == {p.argv[0] for p in infra}
     assert all(e.name != PY for e in facts_request(plan).executables)  # the interpreter has its own probe
     etcd = infra[0].argv[0]
-    missing = tuple(ExecutableFacts(e.name, None, f"{e.name} is not on the PATH the process gets")
-                    if e.name == etcd else ExecutableFacts(e.name, "/usr/bin/nats-server")
-                    for e in facts_request(plan).executables)
+    missing = tuple(
+        ExecutableFacts(e.name, None, f"{e.name} is not on the PATH the process gets")
+        if e.name == etcd
+        else ExecutableFacts(e.name, "/usr/bin/nats-server")
+        for e in facts_request(plan).executables
+    )
     found = only(check(plan, healthy(plan, executables=missing)), "software")
     (bad,) = [f for f in found if f.status is Status.FAIL]
     assert bad.message == f"etcd cannot start: {etcd} is not on the PATH the process gets"
@@ -510,8 +521,11 @@ def test_no_config_file_is_fine_and_only_lmcache_users_have_theirs_read() -> Non
     plan = render("disagg")
     (f,) = only(check(plan, healthy(plan)), "lmcache-config")
     assert f.status is Status.OK and "no LMCACHE_CONFIG_FILE" in f.message
-    both = render("disagg", f'workers.prefill.env.LMCACHE_CONFIG_FILE="{CONFIG}"',
-                  'workers.decode.env.LMCACHE_CONFIG_FILE="/etc/decode.yaml"')
+    both = render(
+        "disagg",
+        f'workers.prefill.env.LMCACHE_CONFIG_FILE="{CONFIG}"',
+        'workers.decode.env.LMCACHE_CONFIG_FILE="/etc/decode.yaml"',
+    )
     assert lmcache_file_requests(both) == ((CONFIG, None),)  # decode does not load LMCache
 
 

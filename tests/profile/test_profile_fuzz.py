@@ -10,9 +10,9 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from supervisor.errors import EXIT_BAD_INPUT, SupervisorError
 from supervisor.plan import render as planmod
 from supervisor.profile import load as profiles
-from supervisor.errors import EXIT_BAD_INPUT, SupervisorError
 
 STATE = Path("/srv/state")
 BASES = {name: profiles.load_raw(profiles.resolve(name)) for name in ("demo", "disagg", "agg")}
@@ -26,7 +26,9 @@ scalars = st.one_of(
 )
 values = st.recursive(
     scalars,
-    lambda children: st.one_of(st.lists(children, max_size=4), st.dictionaries(st.text(max_size=12), children, max_size=4)),
+    lambda children: st.one_of(
+        st.lists(children, max_size=4), st.dictionaries(st.text(max_size=12), children, max_size=4)
+    ),
     max_leaves=12,
 )
 
@@ -56,7 +58,9 @@ def outcome(data: dict[str, Any]) -> None:
     assert all(1 <= p <= 65535 for p in ports)
     for spec in plan.processes:
         assert all(isinstance(a, str) for a in spec.argv)
-        assert spec.argv[3:] and not any(a.startswith("-") for a in (profile.model.name, plan.deployment.served_model_name))
+        assert spec.argv[3:] and not any(
+            a.startswith("-") for a in (profile.model.name, plan.deployment.served_model_name)
+        )
         if spec.role.is_worker:
             assert int(spec.env["DYN_SYSTEM_PORT"]) <= 32767
 
@@ -74,8 +78,12 @@ def test_any_value_in_any_field(base: str, data: st.DataObject, value: Any) -> N
 
 
 @settings(max_examples=200, deadline=None)
-@given(base=st.sampled_from(sorted(BASES)), extra_key=st.text(min_size=1, max_size=15), value=values,
-       where=st.sampled_from([(), ("lmcache",), ("frontend",), ("ports",), ("workers",), ("model",)]))
+@given(
+    base=st.sampled_from(sorted(BASES)),
+    extra_key=st.text(min_size=1, max_size=15),
+    value=values,
+    where=st.sampled_from([(), ("lmcache",), ("frontend",), ("ports",), ("workers",), ("model",)]),
+)
 def test_any_new_key_anywhere(base: str, extra_key: str, value: Any, where: tuple[str, ...]) -> None:
     doc = copy.deepcopy(BASES[base])
     target = doc
@@ -89,8 +97,7 @@ def test_any_new_key_anywhere(base: str, extra_key: str, value: Any, where: tupl
 @given(text=st.text(max_size=300))
 def test_random_toml_documents(tmp_path_factory, text: str) -> None:
     path = tmp_path_factory.mktemp("fuzz") / "fuzz.toml"
-    path.write_bytes(
-        text.encode("utf-8", errors="replace"))
+    path.write_bytes(text.encode("utf-8", errors="replace"))
     try:
         profiles.load(str(path))
     except SupervisorError as exc:

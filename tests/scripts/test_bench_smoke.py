@@ -19,20 +19,35 @@ from conftest import wait_for
 
 pytestmark = pytest.mark.e2e  # it runs the real Dynamo demo and pip-installs supervisord once
 BENCH = str(Path(__file__).resolve().parents[2] / "scripts" / "bench.py")
-NUMBERS = ("detect_p50_ms", "detect_p99_ms", "respawn_p50_ms", "respawn_p99_ms", "gate_p50_ms", "gate_p99_ms",
-           "demo_first_request_s", "script_poll_first_request_s", "down_overhead_ms")
+NUMBERS = (
+    "detect_p50_ms",
+    "detect_p99_ms",
+    "respawn_p50_ms",
+    "respawn_p99_ms",
+    "gate_p50_ms",
+    "gate_p99_ms",
+    "demo_first_request_s",
+    "script_poll_first_request_s",
+    "down_overhead_ms",
+)
 # Documented as nullable: supervisord when pip cannot install it (offline); the sleep-20 script
 # is skipped below the full run.
 NULLABLE = ("supervisord_respawn_p50_ms", "script_sleep_first_request_s")
 
 
 def is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value >= 0
+    )
 
 
 def test_tiny_run_reports_every_key_as_a_number() -> None:
-    done = subprocess.run([sys.executable, BENCH, "--tiny", "--json"], capture_output=True, text=True,
-                          timeout=120, check=False)
+    done = subprocess.run(
+        [sys.executable, BENCH, "--tiny", "--json"], capture_output=True, text=True, timeout=120, check=False
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout)
     for key in NUMBERS:
@@ -50,7 +65,9 @@ def test_tiny_run_reports_every_key_as_a_number() -> None:
 def test_interrupted_run_leaves_no_process_behind(tmp_path: Path) -> None:
     err = tmp_path / "bench.err"
     with open(err, "wb") as stderr:
-        proc = subprocess.Popen([sys.executable, BENCH, "--tiny", "--json"], stdout=subprocess.DEVNULL, stderr=stderr)
+        proc = subprocess.Popen(
+            [sys.executable, BENCH, "--tiny", "--json"], stdout=subprocess.DEVNULL, stderr=stderr
+        )
     try:
         # Mid-run, with a supervisor, its children and the bench's own helpers all alive.
         wait_for(lambda: b"gate:" in err.read_bytes() or proc.poll() is not None, 60, what="the gate stage")
