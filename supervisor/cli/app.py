@@ -103,6 +103,29 @@ def node_options(func: F) -> F:
     )(func)
 
 
+def deployment_arguments(func: F) -> F:
+    """``[DEPLOYMENT]`` and ``-d/--deployment NAME``: the two ways ``down`` and ``reload`` take a name.
+
+    Every command that talks to a running deployment takes ``-d``; these two also kept the positional
+    form they had first. The command receives one ``deployment`` (None: the only one running)."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, positional: str | None, named: str | None, **kwargs: Any) -> Any:
+        if positional and named and positional != named:
+            raise click.UsageError(f"two deployments named: {positional!r} and -d {named!r}; give one")
+        return func(*args, deployment=named or positional, **kwargs)
+
+    wrapper = click.option(
+        "--deployment",
+        "-d",
+        "named",
+        default=None,
+        metavar="NAME",
+        help="Which running deployment (needed only when several run under the state root).",
+    )(wrapper)
+    return click.argument("positional", metavar="[DEPLOYMENT]", required=False)(wrapper)  # type: ignore[return-value]
+
+
 def load_plan(
     profile: str,
     overrides: tuple[str, ...] = (),

@@ -11,6 +11,7 @@ import sys
 import click
 
 from supervisor.cli.app import (
+    deployment_arguments,
     fail,
     handles_errors,
     load_plan,
@@ -170,8 +171,7 @@ def up_command(
 
 
 @main.command("down")
-@click.argument("deployment", required=False)
-@click.option("--deployment", "-d", "named", default=None, metavar="NAME", help="Same as DEPLOYMENT.")
+@deployment_arguments
 @click.option(
     "--timeout",
     "timeout_s",
@@ -181,18 +181,18 @@ def up_command(
     help="Seconds to wait for the supervisor to finish its orderly shutdown.",
 )
 @handles_errors
-def down_command(deployment: str | None, named: str | None, timeout_s: float) -> None:
-    """Stop a running deployment (the only one running when DEPLOYMENT is not given), over its control socket."""
+def down_command(deployment: str | None, timeout_s: float) -> None:
+    """Stop a running deployment (the only one running when none is named), over its control socket."""
     from supervisor.cli import control as cli_control
 
-    cli_control.down(named or deployment, timeout_s)
+    cli_control.down(deployment, timeout_s)
 
 
 # ---------------------------------------------------------------------------------------- reload
 
 
 @main.command("reload")
-@click.argument("deployment", required=False)
+@deployment_arguments
 @click.option(
     "--timeout",
     "timeout_s",
@@ -203,7 +203,8 @@ def down_command(deployment: str | None, named: str | None, timeout_s: float) ->
 )
 @handles_errors
 def reload_command(deployment: str | None, timeout_s: float) -> None:
-    """Re-read a running deployment's profile; restart only the processes whose plan changed.
+    """Re-read a running deployment's profile (the only one running when none is named); restart only
+    the processes whose plan changed.
 
     A profile that no longer validates is refused (exit 2) and every process keeps running."""
     from supervisor import paths

@@ -47,8 +47,9 @@ class Running:
         """Each process's newest pid, from the supervisor's own "process starting" events."""
         return {name: pid for name in NAMES if (pid := self.up.pid(name))}
 
-    def reload(self) -> subprocess.CompletedProcess[str]:
-        return self.up.cli("reload", "reloadable", "--timeout", "60", timeout=90)
+    def reload(self, *name: str) -> subprocess.CompletedProcess[str]:
+        """``reload -d reloadable`` as every command names a deployment, or the positional form given."""
+        return self.up.cli("reload", *(name or ("-d", "reloadable")), "--timeout", "60", timeout=90)
 
     def serves(self) -> bool:
         with httpx.Client(trust_env=False) as client:
@@ -125,7 +126,7 @@ def test_reload_restarts_only_the_changed_worker_and_refuses_a_broken_profile(ru
     assert running.up.proc.poll() is None and running.serves()
 
     # 3. The same through the command: it says why, exits 2 (bad input), and still nothing moves.
-    refused = running.reload()
+    refused = running.reload("reloadable")  # the positional form it had first
     assert refused.returncode == 2
     assert (
         "refused, every process keeps running" in refused.stderr and "workers.decode.role" in refused.stderr
