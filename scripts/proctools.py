@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 import uuid
 from collections.abc import Iterable
+from pathlib import Path
 
 import psutil
+
+#: The ``lmcache-supervise`` command of the interpreter running the harness (its venv's entry point).
+CLI = str(Path(sys.executable).parent / "lmcache-supervise")
 
 SYSTEM_PORT_MAX = 32767  # Dynamo reads DYN_SYSTEM_PORT as a signed 16-bit number
 

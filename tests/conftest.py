@@ -20,6 +20,7 @@ import psutil
 import pytest
 from realredis import redis_factory  # noqa: F401  (a fixture for every test that needs a real Redis)
 
+CLI = proctools.CLI
 MARKER = "LMCACHE_SUPERVISE_TEST_MARKER"
 SESSION = uuid.uuid4().hex[:12]
 FIXTURE_CHILD = str(Path(__file__).parent / "fixtures" / "child.py")

@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -26,7 +25,7 @@ import httpx
 import proctools  # scripts/ is on sys.path wherever soakkit is importable
 import psutil
 
-CLI = str(Path(sys.executable).parent / "lmcache-supervise")
+CLI = proctools.CLI
 MARKER = "LMCACHE_SUPERVISE_SOAK_MARKER"
 NAMES = ("frontend", "decode", "prefill")
 DEMO_PORT_SPAN = 602  # frontend +0, system +81/+82, metrics +90, prefill bootstrap +601

@@ -39,15 +39,15 @@ import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from supervisor.control.progress import Timeline
-from supervisor.control.status import STATE_WORDS, host_for_url
 from supervisor.engine.states import DeploymentState, DeploymentStatus, ProcessState, RunnerEvent
+from supervisor.plan.addresses import client_host
 from supervisor.plan.spec import Plan, ProcessSpec, Role
 
 log = structlog.get_logger("supervisor")
 PREFIX = "lmcache_supervise"
 SAMPLE_S = 1.0
 PROBE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-PROCESS_STATES = tuple(dict.fromkeys(STATE_WORDS.values()))
+PROCESS_STATES = tuple(dict.fromkeys(state.summary for state in ProcessState))
 DEPLOYMENT_STATES = tuple(s.value for s in DeploymentState)
 
 
@@ -72,7 +72,7 @@ def targets(plan: Plan) -> list[dict[str, Any]]:
             continue
         out.append(
             {
-                "targets": [f"{host_for_url(spec.bind_host)}:{port}"],
+                "targets": [f"{client_host(spec.bind_host)}:{port}"],
                 "labels": {
                     "deployment": plan.deployment.name,
                     "process": spec.name,
@@ -160,7 +160,7 @@ class SupervisorMetrics:
         current: dict[str, tuple[str, str, str]] = {}
         for proc in status.processes:
             labels = current[proc.name] = (dep, proc.name, proc.role)
-            word = STATE_WORDS[proc.state]
+            word = proc.state.summary
             self.up.labels(*labels).set(1 if proc.state is ProcessState.RUNNING else 0)
             for state in PROCESS_STATES:
                 self.state.labels(*labels, state).set(1 if state == word else 0)
@@ -225,7 +225,7 @@ class SupervisorMetrics:
                     self.port = server.server_port
                     log.info(
                         "metrics endpoint listening",
-                        url=f"http://{host_for_url(dep.metrics_host)}:{self.port}/metrics",
+                        url=f"http://{client_host(dep.metrics_host)}:{self.port}/metrics",
                     )
                 except OSError as exc:
                     log.error(

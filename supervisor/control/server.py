@@ -270,9 +270,7 @@ class ControlServer:
     async def _act(self, runner: Supervised, op: str, name: str, wait_s: float) -> dict[str, Any]:
         before = runner.status().process(name)
         if op == "start" and before.state not in (P.STOPPED, P.EXITED, P.FAILED):
-            return self._done(
-                runner, name, before.pid, note=f"already {statusview.STATE_WORDS[before.state]}"
-            )
+            return self._done(runner, name, before.pid, note=f"already {before.state.summary}")
         log.info("control request", op=op, process=name)
         action: Callable[[str], Awaitable[None]] = {
             "restart": runner.restart,
@@ -286,14 +284,12 @@ class ControlServer:
             except TimeoutError:
                 proc = runner.status().process(name)
                 return _error(
-                    f"{name} was {op}ed but is {statusview.STATE_WORDS[proc.state]} after "
+                    f"{name} was {op}ed but is {proc.state.summary} after "
                     f"{wait_s:g} s ({proc.reason}); see `lmcache-supervise logs {name}`"
                 )
             proc = runner.status().process(name)
             if proc.state is not P.RUNNING:
-                return _error(
-                    f"{name} did not come back: {statusview.STATE_WORDS[proc.state]} ({proc.reason})"
-                )
+                return _error(f"{name} did not come back: {proc.state.summary} ({proc.reason})")
         return self._done(runner, name, before.pid)
 
     @staticmethod

@@ -18,26 +18,15 @@ import signal
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import psutil
-
 from supervisor.control import hints as diagnose
 from supervisor.control.progress import Timeline
-from supervisor.engine.states import DeploymentStatus, ExitInfo, ProcessState, ProcessStatus
+from supervisor.engine.proctree import descendants
+from supervisor.engine.states import DeploymentStatus, ExitInfo, ProcessStatus
+from supervisor.host import ports
+from supervisor.plan.addresses import client_host
 from supervisor.plan.spec import Plan
 
 SCHEMA = 1
-P = ProcessState
-STATE_WORDS: Mapping[ProcessState, str] = {
-    P.STOPPED: "stopped",
-    P.WAITING: "starting",
-    P.STARTING: "starting",
-    P.RUNNING: "healthy",
-    P.NOT_READY: "unhealthy",
-    P.STOPPING: "stopping",
-    P.BACKOFF: "backoff",
-    P.EXITED: "stopped",
-    P.FAILED: "failed",
-}
 
 
 def exit_view(info: ExitInfo | None) -> dict[str, Any] | None:
@@ -69,7 +58,7 @@ def process_view(proc: ProcessStatus, plan: Plan, hints: tuple[diagnose.Hint, ..
     return {
         "name": proc.name,
         "role": proc.role,
-        "state": STATE_WORDS[proc.state],
+        "state": proc.state.summary,
         "phase": proc.state.value,
         "required": proc.required,
         "pid": proc.pid,
@@ -98,7 +87,7 @@ def status_view(
     dep = plan.deployment
     ttr = timeline.time_to_ready_s
     metrics_url = (
-        f"http://{host_for_url(dep.metrics_host)}:{dep.metrics_port}/metrics"
+        f"http://{client_host(dep.metrics_host)}:{dep.metrics_port}/metrics"
         if dep.metrics_port is not None
         else None
     )
@@ -122,15 +111,6 @@ def status_view(
     }
 
 
-def host_for_url(host: str) -> str:
-    """A bind address as a client reaches it: wildcards become loopback, IPv6 gets brackets."""
-    if host in ("0.0.0.0", ""):
-        return "127.0.0.1"
-    if host == "::":
-        return "[::1]"
-    return f"[{host}]" if ":" in host else host
-
-
 # ---- hints: the only IO here, run in a worker thread by the control server ----------------------
 
 
@@ -147,29 +127,14 @@ def read_tail(path: str, limit: int = diagnose.TAIL_BYTES) -> list[str]:
     return lines[1:] if size > limit else lines  # the first line of a cut tail is partial
 
 
-def _listeners() -> dict[int, int | None]:
-    """Listening TCP port -> pid (None when the owner is not visible to us)."""
-    try:
-        conns = psutil.net_connections(kind="tcp")
-    except (psutil.Error, OSError):
-        return {}
-    return {c.laddr.port: c.pid for c in conns if c.status == psutil.CONN_LISTEN and c.laddr}
-
-
 def _tree(pid: int | None) -> set[int]:
-    if pid is None:
-        return set()
-    try:
-        root = psutil.Process(pid)
-        return {pid, *(c.pid for c in root.children(recursive=True))}
-    except psutil.Error:
-        return set()
+    return set() if pid is None else {pid, *descendants(pid)}
 
 
 def gather_hints(status: DeploymentStatus, plan: Plan) -> dict[str, tuple[diagnose.Hint, ...]]:
     """Hints per process from the tail of its log; bind errors name the port and who holds it."""
     out: dict[str, tuple[diagnose.Hint, ...]] = {}
-    listeners: dict[int, int | None] | None = None
+    table: list[ports.Listener] | None = None
     for proc in status.processes:
         try:
             spec = plan.process(proc.name)
@@ -177,32 +142,21 @@ def gather_hints(status: DeploymentStatus, plan: Plan) -> dict[str, tuple[diagno
             continue
         found = diagnose.scan(read_tail(spec.log_file))
         if any(h.kind == "port-in-use" for h in found):
-            listeners = _listeners() if listeners is None else listeners
+            table = ports.listeners() if table is None else table
             found = diagnose.attribute_ports(
-                found, ports=spec.ports, holder=_holder_of(listeners, _tree(proc.pid))
+                found, ports=spec.ports, holder=_holder_of(table, _tree(proc.pid))
             )
         if found:
             out[proc.name] = found
     return out
 
 
-def _holder_of(
-    listeners: Mapping[int, int | None], ours: set[int]
-) -> Callable[[int], diagnose.PortHolder | None]:
+def _holder_of(table: list[ports.Listener], ours: set[int]) -> Callable[[int], diagnose.PortHolder | None]:
     def holder(port: int) -> diagnose.PortHolder | None:
-        if port not in listeners:
+        held = ports.holder(port, table=table)
+        if held is None:
             return None
-        pid = listeners[port]
-        name = None
-        if pid is not None:
-            try:
-                # A shortened command line, whitespace folded (an argument may hold newlines).
-                name = (
-                    " ".join(" ".join(psutil.Process(pid).cmdline()[:4]).split())[:80]
-                    or psutil.Process(pid).name()
-                )
-            except psutil.Error:
-                pass
-        return diagnose.PortHolder(pid=pid, name=name, ours=pid in ours)
+        name = ports.describe(held.pid) if held.pid is not None else None
+        return diagnose.PortHolder(pid=held.pid, name=name, ours=held.pid in ours)
 
     return holder

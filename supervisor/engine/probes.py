@@ -26,6 +26,7 @@ import psutil
 from supervisor.engine import probe_http
 from supervisor.engine.proctree import descendants
 from supervisor.engine.states import ProbeResult
+from supervisor.host import ports
 from supervisor.plan.spec import Check, ExecCheck, HttpCheck, Probe, Probes, SmokeRequest, TcpCheck
 
 #: Probe cadence while a process is starting: a dependent starts within about this of its health.
@@ -78,13 +79,10 @@ def port_owned_by_tree(port: int, pid: int) -> tuple[bool, str | None]:
 
 def _stranger(port: int) -> str:
     """Best-effort name of whoever listens on ``port`` (only for the error message)."""
-    try:
-        for conn in psutil.net_connections(kind="tcp"):
-            if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port:
-                return f"held by pid {conn.pid}" if conn.pid else "held by another user's process"
-    except (psutil.Error, OSError):
-        pass
-    return "nobody listens there"
+    held = ports.holder(port)
+    if held is None:
+        return "nobody listens there"
+    return f"held by pid {held.pid}" if held.pid else "held by another user's process"
 
 
 def _json_field(payload: Any, dotted: str) -> Any:

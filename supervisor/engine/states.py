@@ -36,6 +36,12 @@ class ProcessState(enum.Enum):
     FAILED = "failed"  # crash loop, unspawnable, or a failure with restarts off
 
     @property
+    def summary(self) -> str:
+        """The word ``status`` shows: what an operator asks (is it healthy?), where the state itself is
+        the runner's exact phase (waiting and starting are both "starting"; exited is "stopped")."""
+        return _SUMMARY[self]
+
+    @property
     def is_live(self) -> bool:
         """A child process exists (or is being stopped) in this state."""
         return self in (
@@ -44,6 +50,19 @@ class ProcessState(enum.Enum):
             ProcessState.NOT_READY,
             ProcessState.STOPPING,
         )
+
+
+_SUMMARY = {
+    ProcessState.STOPPED: "stopped",
+    ProcessState.WAITING: "starting",
+    ProcessState.STARTING: "starting",
+    ProcessState.RUNNING: "healthy",
+    ProcessState.NOT_READY: "unhealthy",
+    ProcessState.STOPPING: "stopping",
+    ProcessState.BACKOFF: "backoff",
+    ProcessState.EXITED: "stopped",
+    ProcessState.FAILED: "failed",
+}
 
 
 _P = ProcessState

@@ -25,6 +25,7 @@ from typing import Any
 
 import psutil
 
+from supervisor.host import ports
 from supervisor.host.gpu import GpuFacts, gpu_facts
 from supervisor.host.redis import RemoteFacts, RemoteTarget, probe_remote
 from supervisor.host.software import (
@@ -209,24 +210,6 @@ def path_facts(path: str) -> PathFacts:
     return PathFacts(path, str(checked), True, free)
 
 
-def _listener(port: int, host: str) -> tuple[int | None, str | None]:
-    """The pid and name listening on ``port`` (preferring ``host`` or a wildcard address), if visible."""
-    try:
-        conns = psutil.net_connections(kind="tcp")
-    except (psutil.Error, OSError):
-        return None, None
-    listening = [c for c in conns if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port]
-    listening.sort(key=lambda c: (c.laddr.ip not in (host, "0.0.0.0", "::"), c.pid is None))
-    for conn in listening:
-        if conn.pid is None:
-            continue
-        try:
-            return conn.pid, psutil.Process(conn.pid).name()
-        except (psutil.Error, OSError):
-            return conn.pid, None
-    return None, None
-
-
 def port_facts(host: str, port: int) -> PortFacts:
     """Try to bind as a server would (SO_REUSEADDR, so TIME_WAIT leftovers do not count as taken)."""
     try:
@@ -242,8 +225,9 @@ def port_facts(host: str, port: int) -> PortFacts:
             sock.listen(1)
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
-            pid, name = _listener(port, host)
-            return PortFacts(host, port, False, pid, name)
+            held = ports.holder(port, host=host)
+            pid = held.pid if held else None
+            return PortFacts(host, port, False, pid, ports.process_name(pid) if pid else None)
         if exc.errno == errno.EADDRNOTAVAIL:
             return PortFacts(host, port, False, problem=f"{host} is not an address of this machine")
         return PortFacts(host, port, False, problem=exc.strerror or str(exc))

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from supervisor.errors import PlanError
+from supervisor.plan.addresses import http_url, is_wildcard, reachable, url_host
 from supervisor.plan.spec import Condition, Dependency, HttpCheck, ProcessSpec, Role
 
 if TYPE_CHECKING:
@@ -35,19 +36,8 @@ ETCD_PEER_OFFSET = 380
 NATS_OFFSET = 422
 NATS_MONITOR_OFFSET = 822
 INFRA_STARTUP_BUDGET_S = 30.0  # etcd and nats-server answer health within a second or two
-WILDCARDS = ("0.0.0.0", "::", "")
 
 Claim = Callable[[int, str, str], int]
-
-
-def reachable(host: str) -> str:
-    """The address to connect to a socket bound to ``host`` from this machine."""
-    return "127.0.0.1" if host in WILDCARDS else host
-
-
-def url_host(host: str) -> str:
-    """``host`` as it appears in a URL (IPv6 literals in brackets)."""
-    return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
 @dataclass(frozen=True)
@@ -105,7 +95,7 @@ def node(profile: Profile, role: str, *, head: str | None, advertise: str | None
             f"is required with --role {role}: the address other nodes reach this "
             "host at (or set ports.host to it)",
         )
-    if advertise in WILDCARDS:
+    if is_wildcard(advertise):
         raise PlanError(
             "--advertise",
             "",
@@ -146,7 +136,7 @@ def runs_nats(profile: Profile, here: Node) -> bool:
 
 def _nats_bind(here: Node) -> str:
     # nats-server listens on one address: the advertise address when other machines need it.
-    return here.local if here.local in WILDCARDS else here.plane_host
+    return here.local if is_wildcard(here.local) else here.plane_host
 
 
 def etcd_endpoints(profile: Profile, here: Node) -> tuple[str, ...]:
@@ -210,14 +200,14 @@ def infra_processes(
         peer = claim(etcd_ports(profile)[1], "etcd.peer", "infra.etcd.peer_port")
         binds = [here.local] + (
             [here.advertise]
-            if here.advertise and here.local not in WILDCARDS and here.advertise != here.local
+            if here.advertise and not is_wildcard(here.local) and here.advertise != here.local
             else []
         )
         listen = ",".join(f"http://{url_host(h)}:{client}" for h in binds)
         # One member, peering with nobody: its peer URL never needs to leave loopback.
         peer_url = f"http://127.0.0.1:{peer}"
         name = f"lmcs-{profile.name}"
-        probe_url = f"http://{url_host(reachable(here.local))}:{client}"
+        probe_url = http_url(here.local, client)
         out.append(
             ProcessSpec(
                 name="etcd",
@@ -231,7 +221,7 @@ def infra_processes(
                     "--listen-client-urls",
                     listen,
                     "--advertise-client-urls",
-                    f"http://{url_host(reachable(here.plane_host))}:{client}",
+                    http_url(here.plane_host, client),
                     "--listen-peer-urls",
                     peer_url,
                     "--initial-advertise-peer-urls",
@@ -263,7 +253,7 @@ def infra_processes(
         port = claim(nats_ports(profile)[0], "nats.client", "infra.nats.port")
         monitor = claim(nats_ports(profile)[1], "nats.monitor", "infra.nats.monitor_port")
         bind = _nats_bind(here)
-        url = f"http://{url_host(reachable(bind))}:{monitor}"
+        url = http_url(bind, monitor)
         out.append(
             ProcessSpec(
                 name="nats",

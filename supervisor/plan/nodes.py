@@ -7,7 +7,6 @@ that render stays pure; the CLI calls :func:`node_options` and hands the result 
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import shutil
 import socket
@@ -17,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from supervisor.errors import PlanError
-from supervisor.plan.infra import WILDCARDS, NodeRole
+from supervisor.plan.addresses import is_specific
+from supervisor.plan.infra import NodeRole
 from supervisor.profile.schema import Profile
 
 
@@ -37,16 +37,6 @@ class NodeOptions:
             "advertise": self.advertise,
             "binaries": dict(self.binaries),
         }
-
-
-def _is_specific(host: str) -> bool:
-    """A concrete non-loopback address: one other machines could reach."""
-    if host in WILDCARDS:
-        return False
-    try:
-        return not ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host != "localhost"
 
 
 def route_source(target: str) -> str | None:
@@ -69,7 +59,7 @@ def default_advertise(profile: Profile, role: NodeRole, head: str | None) -> str
     """``ports.host`` when it is a concrete address; on a worker node, else the source toward the head."""
     if role == "all":
         return None
-    if _is_specific(profile.ports.host):
+    if is_specific(profile.ports.host):
         return profile.ports.host
     if role == "worker" and head:
         found = route_source(head)

@@ -15,6 +15,7 @@ from urllib.parse import quote
 
 from supervisor.errors import PlanError
 from supervisor.plan import infra as plan_infra
+from supervisor.plan.addresses import http_url, url_host
 from supervisor.plan.spec import (
     Condition,
     Dependency,
@@ -161,10 +162,10 @@ def render(
     fe = profile.frontend
     if here.runs_frontend:
         fe_port = ports.claim(fe.port or base + FRONTEND_OFFSET, "frontend.http", "frontend.port")
-        fe_url = f"http://{plan_infra.url_host(plan_infra.reachable(fe.host))}:{fe_port}"
+        fe_url = http_url(fe.host, fe_port)
     else:  # the head's frontend, for display: the gate on a worker node is its own workers' health
         fe_port = fe.port or base + FRONTEND_OFFSET
-        fe_url = f"http://{plan_infra.url_host(here.head or '')}:{fe_port}"
+        fe_url = f"http://{url_host(here.head or '')}:{fe_port}"
     frontend = ProcessSpec(
         name="frontend",
         role=Role.FRONTEND,
@@ -369,7 +370,7 @@ def _worker(
     argv += worker.args
     env |= worker.env
 
-    url = f"http://127.0.0.1:{system_port}" if host in ("0.0.0.0", "::") else f"http://{host}:{system_port}"
+    url = http_url(host, system_port)
     ready = HttpCheck(url=f"{url}/health", json_field="status", json_value="ready", owned_port=system_port)
     live = HttpCheck(url=f"{url}/live", owned_port=system_port)
     # Only processes of this node can gate: a worker node has no frontend, a decode worker may be elsewhere.

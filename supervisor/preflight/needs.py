@@ -7,7 +7,6 @@ in :mod:`supervisor.preflight` read the same values to judge the facts.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 from dataclasses import dataclass, replace
@@ -21,6 +20,7 @@ from supervisor.host.facts import (
     ModelRequest,
 )
 from supervisor.host.redis import RemoteTarget
+from supervisor.plan.addresses import is_local
 from supervisor.plan.spec import Plan, ProcessSpec, Role
 
 GIB = 1024**3
@@ -36,7 +36,6 @@ RUNTIME_RESERVE_DEFAULT_GB = 2.0
 HOST_MEMORY_MARGIN = 0.10
 # vLLM's default --gpu-memory-utilization, used when a process states no fraction.
 VLLM_DEFAULT_GPU_FRACTION = 0.9
-WILDCARDS = ("0.0.0.0", "::", "")
 
 
 @dataclass(frozen=True)
@@ -178,19 +177,10 @@ def planned_ports(plan: Plan) -> tuple[PlannedPort, ...]:
     return tuple(ports)
 
 
-def _is_local(host: str) -> bool:
-    if host in ("localhost", *WILDCARDS):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def served_by_plan(plan: Plan, host: str, port: int) -> PlannedPort | None:
     """The planned port that will serve ``host:port`` (a Redis or lmcache_server the plan starts itself)."""
     for planned in planned_ports(plan):
-        if planned.port == port and (planned.host == host or (_is_local(host) and _is_local(planned.host))):
+        if planned.port == port and (planned.host == host or (is_local(host) and is_local(planned.host))):
             return planned
     return None
 

@@ -7,15 +7,14 @@ import os
 import random
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import CLI
 
 from supervisor.host.facts import port_facts
 from supervisor.host.gpu import NO_DRIVER, gpu_facts
 
-CLI = str(Path(sys.executable).parent / "lmcache-supervise")
 # Offsets from ports.base that the built-in profiles bind (frontend, health ports, metrics, NIXL, bootstrap).
 OFFSETS = (0, 81, 82, 90, 200, 216, 601)
 

@@ -18,7 +18,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -29,10 +28,9 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from conftest import MARKER, SESSION, reap_marked, wait_for
+from conftest import CLI, MARKER, SESSION, reap_marked, wait_for
 
 pytestmark = pytest.mark.e2e
-CLI = str(Path(sys.executable).parent / "lmcache-supervise")
 HEAD_IP, WORKER_IP = "10.213.0.1", "10.213.0.2"
 BASE = 21000  # fresh namespaces: every port is free there
 LEASE_TTL_S = 3  # how long a SIGKILLed worker's registration outlives it (discovery.lease_ttl_s)

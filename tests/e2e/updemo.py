@@ -11,16 +11,16 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import proctools
 from conftest import MARKER, SESSION, free_port_base, reap_marked, wait_for
 
-CLI = str(Path(sys.executable).parent / "lmcache-supervise")
+CLI = proctools.CLI
 DEMO_PORT_SPAN = 602  # frontend +0, worker health +81/+82, metrics +90, prefill bootstrap +601
 # A prefill request whose decode side died keeps the mocker prefill's graceful stop waiting for the
 # worker stop timeout (30 s by default); SIGKILL follows the timeout, so short ones keep tests fast.
