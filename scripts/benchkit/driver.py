@@ -8,7 +8,7 @@ to stderr as JSON, as under ``up`` without a terminal. SIGTERM is the orderly sh
 
 Scenario: ``{"state_dir": str, "processes": [{"name", "argv", "env", "depends_on": [[name, cond]],
 "probes": null | {"ready_url", "live_url", "owned_port", "json_status"}, "restart": {...},
-"stop_timeout_s"}]}``. ``probes`` are the plan's defaults for a worker (``plan._probes`` over a
+"stop_timeout_s"}]}``. ``probes`` are the plan's defaults for a worker (``policies.probes`` over a
 default ``[health]`` table), pointed at the given URLs.
 """
 
@@ -22,7 +22,7 @@ from typing import Any
 
 from supervisor.engine import foreground, logs
 from supervisor.engine.states import DeploymentEvent, ProcessEvent, RunnerEvent
-from supervisor.plan import render as plan
+from supervisor.plan import policies
 from supervisor.plan.spec import (
     Condition,
     Dependency,
@@ -52,7 +52,7 @@ def default_probes(raw: dict[str, Any] | None) -> Probes:
     )
     live = HttpCheck(url=raw["live_url"], owned_port=raw.get("owned_port"))
     # The plan's own function, so that "default probes" cannot drift from what profiles get.
-    return plan._probes(schema.Health(), ready, live, STARTUP_BUDGET_S)
+    return policies.probes(schema.Health(), ready, live, STARTUP_BUDGET_S)
 
 
 def build(scenario: dict[str, Any]) -> Plan:

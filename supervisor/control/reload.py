@@ -29,7 +29,7 @@ import structlog
 
 from supervisor.engine.states import DeploymentState, DeploymentStatus, ProcessState
 from supervisor.errors import ControlError, SupervisorError
-from supervisor.export.systemd import startup_budget_s
+from supervisor.plan.policies import startup_budget_s
 from supervisor.plan.spec import Plan
 
 log = structlog.get_logger("supervisor")

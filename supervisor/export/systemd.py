@@ -33,7 +33,8 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from supervisor.errors import EXIT_BAD_INPUT, PlanError
-from supervisor.plan.spec import Condition, Plan, ProcessSpec
+from supervisor.plan.policies import startup_budget_s
+from supervisor.plan.spec import Condition, Plan
 
 UNIT_PREFIX = "lmcache-supervise"
 STATE_DIRECTORY = "lmcache-supervise"  # StateDirectory=: one subdirectory per deployment
@@ -93,14 +94,6 @@ class Timeouts:
 def unit_name(deployment: str | None) -> str:
     """``lmcache-supervise@<deployment>.service``, or the template name for None."""
     return f"{UNIT_PREFIX}@{deployment or ''}.service"
-
-
-def startup_budget_s(spec: ProcessSpec) -> float:
-    """How long one process may take to pass its startup probe before the runner gives up on it."""
-    probe = spec.probes.startup or spec.probes.readiness
-    if probe is None:
-        return 0.0
-    return probe.initial_delay_s + probe.period_s * probe.failure_threshold
 
 
 def critical_start_s(plan: Plan) -> float:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Literal
 
 from supervisor.errors import PlanError
 from supervisor.plan.addresses import http_url, is_wildcard, reachable, url_host
+from supervisor.plan.policies import INFRA_STARTUP_BUDGET_S, probes, restart_policy
 from supervisor.plan.spec import Condition, Dependency, HttpCheck, ProcessSpec, Role
 
 if TYPE_CHECKING:
@@ -35,7 +36,6 @@ ETCD_CLIENT_OFFSET = 379
 ETCD_PEER_OFFSET = 380
 NATS_OFFSET = 422
 NATS_MONITOR_OFFSET = 822
-INFRA_STARTUP_BUDGET_S = 30.0  # etcd and nats-server answer health within a second or two
 
 Claim = Callable[[int, str, str], int]
 
@@ -191,7 +191,6 @@ def infra_processes(
 ) -> list[ProcessSpec]:
     """etcd and nats-server for the head (or a single machine), in start order; none on worker nodes."""
     # Late import: plan.py imports this module, and owns the probe and restart builders.
-    from supervisor.plan.render import _probes, _restart
 
     out: list[ProcessSpec] = []
     if runs_etcd(profile, here):
@@ -233,7 +232,7 @@ def infra_processes(
                 env={},
                 gpus=(),
                 ports={"client": client, "peer": peer},
-                probes=_probes(
+                probes=probes(
                     etcd.health,
                     HttpCheck(
                         url=f"{probe_url}/health", json_field="health", json_value="true", owned_port=client
@@ -241,7 +240,7 @@ def infra_processes(
                     HttpCheck(url=f"{probe_url}/version", owned_port=client),
                     INFRA_STARTUP_BUDGET_S,
                 ),
-                restart=_restart(etcd.restart),
+                restart=restart_policy(etcd.restart),
                 stop_timeout_s=etcd.stop_timeout_s,
                 bind_host=binds[-1],
                 multiproc_dir="",
@@ -275,13 +274,13 @@ def infra_processes(
                 env={},
                 gpus=(),
                 ports={"client": port, "monitor": monitor},
-                probes=_probes(
+                probes=probes(
                     nats.health,
                     HttpCheck(url=f"{url}/healthz", json_field="status", json_value="ok", owned_port=monitor),
                     HttpCheck(url=f"{url}/varz", owned_port=monitor),
                     INFRA_STARTUP_BUDGET_S,
                 ),
-                restart=_restart(nats.restart),
+                restart=restart_policy(nats.restart),
                 stop_timeout_s=nats.stop_timeout_s,
                 bind_host=bind,
                 multiproc_dir="",

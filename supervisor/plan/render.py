@@ -7,7 +7,6 @@ number, and every collision or out-of-range port is an error naming both owners.
 
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,23 +15,19 @@ from urllib.parse import quote
 from supervisor.errors import PlanError
 from supervisor.plan import infra as plan_infra
 from supervisor.plan.addresses import http_url, url_host
+from supervisor.plan.policies import STARTUP_BUDGET_S, probes, restart_policy
 from supervisor.plan.spec import (
     Condition,
     Dependency,
     DeploymentSpec,
     HttpCheck,
     Plan,
-    Probe,
-    Probes,
     ProcessSpec,
-    RestartMode,
-    RestartPolicy,
     Role,
     SmokeRequest,
 )
 from supervisor.profile import lmcache
-from supervisor.profile.schema import Health, Profile, Worker
-from supervisor.profile.schema import Restart as RestartSettings
+from supervisor.profile.schema import Profile, Worker
 
 # Offsets from ports.base. 81/82 keep upstream's DYN_SYSTEM_PORT 8081/8082 for base 8000.
 FRONTEND_OFFSET = 0
@@ -44,45 +39,8 @@ KV_EVENTS_OFFSET = 500
 BOOTSTRAP_OFFSET = 600
 SYSTEM_PORT_MAX = 32767  # Dynamo parses DYN_SYSTEM_PORT as a signed 16-bit number
 
-# A real vLLM load takes minutes; the mocker and the frontend are up in well under a second.
-STARTUP_BUDGET_S = {"vllm": 900.0, "mocker": 60.0, "frontend": 60.0}
 READY_TIMEOUT_S = {"vllm": 1800.0, "mocker": 60.0}
 ROLE_ORDER = {"agg": 0, "decode": 0, "prefill": 1}
-
-
-def _restart(settings: RestartSettings) -> RestartPolicy:
-    return RestartPolicy(
-        mode=RestartMode(settings.policy),
-        backoff_initial_s=settings.backoff_initial_s,
-        backoff_factor=settings.backoff_factor,
-        backoff_max_s=settings.backoff_max_s,
-        jitter=settings.jitter,
-        reset_after_s=settings.reset_after_s,
-        limit_starts=settings.limit_starts,
-        limit_window_s=settings.limit_window_s,
-        restart_dependents=settings.restart_dependents,
-    )
-
-
-def _probes(health: Health, ready: HttpCheck, live: HttpCheck, budget_s: float) -> Probes:
-    """Startup probes fast against a load budget, then readiness and liveness at the normal period."""
-    budget = health.startup_timeout_s or budget_s
-    startup = Probe(
-        check=ready,
-        period_s=health.startup_period_s,
-        timeout_s=min(health.timeout_s, max(health.startup_period_s * 5, 0.5)),
-        failure_threshold=max(1, math.ceil(budget / health.startup_period_s)),
-    )
-    normal = {
-        "period_s": health.period_s,
-        "timeout_s": health.timeout_s,
-        "failure_threshold": health.failure_threshold,
-    }
-    return Probes(
-        startup=startup,
-        readiness=Probe(check=ready, **normal),
-        liveness=Probe(check=live, **normal) if health.liveness else None,
-    )
 
 
 def _model_path(profile: Profile) -> str:
@@ -185,13 +143,13 @@ def render(
         gpus=(),
         ports={"http": fe_port},
         depends_on=plan_infra.infra_dependencies(infra),
-        probes=_probes(
+        probes=probes(
             fe.health,
             HttpCheck(url=f"{fe_url}/health", owned_port=fe_port),
             HttpCheck(url=f"{fe_url}/live", owned_port=fe_port),
             STARTUP_BUDGET_S["frontend"],
         ),
-        restart=_restart(fe.restart),
+        restart=restart_policy(fe.restart),
         stop_signal=fe.stop_signal,
         stop_timeout_s=fe.stop_timeout_s,
         required=fe.required,
@@ -385,8 +343,8 @@ def _worker(
         gpus=tuple(worker.gpus),
         ports=port_map,
         depends_on=tuple(depends),
-        probes=_probes(worker.health, ready, live, budget),
-        restart=_restart(worker.restart),
+        probes=probes(worker.health, ready, live, budget),
+        restart=restart_policy(worker.restart),
         stop_signal=worker.stop_signal,
         stop_timeout_s=worker.stop_timeout_s,
         required=worker.required,
