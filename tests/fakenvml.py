@@ -38,6 +38,7 @@ class FakeGpu:
     recovery_action: int = 0
     processes: list[tuple[int, int]] = field(default_factory=list)  # (pid, used bytes)
     lost: bool = False
+    nvlinks: int = 18  # active NVLink links (an H200 has 18); 0: a PCIe-only GPU
 
     @property
     def uuid(self) -> str:
@@ -143,6 +144,14 @@ class FakeNvml:
 
     def nvmlSystemGetProcessName(self, pid: int) -> str:
         raise err(pynvml.NVML_ERROR_NOT_FOUND)
+
+    def nvmlDeviceGetNvLinkState(self, gpu: FakeGpu, link: int) -> int:
+        g = self._gpu(gpu, "nvlink")
+        if g.nvlinks == 0:
+            raise err(pynvml.NVML_ERROR_NOT_SUPPORTED)  # what a PCIe-only GPU answers for every link
+        if link >= 18:
+            raise err(pynvml.NVML_ERROR_INVALID_ARGUMENT)  # past the GPU's own links
+        return pynvml.NVML_FEATURE_ENABLED if link < g.nvlinks else pynvml.NVML_FEATURE_DISABLED
 
     def nvmlDeviceGetSupportedEventTypes(self, gpu: FakeGpu) -> int:
         return self._gpu(gpu, "supported events").supported_events

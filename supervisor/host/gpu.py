@@ -52,6 +52,7 @@ class Gpu:
     mig: MigMode
     processes: tuple[GpuProcess, ...]
     problems: tuple[str, ...] = ()
+    nvlinks: int | None = None  # active NVLink links (0: PCIe only); None when not asked or NVML cannot tell
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,7 @@ class Nvml(Protocol):
     def nvmlDeviceGetComputeRunningProcesses(self, handle: Any) -> Sequence[Any]: ...
     def nvmlDeviceGetGraphicsRunningProcesses(self, handle: Any) -> Sequence[Any]: ...
     def nvmlSystemGetProcessName(self, pid: int) -> str: ...
+    def nvmlDeviceGetNvLinkState(self, handle: Any, link: int) -> int: ...
 
 
 def _text(value: str | bytes) -> str:
@@ -133,7 +135,24 @@ def _process_name(nvml: Any, pid: int) -> str:
         return "unknown"
 
 
-def _gpu(nvml: Any, index: int) -> Gpu:
+def _nvlinks(nvml: Any, handle: Any) -> int | None:
+    """Active NVLink links of one GPU: 0 on a PCIe-only GPU (NVML answers NotSupported for every link),
+    None when NVML fails otherwise. A link index past the GPU's own count answers InvalidArgument or
+    NotSupported (an A100 has 12 links, an H100/H200 18, NVML asks up to NVML_NVLINK_MAX_LINKS)."""
+    absent = (getattr(nvml, "NVML_ERROR_NOT_SUPPORTED", 3), getattr(nvml, "NVML_ERROR_INVALID_ARGUMENT", 2))
+    active = 0
+    for link in range(int(getattr(nvml, "NVML_NVLINK_MAX_LINKS", 18))):
+        try:
+            state = nvml.nvmlDeviceGetNvLinkState(handle, link)
+        except nvml.NVMLError as exc:
+            if _error_value(exc) in absent:
+                continue
+            return None
+        active += int(state == getattr(nvml, "NVML_FEATURE_ENABLED", 1))
+    return active
+
+
+def _gpu(nvml: Any, index: int, links: bool = False) -> Gpu:
     problems: list[str] = []
 
     def call(what: str, fn: Callable[[], T], default: T) -> T:
@@ -177,11 +196,14 @@ def _gpu(nvml: Any, index: int) -> Gpu:
             used = getattr(info, "usedGpuMemory", None)
             seen.setdefault(int(info.pid), int(used) if isinstance(used, int) else None)
     processes = tuple(GpuProcess(pid, _process_name(nvml, pid), used) for pid, used in sorted(seen.items()))
-    return Gpu(index, name, uuid, total, free, mig, processes, tuple(problems))
+    nvlinks = _nvlinks(nvml, handle) if links else None
+    return Gpu(index, name, uuid, total, free, mig, processes, tuple(problems), nvlinks)
 
 
-def gpu_facts(nvml: Any | None = None) -> GpuFacts:
-    """Snapshot every GPU NVML sees. Never raises for NVML trouble: it lands in ``error``/``problems``."""
+def gpu_facts(nvml: Any | None = None, *, links: bool = False) -> GpuFacts:
+    """Snapshot every GPU NVML sees. Never raises for NVML trouble: it lands in ``error``/``problems``.
+
+    ``links``: also count each GPU's active NVLinks (``init`` asks; preflight does not need them)."""
     if nvml is None:
         nvml = load_pynvml()
         if nvml is None:
@@ -201,7 +223,7 @@ def gpu_facts(nvml: Any | None = None) -> GpuFacts:
             count = int(nvml.nvmlDeviceGetCount())
         except nvml.NVMLError as exc:
             return GpuFacts(f"NVML could not count the GPUs: {exc}", driver, ())
-        return GpuFacts(None, driver, tuple(_gpu(nvml, i) for i in range(count)))
+        return GpuFacts(None, driver, tuple(_gpu(nvml, i, links) for i in range(count)))
     finally:
         try:
             nvml.nvmlShutdown()
