@@ -159,6 +159,7 @@ CHECK_NAMES = (
     "ports",
     "remote-cache",
     "software",
+    "engine",
     "model",
     "discovery",
 )

@@ -25,7 +25,9 @@ from typing import Any
 
 import psutil
 
+from supervisor.errors import StateDirError
 from supervisor.host import ports
+from supervisor.host.engines import EngineFacts, EngineRequest, engine_facts
 from supervisor.host.gpu import GpuFacts, gpu_facts
 from supervisor.host.redis import RemoteFacts, RemoteTarget, probe_remote
 from supervisor.host.software import (
@@ -38,6 +40,7 @@ from supervisor.host.software import (
     executable_facts,
     software_facts,
 )
+from supervisor.paths import secure_state_dir
 
 __all__ = [
     "EndpointFacts",
@@ -87,6 +90,9 @@ class FactsRequest:
     etcd: tuple[str, ...] = ()
     network_timeout_s: float = 2.0
     interpreter_timeout_s: float = 180.0
+    # The vLLM workers, judged by the engines themselves (host.engines); verdicts cached in this dir.
+    engines: tuple[EngineRequest, ...] = ()
+    engine_cache_dir: str | None = None
 
 
 @dataclass(frozen=True)
@@ -162,6 +168,7 @@ class HostFacts:
     lmcache_files: tuple[LMCacheFileFacts, ...] = ()
     model: ModelFacts | None = None
     etcd: tuple[EndpointFacts, ...] = ()
+    engines: tuple[EngineFacts, ...] = ()
 
     def path(self, path: str) -> PathFacts | None:
         return next((p for p in self.paths if p.path == path), None)
@@ -177,6 +184,9 @@ class HostFacts:
 
     def executable(self, name: str) -> ExecutableFacts | None:
         return next((e for e in self.executables if e.name == name), None)
+
+    def engine(self, interpreter: str) -> EngineFacts | None:
+        return next((e for e in self.engines if e.interpreter == interpreter), None)
 
 
 # ------------------------------------------------------------------------------------------- probes
@@ -336,4 +346,22 @@ def gather(request: FactsRequest, *, nvml: Any | None = None, arch: str | None =
         lmcache_files=request.lmcache_files,
         model=model_facts(request.model) if request.model else None,
         etcd=tuple(etcd_facts(e, timeout) for e in dict.fromkeys(request.etcd)),
+        engines=tuple(
+            engine_facts(
+                e, cache_dir=_engine_cache(request.engine_cache_dir), timeout=request.interpreter_timeout_s
+            )
+            for e in request.engines
+        ),
     )
+
+
+def _engine_cache(path: str | None) -> Path | None:
+    """The verdict cache directory inside the deployment's state directory (created private), or
+    None when that directory is not ours to use: then the engines are asked every time."""
+    if path is None:
+        return None
+    try:
+        secure_state_dir(Path(path).parent)
+    except (StateDirError, OSError):
+        return None
+    return Path(path)

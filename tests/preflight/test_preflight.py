@@ -9,6 +9,7 @@ import pytest
 
 from supervisor.cli import app as cli
 from supervisor.errors import EXIT_PREFLIGHT, PreflightError, ProfileError
+from supervisor.host.engines import EngineFacts, ProcessVerdict, Verdict
 from supervisor.host.facts import (
     EndpointFacts,
     ExecutableFacts,
@@ -82,6 +83,19 @@ def good_software(plan: Plan) -> tuple[SoftwareFacts, ...]:
     )
 
 
+def good_engines(plan: Plan) -> tuple[EngineFacts, ...]:
+    """The engines accept every vLLM worker: args parsed, each connector loads, LMCache reads as meant."""
+    return tuple(
+        EngineFacts(
+            req.interpreter,
+            versions=(("vllm", "0.31.0"),),
+            device="cuda",
+            processes=tuple(ProcessVerdict(p.name, args=Verdict(True)) for p in req.processes),
+        )
+        for req in facts_request(plan).engines
+    )
+
+
 def healthy(plan: Plan, lmcache_files: tuple[LMCacheFileFacts, ...] = (), **changes: object) -> HostFacts:
     """Facts under which ``plan`` passes every check; tests change one thing at a time."""
     req = facts_request(plan, lmcache_files)
@@ -95,6 +109,7 @@ def healthy(plan: Plan, lmcache_files: tuple[LMCacheFileFacts, ...] = (), **chan
             RemoteFacts(t.url, True, None, "answers PING", 8 * GIB, "allkeys-lru") for t in req.remotes
         ),
         software=good_software(plan),
+        engines=good_engines(plan),
         executables=tuple(ExecutableFacts(e.name, f"/usr/bin/{e.name}") for e in req.executables),
         model=ModelFacts(plan.deployment.model, False, True, "/cache/snap") if req.model else None,
         etcd=tuple(EndpointFacts(e, True) for e in req.etcd),
@@ -142,8 +157,16 @@ def test_vllm_plan_requests_gpus_and_engine_modules_per_interpreter() -> None:
     req = facts_request(render("disagg"))
     assert req.gpus is True
     (interp,) = req.interpreters
-    assert interp.path == PY and interp.modules == ("dynamo", "vllm", "lmcache", "kvbm") and interp.native
+    # decode needs nixl (NixlConnector), prefill adds lmcache and kvbm (PdConnector)
+    assert (
+        interp.path == PY
+        and interp.modules == ("dynamo", "vllm", "nixl", "lmcache", "kvbm")
+        and interp.native
+    )
     assert req.model is not None and not req.model.local
+    (engines,) = req.engines
+    assert engines.interpreter == PY and [p.name for p in engines.processes] == ["decode", "prefill"]
+    assert req.engine_cache_dir is not None and req.engine_cache_dir.endswith("/disagg/engine-verdicts")
 
 
 def test_remote_url_is_probed_unless_the_plan_serves_it() -> None:
@@ -402,16 +425,22 @@ def test_missing_engine_modules_fail_and_name_who_needs_them() -> None:
                 ModuleFacts("vllm", None, "missing"),
                 ModuleFacts("lmcache", "0.5.6", None),
                 ModuleFacts("kvbm", None, "missing"),
+                ModuleFacts("nixl", None, "missing"),
             ),
             NativeFacts("lmcache.cuda_ops", None, "0.5.6", "2.13.0"),
         ),
     )
-    found = only(check(plan, healthy(plan, software=sw)), "software")
+    findings = check(plan, healthy(plan, software=sw))
+    found = only(findings, "software")
     assert [f.message for f in found] == [
         f"vllm is not installed in {PY} (needed by decode, prefill)",
+        f"nixl is not installed in {PY} (needed by decode, prefill)",
         f"kvbm is not installed in {PY} (needed by prefill)",
     ]
-    assert "PdConnector lives in kvbm" in found[1].hint
+    assert "nixl[cu13]==1.4.1" in found[1].hint and "PdConnector lives in kvbm" in found[2].hint
+    # the engines are not asked twice about an interpreter without vLLM
+    (engine,) = only(findings, "engine")
+    assert engine.status is Status.WARN and "vllm does not import there" in engine.message
 
 
 def test_native_module_mismatch_is_a_warning_naming_both_versions() -> None:
