@@ -11,7 +11,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from supervisor.plan.spec import Plan, ProcessSpec, to_jsonable
+from supervisor.plan.spec import Dependency, Plan, ProcessSpec, to_jsonable
 from supervisor.redact import redact_env, redact_text
 
 
@@ -29,6 +29,13 @@ def plan_view(plan: Plan) -> dict[str, Any]:
     return {"deployment": deployment, "processes": [process_view(p) for p in plan.processes]}
 
 
+def _dependency(plan: Plan, dep: Dependency) -> str:
+    """``decode healthy``, or ``decode 1/2 healthy`` when the dependency is a group of replicas."""
+    members = len(plan.members(dep.name))
+    count = f" {dep.min_ready}/{members}" if members > 1 else ""
+    return f"{dep.name}{count} {dep.condition.value}"
+
+
 def print_plan_table(plan: Plan, console: Console | None = None) -> None:
     console = console or Console()
     d = plan.deployment
@@ -41,7 +48,7 @@ def print_plan_table(plan: Plan, console: Console | None = None) -> None:
     for column in ("#", "process", "role", "gpus", "ports", "after", "lmcache"):
         table.add_column(column)
     for index, spec in enumerate(plan.processes, 1):
-        after = ", ".join(f"{dep.name} {dep.condition.value}" for dep in spec.depends_on) or "-"
+        after = ", ".join(_dependency(plan, dep) for dep in spec.depends_on) or "-"
         ports = ", ".join(f"{k} {v}" for k, v in sorted(spec.ports.items()))
         gpus = ",".join(map(str, spec.gpus)) or "-"
         table.add_row(

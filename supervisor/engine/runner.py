@@ -45,6 +45,7 @@ from supervisor.engine.states import (
     check_deployment_transition,
     check_process_transition,
     decide_restart,
+    failed_retry_delay,
     next_attempt,
 )
 from supervisor.errors import StartError
@@ -55,6 +56,8 @@ log = structlog.get_logger("supervisor")
 P, D = ProcessState, DeploymentState
 
 GPU_CLEAR_TIMEOUT_S = 60.0
+#: A ``started`` dependency holds once its process was spawned (or ran and exited cleanly).
+STARTED_STATES = (ProcessState.STARTING, ProcessState.RUNNING, ProcessState.NOT_READY, ProcessState.EXITED)
 Observer = Callable[[RunnerEvent], None]
 Service = Callable[["Runner"], Awaitable[None]]
 GpuPids = Callable[[tuple[int, ...]], "set[int] | None"]
@@ -76,6 +79,7 @@ class _Slot:
     restarts: int = 0
     attempt: int = 0
     healthy_since: float | None = None
+    failed_retries: int = 0  # long retries after a crash loop, reset once healthy reset_after_s
     last_exit: ExitInfo | None = None
     last_probe: ProbeResult | None = None
 
@@ -136,6 +140,7 @@ class Runner:
                     last_exit=slot.last_exit,
                     last_probe=slot.last_probe,
                     reason=slot.reason,
+                    group=slot.spec.group,
                 )
             )
         dep = self.plan.deployment
@@ -177,22 +182,33 @@ class Runner:
         slot = self._slot(name)
         await self._end_lifecycle(slot)
         await self._stop_child(slot, "stop requested")
+        if slot.state is P.FAILED:  # a failed replica waiting out its retry delay: no more retries
+            self._set(slot, P.STOPPED, "stop requested")
 
     async def start(self, name: str) -> None:
         """Start a stopped, exited or failed process (its crash-loop history is forgotten)."""
         slot = self._slot(name)
+        if slot.state is P.FAILED:
+            await self._end_lifecycle(slot)  # it may be waiting out its long retry delay
         if slot.finished is not None and not slot.finished.is_set():
             return
         slot.starts.clear()
-        slot.attempt = 0
+        slot.attempt = slot.failed_retries = 0
         self._launch(slot)
 
     async def restart(self, name: str) -> None:
-        """Restart one process now, without backoff; it re-waits for its dependencies."""
+        """Restart one process now, without backoff; it re-waits for its dependencies.
+
+        A live process gets one stop signal (SIGKILL of its group after its stop timeout); one
+        that is not running (backing off, failed, waiting) is started again at once.
+        """
         slot = self._slot(name)
-        if slot.kick is not None and slot.finished is not None and not slot.finished.is_set():
+        running = slot.finished is not None and not slot.finished.is_set()
+        if running and slot.state.is_live and slot.kick is not None:
             slot.kick.set()
         else:
+            if running:
+                await self._end_lifecycle(slot)
             await self.start(name)
 
     async def apply(
@@ -275,11 +291,19 @@ class Runner:
         pid = slot.child.pid if slot.child is not None else None
         if new is P.RUNNING and slot.healthy_since is None:
             slot.healthy_since = time.monotonic()
-        if slot.spec.required and old is P.RUNNING and new is not P.RUNNING:
+        group = slot.spec.group
+        if slot.spec.required and old is P.RUNNING and new is not P.RUNNING and not self._group_ok(group):
+            # Only a group below min_ready takes the deployment back through the gate: one replica
+            # of two restarting leaves the model served (Dynamo migrates its requests).
             self._gate_generation += 1
             self._gate_passed = False
-        if new is P.FAILED and slot.spec.required:
-            self._failed_required.append(slot.spec.name)
+        if (
+            new is P.FAILED
+            and slot.spec.required
+            and self._group_down(group)
+            and group not in self._failed_required
+        ):
+            self._failed_required.append(group)
         level = "error" if new is P.FAILED else "warning" if new in (P.BACKOFF, P.NOT_READY) else "info"
         getattr(log, level)(
             "process " + new.value, process=slot.spec.name, pid=pid, was=old.value, reason=reason
@@ -308,24 +332,48 @@ class Runner:
         if self._deployment in (D.FAILED, D.STOPPING, D.STOPPED):
             return
         if self._failed_required:
-            self._set_deployment(D.FAILED, f"required process {self._failed_required[0]} failed")
+            group = self._failed_required[0]
+            what = "required process" if len(self._members(group)) == 1 else "every replica of"
+            self._set_deployment(D.FAILED, f"{what} {group} failed")
             self.request_shutdown(reason="a required process failed")
             return
-        all_running = all(s.state is P.RUNNING for s in self._slots.values())
+        # Ready while every group has min_ready healthy members and nothing gave up (FAILED): a
+        # replica restarting after a crash is transient; a failed one needs someone to look.
+        serving = all(self._group_ok(spec.group) for spec in self.plan.processes)
+        failed = any(s.state is P.FAILED for s in self._slots.values())
         if self._gate_passed:
-            self._set_deployment(D.READY if all_running else D.DEGRADED, reason)
+            self._set_deployment(D.READY if serving and not failed else D.DEGRADED, reason)
         elif self._deployment is D.READY or self._timed_out:
             self._set_deployment(D.DEGRADED, reason)
 
+    # ---- replica groups (a process alone is a group of one) ----------------------------------
+
+    def _members(self, group: str) -> list[_Slot]:
+        return [s for s in self._slots.values() if s.spec.group == group]
+
+    def _count(self, group: str, states: tuple[ProcessState, ...]) -> tuple[int, int]:
+        """``(members in states, members needed)``: need is min_ready, at most the group's size."""
+        members = self._members(group)
+        need = min(members[0].spec.min_ready, len(members)) if members else 0
+        return sum(1 for s in members if s.state in states), need
+
+    def _group_ok(self, group: str) -> bool:
+        healthy, need = self._count(group, (P.RUNNING,))
+        return healthy >= need
+
+    def _group_down(self, group: str) -> bool:
+        """Every member FAILED (and the deployment's policy is to give up then)."""
+        failed, _ = self._count(group, (P.FAILED,))
+        return self.plan.deployment.on_role_failed == "exit" and failed == len(self._members(group))
+
     def _required_running(self) -> bool:
-        return all(s.state is P.RUNNING for s in self._slots.values() if s.spec.required)
+        return all(self._group_ok(s.spec.group) for s in self._slots.values() if s.spec.required)
 
     def _deps_met(self, spec: ProcessSpec) -> bool:
         for dep in spec.depends_on:
-            state = self._slots[dep.name].state
-            if dep.condition is Condition.HEALTHY and state is not P.RUNNING:
-                return False
-            if state not in (P.STARTING, P.RUNNING, P.NOT_READY, P.EXITED):
+            members = self._members(dep.name)
+            states = (P.RUNNING,) if dep.condition is Condition.HEALTHY else STARTED_STATES
+            if sum(1 for s in members if s.state in states) < min(dep.min_ready, len(members)):
                 return False
         return True
 
@@ -383,6 +431,8 @@ class Runner:
             self._forget_registration(slot)
             healthy_for = time.monotonic() - slot.healthy_since if slot.healthy_since else None
             slot.healthy_since = None
+            if healthy_for is not None and healthy_for >= policy.reset_after_s:
+                slot.failed_retries = 0
             if kicked:
                 slot.restarts += 1
                 self._set(slot, P.WAITING, why)
@@ -401,8 +451,18 @@ class Runner:
                 self._set(slot, P.EXITED, decision.reason)
                 return
             if decision.action is RestartAction.FAIL:
-                self._set(slot, P.FAILED, decision.reason)
-                return
+                retry_s = failed_retry_delay(policy, slot.failed_retries) if decision.crash_loop else 0.0
+                if not retry_s:
+                    self._set(slot, P.FAILED, decision.reason)
+                    return
+                # Contained: this replica waits minutes while its siblings serve (the deployment is
+                # DEGRADED, or FAILED if it was the last of a required group and the policy says so).
+                self._set(slot, P.FAILED, f"{decision.reason}; retrying in {retry_s:g} s")
+                await anyio.sleep(retry_s)
+                slot.failed_retries += 1
+                slot.starts.clear()
+                slot.attempt = 0
+                continue
             self._set(slot, P.BACKOFF, decision.reason)
             if policy.restart_dependents:
                 for dependent in self.plan.dependents(spec.name):
@@ -563,7 +623,7 @@ class Runner:
         async def stop_after_dependents(slot: _Slot) -> None:
             try:
                 for other in slots:
-                    if any(dep.name == slot.spec.name for dep in other.spec.depends_on):
+                    if any(dep.name in (slot.spec.name, slot.spec.group) for dep in other.spec.depends_on):
                         await stopped[other.spec.name].wait()
                 await self._stop_child(slot, "shutdown")
             finally:

@@ -159,6 +159,18 @@ class RestartDecision:
     action: RestartAction
     delay_s: float
     reason: str
+    crash_loop: bool = False  # FAIL because of the start limit (retried later), not the policy
+
+
+def failed_retry_delay(policy: RestartPolicy, retries: int) -> float:
+    """How long a replica FAILED by a crash loop waits before one more start (0: never again).
+
+    Long on purpose (minutes): the replica's siblings serve meanwhile, and a model that cannot load
+    should not burn a GPU in a tight loop; doubling per failed retry, capped.
+    """
+    if policy.failed_retry_s <= 0:
+        return 0.0
+    return min(policy.failed_retry_max_s, policy.failed_retry_s * 2 ** max(retries, 0))
 
 
 def backoff_delay(policy: RestartPolicy, attempt: int, rand: float) -> float:
@@ -207,6 +219,7 @@ def decide_restart(
             RestartAction.FAIL,
             0.0,
             f"{why}; started {len(recent)} times within {policy.limit_window_s:g} s (crash loop)",
+            crash_loop=True,
         )
     delay = backoff_delay(policy, attempt, rand)
     return RestartDecision(RestartAction.RESTART, delay, f"{why}; restarting in {delay:.3g} s")
@@ -239,6 +252,7 @@ class ProcessStatus:
     last_exit: ExitInfo | None
     last_probe: ProbeResult | None
     reason: str
+    group: str = ""  # the replica group (the profile's worker table); the name itself when alone
 
 
 @dataclass(frozen=True)

@@ -91,7 +91,7 @@ def dns_label(name: str) -> str:
 
 def _component_name(spec: ProcessSpec) -> str:
     # Upstream's templates call the frontend component "Frontend"; workers keep their profile names.
-    return "Frontend" if spec.role is Role.FRONTEND else dns_label(spec.name)
+    return "Frontend" if spec.role is Role.FRONTEND else dns_label(spec.group)
 
 
 def _args(spec: ProcessSpec) -> list[str]:
@@ -167,14 +167,18 @@ def export(
     secrets = _Secrets(secret_name or f"{name}-secrets")
     chosen = image or DEFAULT_IMAGES[dep.engine]
     components = []
+    seen: set[str] = set()
     for spec in plan.processes:
         if spec.role not in COMPONENT_TYPES:
             continue  # etcd / nats: the platform's job on Kubernetes
+        if spec.group in seen:
+            continue  # replicas are one component with `replicas: N` (the operator spreads them)
+        seen.add(spec.group)
         components.append(
             {
                 "name": _component_name(spec),
                 "type": COMPONENT_TYPES[spec.role],
-                "replicas": 1,
+                "replicas": len(plan.members(spec.group)),
                 "podTemplate": {"spec": {"containers": [_container(spec, image=chosen, secrets=secrets)]}},
             }
         )

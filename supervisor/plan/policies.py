@@ -28,6 +28,8 @@ def restart_policy(settings: RestartSettings) -> RestartPolicy:
         limit_starts=settings.limit_starts,
         limit_window_s=settings.limit_window_s,
         restart_dependents=settings.restart_dependents,
+        failed_retry_s=settings.failed_retry_s,
+        failed_retry_max_s=settings.failed_retry_max_s,
     )
 
 

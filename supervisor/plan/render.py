@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
@@ -26,7 +27,7 @@ from supervisor.plan.spec import (
     Role,
     SmokeRequest,
 )
-from supervisor.profile import lmcache
+from supervisor.profile import lmcache, replicas
 from supervisor.profile.schema import Profile, Worker
 
 # Offsets from ports.base. 81/82 keep upstream's DYN_SYSTEM_PORT 8081/8082 for base 8000.
@@ -41,6 +42,7 @@ SYSTEM_PORT_MAX = 32767  # Dynamo parses DYN_SYSTEM_PORT as a signed 16-bit numb
 
 READY_TIMEOUT_S = {"vllm": 1800.0, "mocker": 60.0}
 ROLE_ORDER = {"agg": 0, "decode": 0, "prefill": 1}
+DEFAULT_MIGRATION_LIMIT = 3  # see migration_limit()
 
 
 def _model_path(profile: Profile) -> str:
@@ -71,6 +73,48 @@ class _Ports:
 
 def _ordered_workers(profile: Profile) -> list[tuple[str, Worker]]:
     return sorted(profile.workers.items(), key=lambda item: ROLE_ORDER[item[1].role])
+
+
+@dataclass(frozen=True)
+class _Replica:
+    name: str
+    group: str
+    ordinal: int
+    gpus: tuple[int, ...]
+
+
+def _replicas(profile: Profile) -> list[tuple[_Replica, Worker]]:
+    """Every worker replica in start order (role order, then table order, then replica number)."""
+    out = []
+    for group, worker in _ordered_workers(profile):
+        names = replicas.replica_names(group, worker.replicas)
+        gpus = replicas.replica_gpus(
+            worker.gpus, replicas=worker.replicas, tensor_parallel_size=worker.tensor_parallel_size
+        )
+        out += [(_Replica(n, group, i, g), worker) for i, (n, g) in enumerate(zip(names, gpus))]
+    return out
+
+
+def migration_limit(profile: Profile) -> int:
+    """``frontend.migration_limit``, or its default: 3 once any role has two or more workers.
+
+    Why 3: a request in flight on a replica that dies moves once; during a rolling restart it may
+    land on the next replica to restart and move again; one more covers an unplanned fault on top.
+    More only multiplies the work a request that itself crashes workers can destroy. With one
+    worker per role there is nowhere to move to, so the default is off (Dynamo's own default, 0).
+    """
+    if profile.frontend.migration_limit is not None:
+        return profile.frontend.migration_limit
+    per_role: dict[str, int] = {}
+    for worker in profile.workers.values():
+        per_role[worker.role] = per_role.get(worker.role, 0) + worker.replicas
+    return DEFAULT_MIGRATION_LIMIT if any(n >= 2 for n in per_role.values()) else 0
+
+
+def system_offset(index: int) -> int:
+    """DYN_SYSTEM_PORT offset of the ``index``-th worker replica: 81..89, then 100..199 (90 is the
+    supervisor's metrics port; 200 on are NIXL side channels)."""
+    return SYSTEM_OFFSET + index if SYSTEM_OFFSET + index < METRICS_OFFSET else 100 + index
 
 
 def render(
@@ -137,6 +181,7 @@ def render(
             str(fe_port),
             "--router-mode",
             fe.router_mode,
+            *(("--migration-limit", str(limit)) if (limit := migration_limit(profile)) else ()),
             *fe.args,
         ),
         env={**common_env, **fe.env},
@@ -167,13 +212,13 @@ def render(
 
     processes = [*infra, frontend] if here.runs_frontend else []
     # Indices (and so ports) come from the whole profile: a worker has the same ports on any node.
-    local = [(i, n, w) for i, (n, w) in enumerate(_ordered_workers(profile)) if here.runs_worker(w.node)]
-    decode_names = [n for _, n, w in local if w.role == "decode"]
-    for index, name, worker in local:
+    local = [(i, r, w) for i, (r, w) in enumerate(_replicas(profile)) if here.runs_worker(w.node)]
+    decode_groups = {r.group: w.min_ready or 1 for _, r, w in local if w.role == "decode"}
+    for index, replica, worker in local:
         processes.append(
             _worker(
                 profile,
-                name,
+                replica,
                 worker,
                 index,
                 python=python,
@@ -181,8 +226,8 @@ def render(
                 served=served,
                 ports=ports,
                 common_env=common_env,
-                paths=paths(name),
-                decode_names=decode_names,
+                paths=paths(replica.name),
+                decode_groups=decode_groups,
                 plane_host=here.plane_host,
                 frontend=here.runs_frontend,
             )
@@ -211,6 +256,7 @@ def render(
         targets_file=str(state / "targets.json"),
         lmcache=lmcache.lmcache_env(profile.lmcache) if profile.lmcache.enabled else {},
         node_role=here.role,
+        on_role_failed=sup.on_role_failed,
         head=here.head,
         advertise=here.advertise,
     )
@@ -219,7 +265,7 @@ def render(
 
 def _worker(
     profile: Profile,
-    name: str,
+    replica: _Replica,
     worker: Worker,
     index: int,
     *,
@@ -229,13 +275,16 @@ def _worker(
     ports: _Ports,
     common_env: dict[str, str],
     paths: dict[str, str],
-    decode_names: list[str],
+    decode_groups: Mapping[str, int],
     plane_host: str,
     frontend: bool,
 ) -> ProcessSpec:
     src, base, host = profile.source, profile.ports.base, profile.ports.host
-    key = f"workers.{name}"
-    system_port = worker.system_port or base + SYSTEM_OFFSET + index
+    name, key = replica.name, f"workers.{replica.group}"
+    if worker.system_port:
+        system_port = worker.system_port + replica.ordinal
+    else:
+        system_port = base + system_offset(index)
     if system_port > SYSTEM_PORT_MAX:
         raise PlanError(
             src,
@@ -251,7 +300,7 @@ def _worker(
     env["PYTHONHASHSEED"] = str(profile.lmcache.hash_seed)
 
     if profile.engine == "vllm":
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in worker.gpus)
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in replica.gpus)
         kv_config = lmcache.kv_transfer_config(worker.role, uses_lmcache=loads_lmcache)
         uses_nixl = "NixlConnector" in lmcache.kv_transfer_json(kv_config)
         argv = [
@@ -325,6 +374,13 @@ def _worker(
         # The mocker registers no health payload: without this its /health stays 503 forever.
         env["DYN_SYSTEM_STARTING_HEALTH_STATUS"] = "ready"
         budget = STARTUP_BUDGET_S["mocker"]
+    if worker.canary is not None:
+        # Dynamo's runtime reads its config from DYN_* variables (figment), checked in the 1.6.1 wheel.
+        env |= {
+            "DYN_HEALTH_CHECK_ENABLED": "true",
+            "DYN_CANARY_WAIT_TIME": str(worker.canary.wait_s),
+            "DYN_HEALTH_CHECK_REQUEST_TIMEOUT": str(worker.canary.request_timeout_s),
+        }
     argv += worker.args
     env |= worker.env
 
@@ -334,13 +390,13 @@ def _worker(
     # Only processes of this node can gate: a worker node has no frontend, a decode worker may be elsewhere.
     depends = [Dependency("frontend", Condition.STARTED)] if frontend else []
     if worker.role == "prefill":
-        depends += [Dependency(d, Condition.HEALTHY) for d in decode_names]
+        depends += [Dependency(g, Condition.HEALTHY, min_ready=n) for g, n in decode_groups.items()]
     return ProcessSpec(
         name=name,
         role=Role(worker.role),
         argv=tuple(argv),
         env=env,
-        gpus=tuple(worker.gpus),
+        gpus=replica.gpus,
         ports=port_map,
         depends_on=tuple(depends),
         probes=probes(worker.health, ready, live, budget),
@@ -352,5 +408,7 @@ def _worker(
         tensor_parallel_size=worker.tensor_parallel_size,
         gpu_memory_fraction=worker.gpu_memory_utilization if profile.engine == "vllm" else None,
         bind_host=host,
+        group=replica.group,
+        min_ready=worker.min_ready or 1,
         **paths,
     )

@@ -116,12 +116,20 @@ class RestartPolicy:
     limit_starts: int = 5
     limit_window_s: float = 120.0
     restart_dependents: bool = False
+    # After a crash loop: FAILED, then one more start after failed_retry_s (doubling per failed
+    # retry, capped at failed_retry_max_s); 0 keeps it FAILED.
+    failed_retry_s: float = 300.0
+    failed_retry_max_s: float = 1800.0
 
 
 @dataclass(frozen=True)
 class Dependency:
+    """``name`` is a process or a group of replicas (``decode`` for ``decode-0``, ``decode-1``);
+    the dependency holds once ``min_ready`` of its members meet ``condition``."""
+
     name: str
     condition: Condition
+    min_ready: int = 1
 
 
 @dataclass(frozen=True)
@@ -152,6 +160,14 @@ class ProcessSpec:
     gpu_memory_fraction: float | None = None
     bind_host: str = "127.0.0.1"
     cwd: str | None = None
+    # Replicas: ``group`` is the profile table a replica came from (its own name when alone);
+    # ``min_ready`` how many healthy members the group needs (gates, readiness, rolling restarts).
+    group: str = ""
+    min_ready: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.group:
+            object.__setattr__(self, "group", self.name)
 
 
 @dataclass(frozen=True)
@@ -190,6 +206,9 @@ class DeploymentSpec:
     # Several machines: which part of the profile this node runs ("all" on one machine), the head
     # node's address (worker nodes), and the address this node's peers reach it at.
     node_role: Literal["all", "head", "worker"] = "all"
+    # A required group whose every member FAILED: "exit" fails the deployment (exit code 1),
+    # "retry" keeps the rest serving while the failed replicas wait out their long retry delay.
+    on_role_failed: Literal["exit", "retry"] = "exit"
     head: str | None = None
     advertise: str | None = None
 
@@ -211,9 +230,16 @@ class Plan:
         """Processes that depend on ``name``, directly or through others, in start order."""
         found: set[str] = {name}
         for spec in self.processes:
+            if spec.name == name:
+                found.add(spec.group)
+        for spec in self.processes:
             if any(dep.name in found for dep in spec.depends_on):
-                found.add(spec.name)
+                found |= {spec.name, spec.group}
         return tuple(spec for spec in self.processes if spec.name in found and spec.name != name)
+
+    def members(self, group: str) -> tuple[ProcessSpec, ...]:
+        """The processes of ``group`` (a replicated worker's replicas, or the one process so named)."""
+        return tuple(spec for spec in self.processes if spec.group == group)
 
 
 def to_jsonable(value: Any) -> Any:

@@ -10,10 +10,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from supervisor.errors import ProfileError, ProfileErrors
+from supervisor.profile import replicas
 from supervisor.profile.lmcache import check_env_value, remote_backend
 
 if TYPE_CHECKING:
-    from supervisor.profile.schema import Profile
+    from supervisor.profile.schema import Profile, Worker
 
 # Flags the supervisor sets itself; a profile that passes them in `args` would fight the plan.
 MANAGED_FLAGS = {
@@ -21,6 +22,7 @@ MANAGED_FLAGS = {
         "--http-host": "frontend.host",
         "--http-port": "frontend.port",
         "--router-mode": "frontend.router_mode",
+        "--migration-limit": "frontend.migration_limit",
     },
     "worker": {
         "--model": "model.name",
@@ -44,6 +46,10 @@ MANAGED_ENV = {
     "CUDA_VISIBLE_DEVICES": "workers.<name>.gpus",
     "VLLM_NIXL_SIDE_CHANNEL_PORT": "ports.base",
     "NOTIFY_SOCKET": "nothing: children never talk to systemd",
+    "DYN_MIGRATION_LIMIT": "frontend.migration_limit",
+    "DYN_HEALTH_CHECK_ENABLED": "workers.<name>.canary",
+    "DYN_CANARY_WAIT_TIME": "workers.<name>.canary.wait_s",
+    "DYN_HEALTH_CHECK_REQUEST_TIMEOUT": "workers.<name>.canary.request_timeout_s",
 }
 
 
@@ -151,6 +157,54 @@ def _lmcache_errors(profile: Profile) -> list[ProfileError]:
     return errors
 
 
+def _replica_errors(
+    profile: Profile, name: str, worker: Worker, owners: dict[int, tuple[str, bool]]
+) -> list[ProfileError]:
+    """GPUs per replica, ``min_ready`` within ``replicas``, and GPUs no two workers share unless
+    both say ``shared_gpus``; ``owners`` collects GPU -> (worker, shared) across calls."""
+    src, key = profile.source, f"workers.{name}"
+    errors = []
+    problem = replicas.gpu_problem(
+        worker.gpus,
+        replicas=worker.replicas,
+        tensor_parallel_size=worker.tensor_parallel_size,
+        needs_gpus=profile.engine == "vllm",
+    )
+    if problem:
+        errors.append(ProfileError(src, f"{key}.gpus", problem))
+    if worker.min_ready is not None and worker.min_ready > worker.replicas:
+        errors.append(
+            ProfileError(
+                src,
+                f"{key}.min_ready",
+                f"is {worker.min_ready}, but the worker has only {worker.replicas} "
+                f"replica{'s' if worker.replicas > 1 else ''} (replicas)",
+            )
+        )
+    flat = [
+        g
+        for chunk in replicas.replica_gpus(
+            worker.gpus if not problem else [],
+            replicas=worker.replicas,
+            tensor_parallel_size=worker.tensor_parallel_size,
+        )
+        for g in chunk
+    ]
+    for gpu in dict.fromkeys(flat):
+        other = owners.get(gpu)
+        if other is not None and other[0] != name and not (other[1] and worker.shared_gpus):
+            errors.append(
+                ProfileError(
+                    src,
+                    f"{key}.gpus",
+                    f"GPU {gpu} is already given to worker {other[0]!r} "
+                    f"(set shared_gpus = true on both to share it)",
+                )
+            )
+        owners.setdefault(gpu, (name, worker.shared_gpus))
+    return errors
+
+
 def _graph_errors(profile: Profile) -> list[ProfileError]:
     src = profile.source
     errors = []
@@ -169,30 +223,10 @@ def _graph_errors(profile: Profile) -> list[ProfileError]:
         )
     if "agg" in roles and ("decode" in roles or "prefill" in roles):
         errors.append(ProfileError(src, "workers", "mixes agg with decode/prefill workers; pick one mode"))
-    owners: dict[int, str] = {}
+    owners: dict[int, tuple[str, bool]] = {}
     for name, worker in profile.workers.items():
         key = f"workers.{name}"
-        if profile.engine == "vllm":
-            if not worker.gpus:
-                errors.append(
-                    ProfileError(src, f"{key}.gpus", "expected at least one GPU index for a vLLM worker")
-                )
-            elif len(worker.gpus) != worker.tensor_parallel_size:
-                errors.append(
-                    ProfileError(
-                        src,
-                        f"{key}.gpus",
-                        f"expected {worker.tensor_parallel_size} GPU indices (tensor_parallel_size), got {len(worker.gpus)}",
-                    )
-                )
-        if len(set(worker.gpus)) != len(worker.gpus):
-            errors.append(ProfileError(src, f"{key}.gpus", f"lists a GPU twice: {worker.gpus}"))
-        for gpu in worker.gpus:
-            if gpu in owners and owners[gpu] != name:
-                errors.append(
-                    ProfileError(src, f"{key}.gpus", f"GPU {gpu} is already given to worker {owners[gpu]!r}")
-                )
-            owners.setdefault(gpu, name)
+        errors += _replica_errors(profile, name, worker, owners)
         errors += _flag_errors(profile, key, worker.args, "worker")
         errors += _env_errors(profile, key, worker.env)
     return errors

@@ -56,6 +56,10 @@ class Restart(_Model):
     limit_starts: Annotated[int, Field(ge=1)] = 5
     limit_window_s: PositiveSeconds = 120.0
     restart_dependents: bool = False
+    # A replica past its crash-loop limit is FAILED, then started again after this long (doubling
+    # per failed retry up to failed_retry_max_s) while its siblings serve; 0: never again.
+    failed_retry_s: Annotated[float, Field(ge=0)] = 300.0
+    failed_retry_max_s: PositiveSeconds = 1800.0
 
 
 class _Process(_Model):
@@ -74,11 +78,49 @@ class Frontend(_Process):
     host: Host = "127.0.0.1"
     port: Port | None = None
     router_mode: Literal["round-robin", "random", "kv", "least-loaded", "power-of-two"] = "round-robin"
+    # --migration-limit: how many times Dynamo moves a request to another worker when its worker dies
+    # or stops mid-request. None: 3 when a worker role has two or more replicas, else off (0).
+    migration_limit: Annotated[int, Field(ge=0, le=100)] | None = None
+
+
+class Canary(_Model):
+    """Dynamo's own worker canary (DYN_HEALTH_CHECK_ENABLED): after ``wait_s`` without traffic the
+    worker sends itself a tiny request; one not answered within ``request_timeout_s`` turns its
+    /health to 503, which the supervisor's readiness probe sees."""
+
+    wait_s: Annotated[int, Field(ge=1, le=3600)] = 10
+    request_timeout_s: Annotated[int, Field(ge=1, le=600)] = 3
+
+
+GpuIndex = Annotated[int, Field(ge=0)]
 
 
 class Worker(_Process):
     role: Literal["agg", "decode", "prefill"]
-    gpus: list[Annotated[int, Field(ge=0)]] = []
+    # A pool (replica i takes tensor_parallel_size GPUs in order) or one list per replica.
+    gpus: list[GpuIndex] | list[list[GpuIndex]] = []
+    replicas: Annotated[int, Field(ge=1, le=64)] = 1
+    # Healthy replicas this role needs: dependents start once this many are healthy, the deployment
+    # is ready while it has them, and a rolling restart never goes below it. None: 1.
+    min_ready: Annotated[int, Field(ge=1, le=64)] | None = None
+    shared_gpus: bool = False  # allow GPUs that another worker also lists (e.g. two small models)
+    canary: Canary | None = None
+
+    @field_validator("gpus", mode="before")
+    @classmethod
+    def _gpu_shape(cls, value: object) -> object:
+        """One clear message for both forms (pydantic's union errors name its internal branches)."""
+
+        def index(v: object) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+        if isinstance(value, list) and (
+            all(index(v) for v in value)
+            or all(isinstance(v, list) and all(index(g) for g in v) for v in value)
+        ):
+            return value
+        raise ValueError("expected an array of GPU indices (>= 0), or one such array per replica")
+
     tensor_parallel_size: Annotated[int, Field(ge=1, le=64)] = 1
     gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = 0.9
     lmcache: bool | None = None  # None: decided by role (see lmcache.worker_loads_lmcache)
@@ -184,6 +226,10 @@ class Supervisor(_Model):
     ready_timeout_s: PositiveSeconds | None = None
     smoke: bool = True
     smoke_prompt: str = "Hello"
+    # A required role whose every replica FAILED (crash loop): "exit" stops the deployment with exit
+    # code 1 (systemd's Restart= takes over); "retry" keeps serving what is left while the failed
+    # replicas are retried on their long backoff (restart.failed_retry_s).
+    on_role_failed: Literal["exit", "retry"] = "exit"
 
 
 class Profile(_Model):

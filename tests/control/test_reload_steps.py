@@ -57,8 +57,10 @@ def test_added_and_removed_workers(tmp_path: Path) -> None:
     bigger = planmod.render(profiles.load(str(three)), state_root=STATE, python="/opt/py/bin/python")
     grown = reload.diff(demo(), bigger)
     assert grown.added == ("decode2",) and grown.removed == ()
-    # prefill's ports and its dependency list moved with the new worker: it restarts too.
-    assert "prefill" in grown.changed and "frontend" in grown.unchanged
+    # prefill's ports and its dependency list moved with the new worker: it restarts too. Two
+    # decode workers turn request migration on (frontend.migration_limit's default): so does the frontend.
+    assert "prefill" in grown.changed and "frontend" in grown.changed
+    assert "--migration-limit" in bigger.process("frontend").argv
     shrunk = reload.diff(bigger, demo())
     assert shrunk.removed == ("decode2",) and shrunk.added == ()
 
