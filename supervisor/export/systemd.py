@@ -114,6 +114,9 @@ def critical_start_s(plan: Plan) -> float:
             default=0.0,
         )
         finish[spec.name] = start[spec.name] + startup_budget_s(spec)
+        if spec.group != spec.name:  # a dependency on a replica group: its slowest member bounds it
+            start[spec.group] = max(start.get(spec.group, 0.0), start[spec.name])
+            finish[spec.group] = max(finish.get(spec.group, 0.0), finish[spec.name])
     return max(finish.values(), default=0.0)
 
 

@@ -156,3 +156,10 @@ def test_render_is_pure_for_replicas() -> None:
     assert planmod.render(loaded, state_root=Path("/s"), python="/p") == planmod.render(
         loaded, state_root=Path("/s"), python="/p"
     )
+
+
+def test_systemd_start_budget_follows_a_dependency_on_a_replica_group() -> None:
+    from supervisor.export import systemd
+
+    single, replicated = render("demo"), render("demo-ha")
+    assert systemd.critical_start_s(replicated) == systemd.critical_start_s(single) > 0
