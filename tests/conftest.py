@@ -8,7 +8,9 @@ carrying that value in its environment is a leak: it is killed and the test fail
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -21,10 +23,18 @@ import pytest
 from realredis import redis_factory  # noqa: F401  (a fixture for every test that needs a real Redis)
 
 CLI = proctools.CLI
+# The worker-interpreter probe cache of every supervisor the tests start: one per test session, so a
+# run never reads (or writes) the user's ~/.cache/lmcache-supervise.
+PROBE_CACHE = tempfile.mkdtemp(prefix="lmcs-test-cache-")
+os.environ["LMCACHE_SUPERVISE_CACHE_DIR"] = os.path.join(PROBE_CACHE, "cache")
 MARKER = "LMCACHE_SUPERVISE_TEST_MARKER"
 SESSION = uuid.uuid4().hex[:12]
 FIXTURE_CHILD = str(Path(__file__).parent / "fixtures" / "child.py")
 T = TypeVar("T")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(PROBE_CACHE, ignore_errors=True)
 
 
 def pytest_configure(config: pytest.Config) -> None:

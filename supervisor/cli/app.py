@@ -7,6 +7,7 @@ traceback unless ``LMCACHE_SUPERVISE_DEBUG=1``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import sys
@@ -177,7 +178,7 @@ def skip_check_option(func: F) -> F:
     )(func)
 
 
-def run_preflight(rendered: Plan, skip: tuple[str, ...] = ()) -> list[Any]:
+def run_preflight(rendered: Plan, skip: tuple[str, ...] = (), *, fresh: bool = False) -> list[Any]:
     """Probe the host for what ``rendered`` needs and judge it: the findings ``check`` shows.
 
     ``up`` calls this, prints with :func:`print_findings`, then ``preflight.enforce(findings)``."""
@@ -187,7 +188,10 @@ def run_preflight(rendered: Plan, skip: tuple[str, ...] = ()) -> list[Any]:
     from supervisor.preflight import checks as preflight
 
     files = host.read_lmcache_files(preflight.lmcache_file_requests(rendered))
-    return preflight.check(rendered, host.gather(preflight.facts_request(rendered, files)), skip=skip)
+    request = preflight.facts_request(rendered, files)
+    if fresh:  # the worker interpreter is probed again, not taken from the probe cache
+        request = dataclasses.replace(request, cached=False)
+    return preflight.check(rendered, host.gather(request), skip=skip)
 
 
 def print_findings(findings: list[Any]) -> None:

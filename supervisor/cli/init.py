@@ -16,15 +16,17 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from supervisor.cli.app import handles_errors, load_plan, main
 from supervisor.errors import ProfileError
-from supervisor.plan.spec import Plan
-from supervisor.profile.advise import GIB, Advice, GpuShape, HostShape, advise
-from supervisor.profile.draft import draft
-from supervisor.profile.shape import ModelShape, model_shape
+
+if TYPE_CHECKING:  # imported where used: every other command starts without them
+    from supervisor.plan.spec import Plan
+    from supervisor.profile.advise import Advice, HostShape
+    from supervisor.profile.shape import ModelShape
 
 DEFAULT_BASE = 8000  # upstream's frontend port
 BASE_STEP = 100  # another deployment's block of ports starts 100 higher
@@ -37,6 +39,7 @@ def this_host(
 ) -> HostShape:
     """The host to size for: described by the flags, or this one through NVML and the kernel."""
     from supervisor.host.facts import memory_facts
+    from supervisor.profile.advise import GIB, GpuShape, HostShape
 
     memory = memory_facts()
     if ram_gb is not None:
@@ -79,6 +82,7 @@ def read_model(name: str) -> tuple[ModelShape, str]:
     from supervisor.host.facts import hf_cache_dirs
     from supervisor.host.model_config import model_config_facts
     from supervisor.preflight.needs import is_local_model
+    from supervisor.profile.shape import model_shape
 
     local = is_local_model(name) or Path(name).expanduser().is_dir()
     facts = model_config_facts(name, local=local, hub_dirs=hf_cache_dirs(os.environ))
@@ -216,6 +220,9 @@ def init_command(
     Reads the model's config.json and the GPUs (count, memory, NVLink or PCIe through NVML), picks agg or
     disagg, replicas and tensor-parallel size, LMCache's CPU cache from RAM and the ports, and explains
     each choice in a comment. The profile passes `plan`; run `check` on the host that will run it."""
+    from supervisor.profile.advise import advise
+    from supervisor.profile.draft import draft
+
     host = this_host(gpus, gpu_memory, ram, nvlink)
     shape, model_value = read_model(model)
     command = (

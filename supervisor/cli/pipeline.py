@@ -67,6 +67,12 @@ def plan_command(
     is_flag=True,
     help='Print a JSON list of {"check", "status", "message", "hint"} instead of a table.',
 )
+@click.option(
+    "--fresh",
+    is_flag=True,
+    help="Probe the worker interpreter again instead of trusting the cached answer (kept while nothing "
+    "is installed or removed there).",
+)
 @handles_errors
 def check_command(
     profile: str,
@@ -77,6 +83,7 @@ def check_command(
     advertise: str | None,
     skip: tuple[str, ...],
     as_json: bool,
+    fresh: bool,
 ) -> None:
     """Check that this host can run PROFILE: exit 0 when ok or only warnings, 3 on any failure."""
     import json
@@ -84,7 +91,7 @@ def check_command(
     from supervisor.preflight.checks import Status, enforce
 
     findings = run_preflight(
-        load_plan(profile, overrides, model, role=role, head=head, advertise=advertise), skip
+        load_plan(profile, overrides, model, role=role, head=head, advertise=advertise), skip, fresh=fresh
     )
     if as_json:
         click.echo(json.dumps([f.to_json() for f in findings], indent=2))

@@ -16,8 +16,6 @@ import platform
 import shutil
 import socket
 import tempfile
-import urllib.error
-import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +25,7 @@ import psutil
 
 from supervisor.errors import StateDirError
 from supervisor.host import ports
+from supervisor.host.cache import ProbeCache, cache_root
 from supervisor.host.engines import EngineFacts, EngineRequest, engine_facts
 from supervisor.host.gpu import GpuFacts, gpu_facts
 from supervisor.host.redis import RemoteFacts, RemoteTarget, probe_remote
@@ -93,6 +92,8 @@ class FactsRequest:
     # The vLLM workers, judged by the engines themselves (host.engines); verdicts cached in this dir.
     engines: tuple[EngineRequest, ...] = ()
     engine_cache_dir: str | None = None
+    # Trust the probe cache for interpreters whose packages did not change (``check --fresh``: probe again).
+    cached: bool = True
 
 
 @dataclass(frozen=True)
@@ -315,6 +316,9 @@ def model_facts(req: ModelRequest) -> ModelFacts:
 
 def etcd_facts(endpoint: str, timeout: float) -> EndpointFacts:
     """GET ``/health`` as etcd serves it: 200 with ``{"health": "true"}``."""
+    import urllib.error  # here, not at the top: http.client and email cost every start ~20 ms
+    import urllib.request
+
     base = endpoint if "://" in endpoint else f"http://{endpoint}"
     try:
         with urllib.request.urlopen(base.rstrip("/") + "/health", timeout=timeout) as resp:  # noqa: S310
@@ -334,6 +338,7 @@ def etcd_facts(endpoint: str, timeout: float) -> EndpointFacts:
 def gather(request: FactsRequest, *, nvml: Any | None = None, arch: str | None = None) -> HostFacts:
     """Probe what ``request`` lists. ``nvml`` (a pynvml-like object) and ``arch`` replace the real ones."""
     timeout = request.network_timeout_s
+    cache = ProbeCache(cache_root(), "software", read=request.cached) if request.interpreters else None
     return HostFacts(
         arch=arch if arch is not None else platform.machine(),
         memory=memory_facts(),
@@ -341,7 +346,7 @@ def gather(request: FactsRequest, *, nvml: Any | None = None, arch: str | None =
         paths=tuple(path_facts(p) for p in dict.fromkeys(request.paths)),
         ports=tuple(port_facts(h, p) for h, p in dict.fromkeys(request.ports)),
         remotes=tuple(probe_remote(t, timeout) for t in dict.fromkeys(request.remotes)),
-        software=tuple(software_facts(i, request.interpreter_timeout_s) for i in request.interpreters),
+        software=tuple(software_facts(i, request.interpreter_timeout_s, cache) for i in request.interpreters),
         executables=tuple(executable_facts(e) for e in dict.fromkeys(request.executables)),
         lmcache_files=request.lmcache_files,
         model=model_facts(request.model) if request.model else None,

@@ -8,7 +8,6 @@ connection pools and retries, to ask them once with a short timeout.
 from __future__ import annotations
 
 import socket
-import ssl
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +52,8 @@ class _Conn:
     def __init__(self, host: str, port: int, timeout: float, tls: bool) -> None:
         sock = socket.create_connection((host, port), timeout=timeout)
         if tls:
+            import ssl  # only rediss:// needs it; its import costs every start ~10 ms
+
             sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
         self._sock = sock
         self._file = sock.makefile("rb")

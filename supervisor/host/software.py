@@ -15,6 +15,8 @@ import subprocess
 from dataclasses import dataclass, field
 from typing import Any
 
+from supervisor.host.cache import ProbeCache
+
 # Where the JSON of the interpreter probe starts: imports (vLLM's above all) may print to stdout first.
 _MARKER = "@@lmcache-supervise-software@@"
 # Runs INSIDE the worker interpreter: the supervisor never imports the engines itself.
@@ -51,6 +53,16 @@ if sys.argv[2] == "1" and out["modules"].get("lmcache", {}).get("error") is None
             native.update(module=mod, error=error, torch=version("torch"))
             break
     out["native"] = native
+# What the answer depends on, for the cache: every sys.path directory, each imported package's own
+# directory (or module file), and the native ops' file.
+import os
+watch = [p for p in sys.path if p and os.path.isdir(p)]
+for mod in list(out["modules"]) + ["lmcache.cuda_ops", "lmcache.c_ops"]:
+    found = sys.modules.get(mod)
+    path = getattr(found, "__file__", None)
+    if path:
+        watch.append(os.path.dirname(path) if path.endswith("__init__.py") else path)
+out["watch"] = [os.path.abspath(p) for p in watch]
 sys.stdout.write("\n" + sys.argv[3] + json.dumps(out) + "\n")
 """
 
@@ -92,12 +104,59 @@ class SoftwareFacts:
     python: str | None = None
     modules: tuple[ModuleFacts, ...] = ()
     native: NativeFacts | None = None
+    cached: bool = False  # from the probe cache: nothing the answer depends on changed since it was probed
 
     def module(self, name: str) -> ModuleFacts | None:
         return next((m for m in self.modules if m.name == name), None)
 
 
-def software_facts(req: InterpreterRequest, timeout: float) -> SoftwareFacts:
+# Environment that changes what an interpreter imports (search paths, the user site, native libraries).
+# Everything else in a worker's env (ports, directories, LMCACHE_* values) leaves the answer alone, so
+# a second deployment on other ports reuses it.
+IMPORT_ENV_PREFIXES = ("PYTHON", "LD_")
+IMPORT_ENV = ("HOME", "CUDA_HOME", "VLLM_TARGET_DEVICE")
+
+
+def cache_key(req: InterpreterRequest) -> dict[str, Any]:
+    env = {**os.environ, **dict(req.env)}
+    relevant = {k: v for k, v in sorted(env.items()) if k.startswith(IMPORT_ENV_PREFIXES) or k in IMPORT_ENV}
+    return {
+        "interpreter": req.path,
+        "real": os.path.realpath(req.path),
+        "modules": list(req.modules),
+        "native": req.native,
+        "env": relevant,
+    }
+
+
+def _shadowed(req: InterpreterRequest) -> bool:
+    """Whether the worker's cwd (first on its sys.path) holds something named like a module it imports:
+    the answer then depends on that directory, which the cache does not watch, so it is not cached."""
+    cwd = req.cwd or os.getcwd()
+    tops = {m.split(".")[0] for m in req.modules} | ({"lmcache"} if req.native else set())
+    return any(
+        os.path.exists(os.path.join(cwd, t)) or os.path.exists(os.path.join(cwd, t + ".py")) for t in tops
+    )
+
+
+def software_facts(req: InterpreterRequest, timeout: float, cache: ProbeCache | None = None) -> SoftwareFacts:
+    """What the worker interpreter imports: from ``cache`` while nothing it depends on changed (see
+    :mod:`supervisor.host.cache`), else by running the probe snippet in it with the worker's env and cwd."""
+    use_cache = cache is not None and not _shadowed(req)
+    if use_cache:
+        assert cache is not None
+        stored = cache.get(cache_key(req))
+        if isinstance(stored, dict):
+            return _facts(req, stored, cached=True)
+    facts, data = _probe(req, timeout)
+    if use_cache and data is not None and facts.problem is None:
+        assert cache is not None
+        watch = [*data.get("watch", []), req.path, os.path.realpath(req.path)]
+        cache.put(cache_key(req), data, watch)
+    return facts
+
+
+def _probe(req: InterpreterRequest, timeout: float) -> tuple[SoftwareFacts, dict[str, Any] | None]:
     """Run the probe snippet in the worker interpreter, with the worker's env and cwd."""
     argv = [req.path, "-c", _SOFTWARE_PROBE, ",".join(req.modules), "1" if req.native else "0", _MARKER]
     try:
@@ -112,18 +171,28 @@ def software_facts(req: InterpreterRequest, timeout: float) -> SoftwareFacts:
             errors="replace",
         )
     except FileNotFoundError:
-        return SoftwareFacts(req.path, f"worker interpreter {req.path} not found")
+        return SoftwareFacts(req.path, f"worker interpreter {req.path} not found"), None
     except PermissionError:
-        return SoftwareFacts(req.path, f"worker interpreter {req.path} is not executable")
+        return SoftwareFacts(req.path, f"worker interpreter {req.path} is not executable"), None
     except subprocess.TimeoutExpired:
-        return SoftwareFacts(req.path, f"the import probe in {req.path} took longer than {timeout:.0f} s")
+        return SoftwareFacts(
+            req.path, f"the import probe in {req.path} took longer than {timeout:.0f} s"
+        ), None
     except OSError as exc:
-        return SoftwareFacts(req.path, f"worker interpreter {req.path} could not run: {exc.strerror or exc}")
+        return SoftwareFacts(
+            req.path, f"worker interpreter {req.path} could not run: {exc.strerror or exc}"
+        ), None
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith(_MARKER)]
     if not lines:
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        return SoftwareFacts(req.path, f"{req.path} is not a working Python (exit {done.returncode}: {tail})")
+        return SoftwareFacts(
+            req.path, f"{req.path} is not a working Python (exit {done.returncode}: {tail})"
+        ), None
     data: dict[str, Any] = json.loads(lines[-1][len(_MARKER) :])
+    return _facts(req, data, cached=False), data
+
+
+def _facts(req: InterpreterRequest, data: dict[str, Any], *, cached: bool) -> SoftwareFacts:
     modules = tuple(
         ModuleFacts(name, m.get("version"), m.get("error")) for name, m in data["modules"].items()
     )
@@ -136,6 +205,7 @@ def software_facts(req: InterpreterRequest, timeout: float) -> SoftwareFacts:
         NativeFacts(native["module"], native["error"], native["lmcache"], native["torch"])
         if native
         else None,
+        cached=cached,
     )
 
 

@@ -398,7 +398,12 @@ def check_software(plan: Plan, facts: HostFacts) -> list[Finding]:
         elif native is not None:
             versions.append(f"{native.module} loads")
         if not bad and not (native and native.error):
-            out.append(ok("software", f"{req.path}: " + ", ".join(versions)))
+            seen = (
+                " (as probed before; nothing installed there since: --fresh probes again)"
+                if sw.cached
+                else ""
+            )
+            out.append(ok("software", f"{req.path}: " + ", ".join(versions) + seen))
     if not out:
         out.append(ok("software", "no Dynamo process in the plan"))
     return out + _check_binaries(plan, facts)
