@@ -30,6 +30,8 @@ demo: install
 lint: install
 	$(BIN)/ruff check supervisor tests scripts
 	$(BIN)/ruff format --check supervisor tests scripts
+	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 test: install system-deps lint
 	$(BIN)/python -m pytest -q

@@ -7,12 +7,11 @@ traceback unless ``LMCACHE_SUPERVISE_DEBUG=1``.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
 
@@ -22,7 +21,7 @@ from supervisor.plan.spec import Plan
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def fail(message: str, code: int) -> None:
+def fail(message: str, code: int) -> NoReturn:
     """Print one line to stderr and exit with ``code``."""
     click.echo(f"lmcache-supervise: {message}", err=True)
     sys.exit(code)
@@ -79,7 +78,7 @@ def profile_options(func: F) -> F:
         metavar="KEY=VALUE",
         help="Override a profile key, e.g. --set ports.base=9000 (repeatable; values are TOML).",
     )(func)
-    return click.argument("profile")(func)  # type: ignore[return-value]
+    return click.argument("profile")(func)
 
 
 def node_options(func: F) -> F:
@@ -94,7 +93,7 @@ def node_options(func: F) -> F:
     func = click.option(
         "--head", default=None, metavar="HOST", help="The head node's address (required with --role worker)."
     )(func)
-    return click.option(  # type: ignore[return-value]
+    return click.option(
         "--role",
         default="all",
         show_default=True,
@@ -137,14 +136,10 @@ def load_plan(
     advertise: str | None = None,
 ) -> Plan:
     """Profile name or path -> validated profile -> plan (state under the state root) for this node's role."""
-    from supervisor import paths
-    from supervisor.plan import nodes
-    from supervisor.plan import render as plan
-    from supervisor.profile import load as profiles
+    from supervisor import api
 
-    loaded = profiles.load(profile, overrides=overrides, model=model)
-    options = nodes.node_options(loaded, role, head=head, advertise=advertise)  # type: ignore[arg-type]
-    return plan.render(loaded, state_root=paths.state_root(), **options.as_kwargs())  # type: ignore[arg-type]
+    loaded = api.load(profile, overrides=overrides, model=model)
+    return api.render(loaded, role=role, head=head, advertise=advertise)  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------------------ preflight helpers
@@ -168,7 +163,7 @@ CHECK_NAMES = (
 
 def skip_check_option(func: F) -> F:
     """``--skip-check NAME`` (repeatable), shared by ``check`` and ``up``."""
-    return click.option(  # type: ignore[return-value]
+    return click.option(
         "--skip-check",
         "skip",
         multiple=True,
@@ -181,17 +176,10 @@ def skip_check_option(func: F) -> F:
 def run_preflight(rendered: Plan, skip: tuple[str, ...] = (), *, fresh: bool = False) -> list[Any]:
     """Probe the host for what ``rendered`` needs and judge it: the findings ``check`` shows.
 
-    ``up`` calls this, prints with :func:`print_findings`, then ``preflight.enforce(findings)``."""
-    from supervisor.host import facts as host
+    ``up`` calls this, prints with :func:`print_findings`, then ``api.enforce(findings)``."""
+    from supervisor import api
 
-    # The LMCache config files first: the remote URL or disk cache they name are probed too.
-    from supervisor.preflight import checks as preflight
-
-    files = host.read_lmcache_files(preflight.lmcache_file_requests(rendered))
-    request = preflight.facts_request(rendered, files)
-    if fresh:  # the worker interpreter is probed again, not taken from the probe cache
-        request = dataclasses.replace(request, cached=False)
-    return preflight.check(rendered, host.gather(request), skip=skip)
+    return api.check(rendered, skip=skip, fresh=fresh)
 
 
 def print_findings(findings: list[Any]) -> None:

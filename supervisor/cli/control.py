@@ -1,10 +1,7 @@
 """The commands that talk to a running deployment: status, restart, stop, start, logs, metrics, smoke, down.
 
-Part of the CLI layer, split from ``cli.py`` to keep modules small: presentation and exit codes only;
-the work is in :mod:`~supervisor.control` (socket), :mod:`~supervisor.scrape`, :mod:`~supervisor.smoke`
-and :mod:`~supervisor.logtail`. ``cli.py`` imports this module at its end, which registers the commands.
-:func:`observability` gives ``up`` the observers and services behind them (control socket, metrics,
-startup progress).
+Presentation and exit codes only; the work is in :mod:`supervisor.control` (the socket client,
+scrape, smoke, logtail). ``supervisor.cli`` imports this module, which registers the commands.
 """
 
 from __future__ import annotations
@@ -19,13 +16,12 @@ import click
 
 from supervisor.cli.app import handles_errors, main
 from supervisor.errors import BadRequestError, ControlError
-from supervisor.plan.spec import Plan
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def deployment_option(func: F) -> F:
-    return click.option(  # type: ignore[return-value]
+    return click.option(
         "--deployment",
         "-d",
         "deployment",
@@ -33,26 +29,6 @@ def deployment_option(func: F) -> F:
         metavar="NAME",
         help="Which running deployment (needed only when several run under the state root).",
     )(func)
-
-
-def observability(plan: Plan) -> tuple[list[Any], list[Any]]:
-    """``(observers, services)`` for ``foreground.run``: control socket, metrics + targets file, progress."""
-    from supervisor.control import metrics, progress
-    from supervisor.control import server as control
-
-    timeline = progress.Timeline()
-    sink = _terminal_sink() if sys.stdout.isatty() else None  # otherwise structured log events
-    stages = progress.Progress(timeline, sink=sink)
-    server = control.ControlServer(plan, timeline)
-    exported = metrics.SupervisorMetrics(plan, timeline)
-    return [timeline, stages, exported], [server.serve, exported.serve, stages.serve]
-
-
-def _terminal_sink() -> Callable[[str], None]:
-    from rich.console import Console
-
-    console = Console(highlight=False)
-    return lambda line: console.print(line, style="bold cyan", soft_wrap=True)
 
 
 def _find(deployment: str | None) -> Any:
@@ -212,7 +188,7 @@ def _act(op: str, process: str, deployment: str | None, wait_s: float) -> dict[s
 
 def wait_options(func: F) -> F:
     func = click.option("--no-wait", is_flag=True, help="Answer at once instead of waiting for health.")(func)
-    return click.option(  # type: ignore[return-value]
+    return click.option(
         "--timeout",
         "timeout_s",
         type=click.FloatRange(min=0.1),

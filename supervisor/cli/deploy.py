@@ -96,7 +96,7 @@ def unit_options(func: F) -> F:
         show_default=True,
         help="The dedicated user (and group) the service runs as.",
     )(func)
-    return click.option(  # type: ignore[return-value]
+    return click.option(
         "--executable",
         default=None,
         metavar="PATH",

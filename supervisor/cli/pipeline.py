@@ -7,6 +7,7 @@ codes only, the work is in :mod:`supervisor.api`.
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import click
 
@@ -130,22 +131,20 @@ def up_command(
     so that systemd can take over."""
     import time
 
-    from supervisor.cli import control as cli_control
-    from supervisor.control import notify, reload
-    from supervisor.engine import foreground, logs
+    from supervisor import api
+    from supervisor.engine import logs
     from supervisor.engine.states import DeploymentEvent, DeploymentState, RunnerEvent
-    from supervisor.preflight.checks import Status, enforce
+    from supervisor.preflight.checks import Status
 
     started = time.monotonic()
     # First: read NOTIFY_SOCKET/WATCHDOG_* and drop them from our environment before anything
     # (preflight's probes included) is spawned. Without systemd this is a no-op.
-    bridge = notify.SystemdBridge(notify.Notifier.from_env())
+    bridge = api.systemd_bridge()
     rendered = load_plan(profile, overrides, model, role=role, head=head, advertise=advertise)
     findings = run_preflight(rendered, skip)
     if any(f.status is not Status.OK for f in findings):
         print_findings(findings)
-    enforce(findings)
-    logs.configure()
+    api.enforce(findings)
     dep = rendered.deployment
     announced: list[bool] = []
 
@@ -160,21 +159,30 @@ def up_command(
     def reread() -> Plan:  # SIGHUP / `reload`: the same profile with the same flags, read again
         return load_plan(profile, overrides, model, role=role, head=head, advertise=advertise)
 
-    reloader = reload.Reloader(reread, on_begin=bridge.begin_reload, on_end=bridge.end_reload)
     echo = None if quiet_children else logs.TerminalEcho()
-    observers, services = cli_control.observability(rendered)  # control socket, metrics, progress
     try:
-        code = foreground.run(
+        code = api.up(
             rendered,
-            observers=[announce, bridge, *observers],
-            services=[bridge.serve, *services],
-            reload=reloader,
+            reread=reread,
+            observers=[announce],
             echo=echo,
+            systemd=bridge,
+            progress_sink=_stage_sink(),
         )
     finally:
         if echo is not None:
             echo.close()
     sys.exit(code)
+
+
+def _stage_sink() -> Any:
+    """Start-up stage lines on a terminal; None elsewhere (they are structured log events there)."""
+    if not sys.stdout.isatty():
+        return None
+    from rich.console import Console
+
+    console = Console(highlight=False)
+    return lambda line: console.print(line, style="bold cyan", soft_wrap=True)
 
 
 @main.command("down")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 import anyio
 import structlog
@@ -28,7 +28,7 @@ def run(
     *,
     observers: Iterable[Observer] = (),
     services: Iterable[Service] = (),
-    reload: Service | None = None,
+    reload: Callable[[Runner], Awaitable[object]] | None = None,
     log_options: LogOptions = LogOptions(),
     echo: TerminalEcho | None = None,
 ) -> int:

@@ -18,6 +18,7 @@ import queue
 import sys
 import threading
 import time
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -54,7 +55,7 @@ def configure(*, json: bool | None = None, level: str = "info", stream: TextIO |
     )
 
 
-def redact_event(logger: object, method: str, event: dict[str, Any]) -> dict[str, Any]:
+def redact_event(logger: object, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """structlog processor: no event leaves with a secret, whatever a caller put into it.
 
     Redaction at the sink, not at each call site: a reason, an error text or a URL carried by any

@@ -334,9 +334,9 @@ async def watch_health(
         for kind, probe in (("ready", ready), ("live", live)):
             if probe is None or due[kind] > now:
                 continue
-            result = next((r for c, r in done if c == probe.check), None)
-            if result is None:
-                result = await check(probe)
+            cached = next((r for c, r in done if c == probe.check), None)
+            result = cached if cached is not None else await check(probe)
+            if cached is None:
                 done.append((probe.check, result))
             before = tallies[kind]
             tallies[kind] = tally = before.observe(result.ok, probe)

@@ -19,8 +19,9 @@ import random
 import shutil
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -59,7 +60,7 @@ GPU_CLEAR_TIMEOUT_S = 60.0
 #: A ``started`` dependency holds once its process was spawned (or ran and exited cleanly).
 STARTED_STATES = (ProcessState.STARTING, ProcessState.RUNNING, ProcessState.NOT_READY, ProcessState.EXITED)
 Observer = Callable[[RunnerEvent], None]
-Service = Callable[["Runner"], Awaitable[None]]
+Service = Callable[["Runner"], Coroutine[Any, Any, None]]
 GpuPids = Callable[[tuple[int, ...]], "set[int] | None"]
 
 

@@ -192,7 +192,8 @@ def _gpu(nvml: Any, index: int, links: bool = False) -> Gpu:
         ("compute processes", nvml.nvmlDeviceGetComputeRunningProcesses),
         ("graphics processes", nvml.nvmlDeviceGetGraphicsRunningProcesses),
     ):
-        for info in call(what, lambda fn=fn: list(fn(handle)), []):
+        listed: list[Any] = call(what, lambda fn=fn: list(fn(handle)), [])  # type: ignore[misc]
+        for info in listed:
             used = getattr(info, "usedGpuMemory", None)
             seen.setdefault(int(info.pid), int(used) if isinstance(used, int) else None)
     processes = tuple(GpuProcess(pid, _process_name(nvml, pid), used) for pid, used in sorted(seen.items()))

@@ -145,7 +145,7 @@ def read_counters(nvml: Any, handle: Any) -> GpuCounters:
     ):
         value = call(
             name.replace("_", " "),
-            lambda e=error_type, c=counter_type: nvml.nvmlDeviceGetTotalEccErrors(handle, e, c),
+            lambda e=error_type, c=counter_type: nvml.nvmlDeviceGetTotalEccErrors(handle, e, c),  # type: ignore[misc]
         )
         kw[name] = int(value) if value is not None else None
     rows = call("remapped rows", lambda: nvml.nvmlDeviceGetRemappedRows(handle))
@@ -285,7 +285,7 @@ def judge_counters(before: GpuCounters | None, now: GpuCounters) -> list[Finding
             Finding(
                 FaultClass.INFO,
                 "PCIe replays",
-                f"{now.pcie_replay - before.pcie_replay} new PCIe replay(s) (link errors retried)",
+                f"{(now.pcie_replay or 0) - before.pcie_replay} new PCIe replay(s) (link errors retried)",
                 Action.CHECK_SYSTEM,
             )
         )

@@ -42,15 +42,17 @@ def probes(health: Health, ready: HttpCheck, live: HttpCheck, budget_s: float) -
         timeout_s=min(health.timeout_s, max(health.startup_period_s * 5, 0.5)),
         failure_threshold=max(1, math.ceil(budget / health.startup_period_s)),
     )
-    normal = {
-        "period_s": health.period_s,
-        "timeout_s": health.timeout_s,
-        "failure_threshold": health.failure_threshold,
-    }
+
+    def normal(check: HttpCheck) -> Probe:
+        return Probe(
+            check=check,
+            period_s=health.period_s,
+            timeout_s=health.timeout_s,
+            failure_threshold=health.failure_threshold,
+        )
+
     return Probes(
-        startup=startup,
-        readiness=Probe(check=ready, **normal),
-        liveness=Probe(check=live, **normal) if health.liveness else None,
+        startup=startup, readiness=normal(ready), liveness=normal(live) if health.liveness else None
     )
 
 

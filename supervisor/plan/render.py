@@ -11,6 +11,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 from supervisor.errors import PlanError
@@ -155,7 +156,7 @@ def render(
     common_env |= profile.env
     infra = plan_infra.infra_processes(profile, here, state=state, claim=ports.claim, binaries=binaries or {})
 
-    def paths(name: str) -> dict[str, str]:
+    def paths(name: str) -> dict[str, Any]:
         return {
             "multiproc_dir": str(state / "prometheus" / name),
             "log_file": str(state / "logs" / f"{name}.log"),

@@ -496,14 +496,14 @@ def check_discovery(plan: Plan, facts: HostFacts) -> list[Finding]:
         ]
     out = []
     for endpoint in endpoints:
-        found = next((e for e in facts.etcd if e.endpoint == endpoint), None)
-        if found is None:
+        etcd = next((e for e in facts.etcd if e.endpoint == endpoint), None)
+        if etcd is None:
             out.append(warn("discovery", f"etcd {endpoint} was not probed"))
-        elif not found.healthy:
+        elif not etcd.healthy:
             out.append(
                 fail(
                     "discovery",
-                    f"etcd {endpoint}: {found.problem}",
+                    f"etcd {endpoint}: {etcd.problem}",
                     'start etcd, or use discovery.backend = "file" for a single host',
                 )
             )
