@@ -121,7 +121,7 @@ def _busy_ports(rendered: Plan) -> list[str]:
     from supervisor.preflight.needs import planned_ports
 
     return [
-        f"{p.port} ({p.process} {p.purpose})"
+        f"{p.port} ({p.owner} {p.purpose})"
         for p in planned_ports(rendered)
         if not port_facts(p.host, p.port).free
     ]

@@ -224,7 +224,7 @@ def resolve_connector(config: Any, depth: int = 0) -> list[dict[str, Any]]:
     found = [entry]
     nested = extra.get("connectors")
     if isinstance(nested, list):
-        classes = []
+        classes: list[Any] = []
         for item in nested:
             try:
                 child = KVTransferConfig(**item)
@@ -253,10 +253,8 @@ def pd_connector_rule(pd_class: Any, children: list[Any]) -> str | None:
     module = sys.modules[pd_class.__module__]
     if len(children) != 2:
         return f"PdConnector requires exactly two connectors (got {len(children)})"
-    first_allowed = [
-        getattr(module, n, None) for n in ("DynamoConnector", "_LMCacheConnectorV1", "_FlexKVConnectorV1")
-    ]
-    first_allowed = tuple(c for c in first_allowed if isinstance(c, type))
+    names = ("DynamoConnector", "_LMCacheConnectorV1", "_FlexKVConnectorV1")
+    first_allowed = tuple(c for c in (getattr(module, n, None) for n in names) if isinstance(c, type))
     nixl = getattr(module, "NixlConnector", None)
     first, second = children
     if first is not None and first_allowed and not issubclass(first, first_allowed):

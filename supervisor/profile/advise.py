@@ -63,7 +63,7 @@ class HostShape:
         links = [g.nvlinks for g in self.gpus]
         if not links or any(n is None for n in links):
             return None
-        return all(n for n in links)  # type: ignore[misc]
+        return all(n for n in links)
 
 
 @dataclass(frozen=True)
@@ -204,7 +204,7 @@ def place_workers(
         why = []
     else:
         prefill = replicas // 2
-        roles = ["decode"] * (replicas - prefill) + ["prefill"] * prefill
+        roles = [*(["decode"] * (replicas - prefill)), *(["prefill"] * prefill)]  # type: ignore[list-item]
         why = [
             f"{replicas - prefill} decode and {prefill} prefill replica(s): decode holds every running "
             "sequence's KV for its whole life, prefill only for a moment, so an odd replica goes to decode"
