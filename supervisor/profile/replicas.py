@@ -41,12 +41,12 @@ def gpu_problem(gpus: GpuSpec, *, replicas: int, tensor_parallel_size: int, need
         if len(gpus) != replicas:
             return f"lists GPUs for {len(gpus)} replicas, but replicas is {replicas}"
         for i, chunk in enumerate(gpus):
-            assert not isinstance(chunk, int)
+            assert isinstance(chunk, list)
             if len(chunk) != tp:
                 return f"replica {i} gets {len(chunk)} GPUs, expected {tp} (tensor_parallel_size)"
         flat = [g for chunk in gpus for g in chunk]  # type: ignore[union-attr]
     else:
-        flat = list(gpus)  # type: ignore[arg-type]
+        flat = list(gpus)
         if len(flat) != replicas * tp:
             what = "replica" if replicas == 1 else "replicas"
             return (
