@@ -85,12 +85,15 @@ def render_status(doc: dict[str, Any]) -> Any:
     from rich.table import Table
     from rich.text import Text
 
+    from supervisor.control.status import roles_line
+
     dep = doc["deployment"]
     state = dep["state"]
     head = Text.from_markup(
         f"[bold]{escape(dep['name'])}[/] [{_STATE_STYLE.get(state, '')}]{state}[/]  model {escape(dep['model'])} "
         f"at {escape(dep['base_url'])}/v1  up {_duration(dep['uptime_s'])}  "
         f"ready in {_duration(dep['time_to_ready_s'])}"
+        + (f"\n  roles {escape(roles_line(doc['roles']))}" if doc.get("roles") else "")
     )
     table = Table(header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     for column in ("process", "state", "pid", "uptime", "restarts", "last exit", "gpus"):
@@ -199,19 +202,55 @@ def wait_options(func: F) -> F:
 
 
 @main.command("restart")
-@click.argument("process")
+@click.argument("process", required=False)
+@click.option("--all", "everything", is_flag=True, help="Every worker replica, one at a time.")
+@click.option(
+    "--allow-downtime",
+    is_flag=True,
+    help="Restart even when that leaves a role with fewer healthy replicas than its min_ready "
+    "(a role with one replica, the frontend).",
+)
 @deployment_option
 @wait_options
 @handles_errors
-def restart_command(process: str, deployment: str | None, timeout_s: float, no_wait: bool) -> None:
-    """Restart PROCESS now (no backoff) and wait until it is healthy and the model is ready again."""
+def restart_command(
+    process: str | None,
+    everything: bool,
+    allow_downtime: bool,
+    deployment: str | None,
+    timeout_s: float,
+    no_wait: bool,
+) -> None:
+    """Restart PROCESS, or every replica of the role PROCESS one at a time, or (--all) every worker.
+
+    Each replica gets one stop signal (SIGKILL of its group after its stop timeout), is started
+    again, and is healthy and counted by the frontend before the next one stops; a role never drops
+    below its min_ready, so a role with one replica is refused unless --allow-downtime.
+    """
+    if everything == (process is not None):
+        raise BadRequestError("restart: name a PROCESS or a role, or pass --all (not both)")
     started = time.monotonic()
-    answer = _act("restart", process, deployment, 0.0 if no_wait else timeout_s)
+    endpoint = _find(deployment)
+    from supervisor.control import server as control
+
+    wait_s = 0.0 if no_wait else timeout_s
+    message = {"op": "restart", "process": process, "all": everything, "allow_downtime": allow_downtime}
+    # A roll waits per replica: allow the whole of it (each step has its own timeout on the server).
+    answer = control.request(endpoint, {**message, "wait_s": wait_s}, timeout_s=wait_s * 16 + 10.0)
+    steps = answer.get("steps") or []
+    took = f"deployment {answer['deployment_state']} ({time.monotonic() - started:.1f} s)"
     proc = answer["process"]
-    click.echo(
-        f"restarted {process}: pid {answer['old_pid'] or '-'} -> {proc['pid'] or '-'}, {proc['state']}; "
-        f"deployment {answer['deployment_state']} ({time.monotonic() - started:.1f} s)"
-    )
+    if len(steps) <= 1:
+        name = steps[0]["name"] if steps else process
+        click.echo(
+            f"restarted {name}: pid {answer['old_pid'] or '-'} -> {proc['pid'] or '-'}, {proc['state']}; {took}"
+        )
+        return
+    for step in steps:
+        click.echo(
+            f"restarted {step['name']}: pid {step['old_pid'] or '-'} -> {step['new_pid'] or '-'} ({step['seconds']:.1f} s)"
+        )
+    click.echo(f"restarted {'every worker' if everything else process}, one at a time; {took}")
 
 
 @main.command("stop")

@@ -14,6 +14,8 @@ None)::
     lmcache_supervise_probe_latency_seconds{deployment,process,role}        histogram
     lmcache_supervise_deployment_state{deployment,state}                    1 for the current state
     lmcache_supervise_deployment_time_to_ready_seconds{deployment}          first READY after start
+    lmcache_supervise_role_healthy_replicas{deployment,role}                healthy replicas of a role
+    lmcache_supervise_role_replicas{deployment,role}                        replicas planned (min_ready: _role_min_ready)
 
 Probe results are sampled from the runner's status every :data:`SAMPLE_S` (the runner emits no
 event per probe): every result at the steady probe period (5 s), a sample of the 0.1 s startup probes.
@@ -39,6 +41,7 @@ import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from supervisor.control.progress import Timeline
+from supervisor.control.status import roles_view
 from supervisor.engine.states import DeploymentState, DeploymentStatus, ProcessState, RunnerEvent
 from supervisor.plan.addresses import client_host
 from supervisor.plan.spec import Plan, ProcessSpec, Role
@@ -142,6 +145,14 @@ class SupervisorMetrics:
             ("deployment",),
             registry=r,
         )
+        role_labels = ("deployment", "role")
+        self.role_healthy = Gauge(
+            f"{PREFIX}_role_healthy_replicas", "Healthy replicas of the role", role_labels, registry=r
+        )
+        self.role_replicas = Gauge(f"{PREFIX}_role_replicas", "Replicas of the role", role_labels, registry=r)
+        self.role_min_ready = Gauge(
+            f"{PREFIX}_role_min_ready", "Healthy replicas the role needs", role_labels, registry=r
+        )
         self._source: _Source | None = None
         self._restarts_seen: dict[str, int] = {}
         self._probe_seen: dict[str, object] = {}
@@ -188,6 +199,10 @@ class SupervisorMetrics:
                         self.state.remove(*labels, state)
                 self._restarts_seen.pop(name, None)
         self._labels = current
+        for role in roles_view(status, plan):  # a reload may add roles; removed ones keep their last value
+            self.role_healthy.labels(dep, role["role"]).set(role["healthy"])
+            self.role_replicas.labels(dep, role["role"]).set(role["replicas"])
+            self.role_min_ready.labels(dep, role["role"]).set(role["min_ready"])
         for state in DEPLOYMENT_STATES:
             self.deployment_state.labels(dep, state).set(1 if state == status.state.value else 0)
         if self.timeline.time_to_ready_s is not None:

@@ -174,16 +174,18 @@ def describe(status: DeploymentStatus) -> str:
     procs = status.processes
     healthy = sum(p.state is ProcessState.RUNNING for p in procs)
     head = f"{status.state.value}: {healthy}/{len(procs)} processes healthy"
-    if status.state is DeploymentState.READY:
-        return f"{head}, OpenAI API at {status.base_url}/v1 (model {status.model})"
     if status.state is DeploymentState.STOPPED:
         return "stopped"
+    # Which process (a replica by name) is not healthy, and why: a failed replica says its crash loop
+    # and when it is retried, also while the rest keep the deployment ready.
     others = [
         f"{p.name} {p.state.value}"
         + (f" ({p.reason})" if p.reason and p.state is not ProcessState.STARTING else "")
         for p in procs
         if p.state is not ProcessState.RUNNING
     ]
+    if status.state is DeploymentState.READY:
+        head = f"{head}, OpenAI API at {status.base_url}/v1 (model {status.model})"
     return f"{head}; {', '.join(others)}" if others else head
 
 

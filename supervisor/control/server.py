@@ -30,6 +30,7 @@ The server talks to the runner only through its public API (``status``, ``start`
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import json
@@ -45,9 +46,11 @@ from typing import Any, Protocol
 
 import anyio
 import anyio.abc
+import httpx
 import structlog
 from anyio.streams.buffered import BufferedByteReceiveStream
 
+from supervisor.control import rolling
 from supervisor.control import status as statusview
 from supervisor.control.progress import Timeline
 from supervisor.engine import pidfile
@@ -167,6 +170,7 @@ class ControlServer:
         self.plan, self.timeline = plan, timeline
         self.path: str | None = None
         self._runner: Supervised | None = None
+        self._rolling = anyio.Lock()  # one restart (a roll of several replicas) at a time
 
     async def serve(self, runner: Supervised) -> None:
         self._runner = runner
@@ -222,7 +226,7 @@ class ControlServer:
                 try:
                     answer = await self.answer(request)
                 except SupervisorError as exc:  # e.g. the runner refused: an answer, not a crash
-                    answer = _error(str(exc))
+                    answer = _error(str(exc), bad_input=isinstance(exc, BadRequestError))
                 except Exception as exc:  # a bug here must cost one request, never supervision
                     log.exception("control request failed", request=str(request)[:200])
                     answer = _error(f"internal error: {type(exc).__name__}: {exc}")
@@ -252,6 +256,8 @@ class ControlServer:
             return {"ok": True, "pid": os.getpid()}
         if op not in ("restart", "stop", "start"):
             return _error(f"unknown op {op!r} (status, restart, stop, start, down)", bad_input=True)
+        if op == "restart":
+            return await self._restart(runner, request)
         name = request.get("process")
         names = [p.name for p in runner.status().processes]
         if name not in names:
@@ -266,6 +272,38 @@ class ControlServer:
         if not isinstance(wait_s, (int, float)) or wait_s < 0:
             return _error("wait_s must be a number of seconds >= 0", bad_input=True)
         return await self._act(runner, op, name, float(wait_s))
+
+    async def _restart(self, runner: Supervised, request: dict[str, Any]) -> dict[str, Any]:
+        """``restart``: a role's replicas one at a time, a single process, or (``all``) every worker,
+        never below a role's min_ready unless ``allow_downtime`` (see :mod:`~supervisor.control.rolling`)."""
+        wait_s = request.get("wait_s", 0)
+        if not isinstance(wait_s, (int, float)) or wait_s < 0:
+            return _error("wait_s must be a number of seconds >= 0", bad_input=True)
+        target, everything = request.get("process"), bool(request.get("all"))
+        if not everything and not isinstance(target, str):
+            return _error('restart needs "process" (a process or a role) or "all": true', bad_input=True)
+        names = rolling.resolve(runner.plan, target, everything=everything)
+        allow = bool(request.get("allow_downtime"))
+        if runner.status().state in (D.STOPPING, D.STOPPED):
+            return _error(f"deployment {self.plan.deployment.name!r} is shutting down")
+        if self._rolling.locked():
+            return _error("another restart is in progress; try again when it is done")
+        async with self._rolling:
+            if wait_s == 0 and len(names) == 1:  # --no-wait: schedule it and answer at once
+                if not allow and (problems := rolling.downtime(runner.plan, names)):
+                    raise BadRequestError(
+                        f"restarting {names[0]} would stop serving: {'; '.join(problems)} "
+                        "(add replicas, or pass --allow-downtime)"
+                    )
+                return await self._act(runner, "restart", names[0], 0.0)
+            log.info("control request", op="restart", processes=list(names), allow_downtime=allow)
+            async with httpx.AsyncClient(trust_env=False) as client:
+                steps = await rolling.roll(
+                    runner, names, allow_downtime=allow, timeout_s=float(wait_s) or 600.0, client=client
+                )
+        answer = self._done(runner, steps[-1].name, steps[0].old_pid)
+        answer["steps"] = [dataclasses.asdict(step) for step in steps]
+        return answer
 
     async def _act(self, runner: Supervised, op: str, name: str, wait_s: float) -> dict[str, Any]:
         before = runner.status().process(name)

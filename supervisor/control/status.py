@@ -21,7 +21,7 @@ from typing import Any
 from supervisor.control import hints as diagnose
 from supervisor.control.progress import Timeline
 from supervisor.engine.proctree import descendants
-from supervisor.engine.states import DeploymentStatus, ExitInfo, ProcessStatus
+from supervisor.engine.states import DeploymentStatus, ExitInfo, ProcessState, ProcessStatus
 from supervisor.host import ports
 from supervisor.plan.addresses import client_host
 from supervisor.plan.spec import Plan
@@ -108,7 +108,34 @@ def status_view(
             "targets_file": dep.targets_file,
         },
         "processes": [process_view(p, plan, (hints or {}).get(p.name, ())) for p in status.processes],
+        "roles": roles_view(status, plan),
     }
+
+
+def roles_view(status: DeploymentStatus, plan: Plan) -> list[dict[str, Any]]:
+    """Per group (a worker table's replicas; a process alone is a group of one), in start order:
+    ``{"role", "healthy", "replicas", "min_ready", "failed"}`` (``failed``: names of FAILED replicas)."""
+    out: list[dict[str, Any]] = []
+    for spec in plan.processes:
+        if any(r["role"] == spec.group for r in out):
+            continue
+        names = [m.name for m in plan.members(spec.group)]
+        procs = [p for p in status.processes if p.name in names]
+        out.append(
+            {
+                "role": spec.group,
+                "healthy": sum(p.state is ProcessState.RUNNING for p in procs),
+                "replicas": len(names),
+                "min_ready": spec.min_ready,
+                "failed": [p.name for p in procs if p.state is ProcessState.FAILED],
+            }
+        )
+    return out
+
+
+def roles_line(roles: list[dict[str, Any]]) -> str:
+    """``frontend 1/1, decode 1/2, prefill 2/2``: healthy of replicas per role."""
+    return ", ".join(f"{r['role']} {r['healthy']}/{r['replicas']}" for r in roles)
 
 
 # ---- hints: the only IO here, run in a worker thread by the control server ----------------------

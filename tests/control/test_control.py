@@ -88,7 +88,7 @@ async def test_restart_stop_start_over_the_socket(make_spec, make_plan) -> None:
     plan = make_plan(make_spec("a"), make_spec("b"))
     async with controlled(plan) as (runner, _, endpoint):
         before = {p.name: p.pid for p in runner.status().processes}
-        answer = await ask(endpoint, {"op": "restart", "process": "b", "wait_s": 10})
+        answer = await ask(endpoint, {"op": "restart", "process": "b", "wait_s": 10, "allow_downtime": True})
         after = {p.name: p.pid for p in runner.status().processes}
         assert answer["old_pid"] == before["b"] and answer["process"]["pid"] == after["b"] != before["b"]
         assert after["a"] == before["a"]  # only the named process changed

@@ -139,8 +139,12 @@ def test_supervisor_metrics_and_the_file_sd_targets(up: Up) -> None:
 
 def test_restart_changes_only_that_pid_and_the_model_is_ready_again(up: Up) -> None:
     before = pids(up)
+    refused = up.cli("restart", "decode")  # one replica: a restart is a gap in service
+    assert refused.returncode == 2 and refused.stdout == "" and refused.stderr.count("\n") == 1
+    assert "restarting decode would stop serving: decode has 1 replica and needs 1 healthy" in refused.stderr
+    assert "--allow-downtime" in refused.stderr and pids(up) == before
     started = time.monotonic()
-    done = up.cli("restart", "decode")
+    done = up.cli("restart", "decode", "--allow-downtime")
     took = time.monotonic() - started
     assert done.returncode == 0, done.stderr
     after = pids(up)
