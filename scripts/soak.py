@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from soakkit.deployment import NAMES, Deployment
+from harness import NAMES, Deployment
 from soakkit.faults import Client, Injector
 from soakkit.judge import Timeline, coverage, judge, outside_windows, restart_counts, stop_verdicts
 

@@ -19,20 +19,18 @@ import os
 import shlex
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import harness
 import httpx
 import psutil
+from harness import CLI
 
 from benchkit.common import ROOT, BenchError, free_port_base, stop_group
 
-CLI = str(Path(sys.executable).parent / "lmcache-supervise")
 UPSTREAM = ROOT / "scripts" / "upstream"
-#: Ports the demo binds above its base: frontend, decode/prefill system, metrics, NIXL, bootstrap.
-DEMO_OFFSETS = (0, 81, 82, 90, 200, 216, 601)
 POLL_S = 0.05
 #: Stop timeouts for the supervisor's workers: shutdown is not what is measured here.
 FAST_STOP = ("--set", "workers.decode.stop_timeout_s=5", "--set", "workers.prefill.stop_timeout_s=5")
@@ -65,7 +63,7 @@ def first_success(url: str, proc: subprocess.Popen[Any], launched: float, *, tim
 
 def supervised(workdir: Path) -> dict[str, Any]:
     """``up demo`` from launch to first 200; also the supervisor's RSS while serving."""
-    base = free_port_base(DEMO_OFFSETS)
+    base = free_port_base(harness.port_offsets())
     out, err = workdir / "up.out", workdir / "up.err"
     with open(out, "wb") as stdout, open(err, "wb") as stderr:
         launched, launched_wall = time.monotonic(), time.time()
@@ -110,7 +108,7 @@ def first_spawn(log: Path) -> float:
 
 def launch_file(workdir: Path) -> tuple[Path, int]:
     """The plan's argv/env for frontend, decode and prefill as bash arrays; returns (file, port base)."""
-    base = free_port_base(DEMO_OFFSETS)
+    base = free_port_base(harness.port_offsets())
     state = workdir / "state"
     rendered = subprocess.run(
         [CLI, "plan", "demo", "--json", "--set", f"ports.base={base}"],

@@ -22,8 +22,7 @@ from dataclasses import dataclass
 
 import httpx
 import psutil
-
-from soakkit.deployment import NAMES, Deployment
+from harness import NAMES, Deployment
 
 SHORT_STOP_S = (0.5, 4.0)
 LONG_STOP_S = 25.0
@@ -83,7 +82,7 @@ class Client:
         with httpx.Client(trust_env=False) as client:  # loopback only: no proxy from the environment
             while not self._stop.is_set():
                 started = time.monotonic()
-                error = self._dep.chat(client, timeout_s=self._timeout_s)
+                error = self._dep.chat_error(client, timeout_s=self._timeout_s)
                 with self._lock:
                     self.requests.append(Request(started, time.monotonic(), error))
                 self._stop.wait(self._pause_s)

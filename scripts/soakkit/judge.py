@@ -13,7 +13,8 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from soakkit.deployment import DEPLOYMENT_STATES, NAMES, Event
+from harness import DEPLOYMENT_STATES, NAMES, Event
+
 from soakkit.faults import Fault, Request
 
 SETTLE_S = 1.0  # a probe failure seen just after the SIGCONT still belongs to that stop

@@ -18,33 +18,33 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import alive, wait_for
+from harness import CLI, Deployment
 from prometheus_client.parser import text_string_to_metric_families
-from updemo import CLI, FAST_STOP, Up
 
 pytestmark = pytest.mark.e2e
 
 
-def status(up: Up) -> dict:
+def status(up: Deployment) -> dict:
     done = up.cli("status", "--json")
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 
 
-def pids(up: Up) -> dict[str, int]:
+def pids(up: Deployment) -> dict[str, int]:
     return {p["name"]: p["pid"] for p in status(up)["processes"]}
 
 
 @pytest.fixture(scope="module")
-def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
-    running = Up.start(tmp_path_factory.mktemp("control"), *FAST_STOP, "--quiet-children")
+def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    running = Deployment(tmp_path_factory.mktemp("control")).start()
     try:
         running.wait_ready()
         yield running
     finally:
-        running.stop()
+        running.stop_clean()
 
 
-def test_status_table_json_and_the_private_socket(up: Up) -> None:
+def test_status_table_json_and_the_private_socket(up: Deployment) -> None:
     socket_path = up.state_dir / "control.sock"
     info = os.stat(socket_path)
     assert stat.S_ISSOCK(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o600
@@ -77,7 +77,7 @@ def test_status_table_json_and_the_private_socket(up: Up) -> None:
         watch.wait(timeout=10)
 
 
-def test_bad_input_and_a_missing_deployment_are_one_line(up: Up, tmp_path: Path) -> None:
+def test_bad_input_and_a_missing_deployment_are_one_line(up: Deployment, tmp_path: Path) -> None:
     wrong = up.cli("restart", "nope")
     assert wrong.returncode == 2 and wrong.stdout == ""
     assert wrong.stderr == (
@@ -99,7 +99,7 @@ def test_bad_input_and_a_missing_deployment_are_one_line(up: Up, tmp_path: Path)
     )
 
 
-def test_supervisor_metrics_and_the_file_sd_targets(up: Up) -> None:
+def test_supervisor_metrics_and_the_file_sd_targets(up: Deployment) -> None:
     dep = status(up)["deployment"]
     assert dep["metrics_url"] == f"http://127.0.0.1:{up.base + 90}/metrics"
     with httpx.Client(trust_env=False) as client:
@@ -137,7 +137,7 @@ def test_supervisor_metrics_and_the_file_sd_targets(up: Up) -> None:
     assert table.returncode == 0 and "no LMCache series exported" in table.stdout
 
 
-def test_restart_changes_only_that_pid_and_the_model_is_ready_again(up: Up) -> None:
+def test_restart_changes_only_that_pid_and_the_model_is_ready_again(up: Deployment) -> None:
     before = pids(up)
     refused = up.cli("restart", "decode")  # one replica: a restart is a gap in service
     assert refused.returncode == 2 and refused.stdout == "" and refused.stderr.count("\n") == 1
@@ -158,7 +158,7 @@ def test_restart_changes_only_that_pid_and_the_model_is_ready_again(up: Up) -> N
     assert took < 30, f"restart took {took:.1f} s"
 
 
-def test_stop_then_start(up: Up) -> None:
+def test_stop_then_start(up: Deployment) -> None:
     stopped = up.cli("stop", "prefill")
     assert stopped.returncode == 0, stopped.stderr
     doc = status(up)
@@ -172,7 +172,7 @@ def test_stop_then_start(up: Up) -> None:
     assert status(up)["deployment"]["state"] == "ready" and up.chat().status_code == 200
 
 
-def test_logs_tail_and_follow(up: Up) -> None:
+def test_logs_tail_and_follow(up: Deployment) -> None:
     tail = up.cli("logs", "frontend", "-n", "5")
     assert tail.returncode == 0, tail.stderr
     assert 0 < len(tail.stdout.splitlines()) <= 5
@@ -199,7 +199,7 @@ def test_logs_tail_and_follow(up: Up) -> None:
         reader.join(timeout=10)
 
 
-def test_smoke_sends_the_prompt_twice_and_reports_honestly(up: Up) -> None:
+def test_smoke_sends_the_prompt_twice_and_reports_honestly(up: Deployment) -> None:
     done = up.cli("smoke", "--prompt-tokens", "512", "--json")
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
@@ -213,7 +213,7 @@ def test_smoke_sends_the_prompt_twice_and_reports_honestly(up: Up) -> None:
     assert text.returncode == 0 and "repeat: TTFT" in text.stdout and "cache reuse:" in text.stdout
 
 
-def test_down_ends_everything(up: Up) -> None:
+def test_down_ends_everything(up: Deployment) -> None:
     before = pids(up)
     socket_path = up.state_dir / "control.sock"
     done = up.cli("down", timeout=90)

@@ -17,32 +17,32 @@ from pathlib import Path
 import psutil
 import pytest
 from conftest import alive, group_alive, wait_for
-from updemo import CLI, FAST_STOP, Up
+from harness import CLI, Deployment
 
 pytestmark = pytest.mark.e2e
 
 
-def start_demo(tmp: Path) -> Up:
-    demo = Up.start(tmp, *FAST_STOP)
+def start_demo(tmp: Path) -> Deployment:
+    demo = Deployment(tmp, echo_children=True).start()
     try:
         demo.wait_ready()
     except BaseException:
-        demo.stop()
+        demo.stop_clean()
         raise
     return demo
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     running = start_demo(tmp_path_factory.mktemp("demo"))
     try:
         yield running
     finally:
-        running.stop()
+        running.stop_clean()
 
 
-def test_up_demo_is_ready_and_serves(demo: Up) -> None:
-    assert f"ready: OpenAI API at {demo.url}/v1 (model demo)" in demo.stdout.read_text()
+def test_up_demo_is_ready_and_serves(demo: Deployment) -> None:
+    assert f"ready: OpenAI API at {demo.url}/v1 (model demo)" in demo.stdout
     response = demo.chat()
     assert response.status_code == 200, response.text
     assert response.json()["usage"]["completion_tokens"] > 0
@@ -51,29 +51,29 @@ def test_up_demo_is_ready_and_serves(demo: Up) -> None:
 
 
 @pytest.mark.parametrize("name", ["decode", "frontend"])
-def test_sigkilled_process_is_restarted_and_serves_again(demo: Up, name: str) -> None:
-    old = demo.pid(name)
+def test_sigkilled_process_is_restarted_and_serves_again(demo: Deployment, name: str) -> None:
+    old = demo.newest_pid(name)
     assert old is not None and alive(old)
     readies = demo.count("deployment ready")
     os.kill(old, signal.SIGKILL)
-    wait_for(lambda: demo.pid(name) not in (None, old), 10, what=f"{name} respawned")
+    wait_for(lambda: demo.newest_pid(name) not in (None, old), 10, what=f"{name} respawned")
     wait_for(lambda: demo.count("deployment ready") > readies, 30, what="deployment ready again")
     assert not alive(old)
     response = demo.chat()
     assert response.status_code == 200, response.text
     if name == "decode":  # its lingering registration was removed, not left for the lease to lapse
-        forgotten = [e for e in demo.events() if e.get("event") == "removed stale discovery entries"]
+        forgotten = [e for e in demo.event_data() if e.get("event") == "removed stale discovery entries"]
         assert forgotten and forgotten[-1]["process"] == "decode"
 
 
-def test_down_stops_in_reverse_order_and_cleans_up(demo: Up) -> None:
-    pids = {name: demo.pid(name) for name in ("frontend", "decode", "prefill")}
+def test_down_stops_in_reverse_order_and_cleans_up(demo: Deployment) -> None:
+    pids = {name: demo.newest_pid(name) for name in ("frontend", "decode", "prefill")}
     started = time.monotonic()
     done = subprocess.run([CLI, "down"], env=demo.env, capture_output=True, text=True, timeout=90)
     assert done.returncode == 0, done.stderr
     assert time.monotonic() - started < 15
     assert demo.proc.wait(timeout=30) == 0
-    events = demo.events()
+    events = demo.event_data()
     after = events[max(i for i, e in enumerate(events) if e.get("event") == "shutdown requested") :]
     order = [e["process"] for e in after if e.get("event") == "process stopping"]
     assert order == ["prefill", "decode", "frontend"]
@@ -98,4 +98,4 @@ def test_sigkilled_supervisor_takes_every_child_with_it(tmp_path: Path) -> None:
         wait_for(lambda: not any(group_alive(g) for g in groups), 10, what="every group empty")
         assert time.monotonic() - started < 5
     finally:
-        demo.stop()
+        demo.stop_clean()

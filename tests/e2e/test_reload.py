@@ -18,7 +18,7 @@ import psutil
 import pytest
 from conftest import alive, wait_for
 from fake_systemd import FakeSystemd
-from updemo import Up
+from harness import Deployment
 
 pytestmark = pytest.mark.e2e
 PROFILES = Path(__file__).resolve().parents[2] / "profiles"
@@ -39,13 +39,13 @@ stop_timeout_s = 3
 
 @dataclass
 class Running:
-    up: Up
+    up: Deployment
     profile: Path
     fake: FakeSystemd
 
     def pids(self) -> dict[str, int]:
         """Each process's newest pid, from the supervisor's own "process starting" events."""
-        return {name: pid for name in NAMES if (pid := self.up.pid(name))}
+        return {name: pid for name in NAMES if (pid := self.up.newest_pid(name))}
 
     def reload(self, *name: str) -> subprocess.CompletedProcess[str]:
         """``reload -d reloadable`` as every command names a deployment, or the positional form given."""
@@ -62,24 +62,24 @@ def running(tmp_path: Path) -> Iterator[Running]:
     profile = tmp_path / "reloadable.toml"
     profile.write_text(profile_text())  # its model is the parent's ./demo-model, beside demo.toml
     fake = FakeSystemd(str(tmp_path / "notify.sock"), "")
-    up = Up.start(
+    up = Deployment(
         tmp_path,
-        "--quiet-children",
+        fast_stop=False,
         profile=str(profile),
         name="reloadable",
         env={"NOTIFY_SOCKET": fake.path},
-    )
+    ).start()
     fake.ready_url = f"{up.url}/v1/models/demo/ready"  # set long before READY=1 can come (~1 s)
     try:
         wait_for(
             lambda: fake.with_field("READY=1") or up.proc.poll() is not None, 60, what="deployment ready"
         )
-        assert up.proc.poll() is None, up.stderr.read_text()[-3000:]
+        assert up.proc.poll() is None, up.stderr[-3000:]
         yield Running(up, profile, fake)
         up.proc.send_signal(signal.SIGTERM)
         assert up.proc.wait(timeout=30) == 0
     finally:
-        up.stop()
+        up.stop_clean()
         fake.close()
 
 
@@ -105,7 +105,7 @@ def test_reload_restarts_only_the_changed_worker_and_refuses_a_broken_profile(ru
 
     # 2. A profile that no longer validates, by plain SIGHUP: refused, one error event, nothing moves.
     running.profile.write_text(profile_text('role = "sideways"'))
-    errors_before = sum(e.get("level") == "error" for e in running.up.events())
+    errors_before = sum(e.get("level") == "error" for e in running.up.event_data())
     os.kill(running.up.proc.pid, signal.SIGHUP)
     wait_for(
         lambda: (
@@ -119,7 +119,7 @@ def test_reload_restarts_only_the_changed_worker_and_refuses_a_broken_profile(ru
         10,
         what="the refused reload to end with READY=1",
     )
-    errors = [e for e in running.up.events() if e.get("level") == "error"]
+    errors = [e for e in running.up.event_data() if e.get("level") == "error"]
     assert len(errors) == errors_before + 1
     assert "workers.decode.role" in errors[-1]["error"] and "keeps running" in errors[-1]["event"]
     assert running.pids() == after and all(alive(after[n]) for n in NAMES)

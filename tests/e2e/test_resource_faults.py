@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from soakkit.deployment import Deployment
+from harness import Deployment
 
 pytestmark = [
     pytest.mark.e2e,

@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 from conftest import marked
-from soakkit.deployment import CLI, NAMES, Deployment
+from harness import CLI, NAMES, Deployment
 
 pytestmark = pytest.mark.e2e
 SECRET = "hunter2"

@@ -19,7 +19,7 @@ import psutil
 import pytest
 from conftest import wait_for
 from fake_systemd import FakeSystemd
-from updemo import Up
+from harness import Deployment
 
 pytestmark = pytest.mark.e2e
 WATCHDOG_USEC = 1_000_000
@@ -33,17 +33,16 @@ EXEC_AS_SERVICE = (
 @pytest.fixture
 def supervised(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], FakeSystemd]]:
     fake = FakeSystemd(str(tmp_path / "notify.sock"), "")
-    up = Up.start(
+    up = Deployment(
         tmp_path,
-        "--quiet-children",
         env={"NOTIFY_SOCKET": fake.path, "WATCHDOG_USEC": str(WATCHDOG_USEC)},
         wrapper=(sys.executable, "-c", EXEC_AS_SERVICE),
-    )
+    ).start()
     fake.ready_url = f"{up.url}/v1/models/demo/ready"  # set long before READY=1 can come (~1 s)
     try:
         yield up.proc, fake
     finally:
-        up.stop()
+        up.stop_clean()
         fake.close()
 
 

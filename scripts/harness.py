@@ -1,10 +1,13 @@
-"""``lmcache-supervise up demo`` in a process of its own, watched from outside.
+"""A real ``lmcache-supervise up`` in a process of its own, watched from outside: the one harness.
 
-Its stderr (JSON lines: stderr is not a terminal) is read by a thread as it comes; each event is
-stamped with our ``time.monotonic()`` on arrival, so fault times and the supervisor's state changes
-share one clock. Everything it starts inherits ``LMCACHE_SUPERVISE_SOAK_MARKER`` set to a value
-unique to this run: a marked process outside the supervisor's tree is an orphan, and
-:meth:`Deployment.close` SIGKILLs whatever marked process is left, whatever happened before.
+The e2e tests, the soak and the benchmarks all run a deployment through :class:`Deployment`. Its
+stderr (JSON lines: stderr is not a terminal) is read by a thread as it comes; each event is stamped
+with our ``time.monotonic()`` on arrival, so fault times and the supervisor's state changes share one
+clock. Its ports come from the plan itself (:func:`port_offsets`), not from a restated list.
+
+Everything it starts inherits ``LMCACHE_SUPERVISE_SOAK_MARKER`` set to a value unique to this run (and
+the test suite's own marker, from the environment): a marked process outside the supervisor's tree is
+an orphan, and :meth:`Deployment.close` SIGKILLs whatever marked process is left.
 """
 
 from __future__ import annotations
@@ -22,18 +25,35 @@ from pathlib import Path
 from typing import IO, Any
 
 import httpx
-import proctools  # scripts/ is on sys.path wherever soakkit is importable
+import proctools
 import psutil
 
 CLI = proctools.CLI
 MARKER = "LMCACHE_SUPERVISE_SOAK_MARKER"
 NAMES = ("frontend", "decode", "prefill")
-DEMO_PORT_SPAN = 602  # frontend +0, system +81/+82, metrics +90, prefill bootstrap +601
-# The e2e tests' shorter worker stop timeouts: a mocker prefill whose decode peer died can wait
-# ~30 s in its graceful shutdown; SIGKILL follows the timeout.
+# A mocker prefill whose decode peer died can wait ~30 s in its graceful shutdown; SIGKILL follows
+# the worker stop timeout, so short ones keep tests and the soak fast.
 FAST_STOP = ("--set", "workers.decode.stop_timeout_s=3", "--set", "workers.prefill.stop_timeout_s=3")
 LIVE_STATES = ("starting", "running", "not-ready")
 DEPLOYMENT_STATES = ("starting", "ready", "degraded", "failed", "stopping", "stopped")
+
+
+def port_offsets(profile: str = "demo", args: Sequence[str] = ()) -> tuple[int, ...]:
+    """Every port the plan of ``profile`` (with the ``--set`` overrides in ``args``) binds, minus its base."""
+    import supervisor
+
+    sets = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--set"]
+    base = 20000
+    plan = supervisor.render(supervisor.load(profile, overrides=[*sets, f"ports.base={base}"]))
+    ports = {port for spec in plan.processes for port in spec.ports.values()}
+    if plan.deployment.metrics_port:
+        ports.add(plan.deployment.metrics_port)
+    return tuple(sorted(port - base for port in ports))
+
+
+def free_port_base(profile: str = "demo", args: Sequence[str] = ()) -> int:
+    """A base such that every port the plan binds is free on loopback (below Dynamo's int16 limit)."""
+    return proctools.free_port_base(port_offsets(profile, args))
 
 
 @dataclass(frozen=True)
@@ -48,30 +68,35 @@ class Event:
         return str(self.data.get("event", ""))
 
 
-def free_port_base(span: int = DEMO_PORT_SPAN) -> int:
-    """A base with ``span`` free loopback ports above it, below 32767 (Dynamo's int16 system ports)."""
-    return proctools.free_port_base(range(span))
-
-
 class Deployment:
-    """A running ``up demo``; use as a context manager so that nothing outlives it."""
+    """A running ``up PROFILE``; use it as a context manager (or :meth:`start` and :meth:`close`) so
+    that nothing outlives it. ``args`` go to ``up`` after the profile; ``wrapper`` runs before the CLI."""
 
     def __init__(
         self,
         workdir: Path,
         *,
+        profile: str = "demo",
+        name: str | None = None,
         extra: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        wrapper: Sequence[str] = (),
         echo_children: bool = False,
+        fast_stop: bool = True,
         base: int | None = None,
         state_root: Path | None = None,
     ) -> None:
         self.workdir = workdir
-        self.base = base or free_port_base()
+        self.profile = profile
+        self.name = name or Path(profile).stem
+        args = [*(FAST_STOP if fast_stop else ()), *extra]
+        self.base = base or free_port_base(profile, args)
         self.state_root = state_root or workdir / "state"
         self.marker = f"soak-{uuid.uuid4().hex[:12]}"
         self.env = {**os.environ, "LMCACHE_SUPERVISE_STATE_ROOT": str(self.state_root), MARKER: self.marker}
         self.env.pop("LMCACHE_SUPERVISE_DEBUG", None)
-        self.argv = [CLI, "up", "demo", "--set", f"ports.base={self.base}", *FAST_STOP, *extra]
+        self.env.update(env or {})
+        self.argv = [*wrapper, CLI, "up", profile, "--set", f"ports.base={self.base}", *args]
         if not echo_children:
             self.argv.append("--quiet-children")
         self.events: list[Event] = []
@@ -85,6 +110,10 @@ class Deployment:
     # ---- lifecycle -------------------------------------------------------------------------
 
     def __enter__(self) -> Deployment:
+        return self.start()
+
+    def start(self) -> Deployment:
+        """Launch ``up`` (not waiting for it to be ready: see :meth:`wait_ready`)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._proc = subprocess.Popen(
             self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.env
@@ -99,9 +128,13 @@ class Deployment:
         self.close()
 
     @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        assert self._proc is not None, "not started"
+        return self._proc
+
+    @property
     def pid(self) -> int:
-        assert self._proc is not None
-        return self._proc.pid
+        return self.proc.pid
 
     @property
     def url(self) -> str:
@@ -109,7 +142,7 @@ class Deployment:
 
     @property
     def state_dir(self) -> Path:
-        return self.state_root / "demo"
+        return self.state_root / self.name
 
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
@@ -123,17 +156,24 @@ class Deployment:
         )
         if not self.running():
             last_words = "".join(self.stderr_text)[-2000:]
-            raise RuntimeError(f"up demo exited with {self._proc.poll()}: {last_words}")
+            raise RuntimeError(f"up {self.profile} exited with {self.proc.poll()}: {last_words}")
 
     def stop(self, timeout_s: float = 60.0) -> int:
         """SIGTERM (what ``down`` sends) and wait for the orderly shutdown; returns the exit code."""
-        assert self._proc is not None
-        if self._proc.poll() is None:
-            self._proc.send_signal(signal.SIGTERM)
-        self.exit_code = self._proc.wait(timeout=timeout_s)
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        self.exit_code = self.proc.wait(timeout=timeout_s)
         for thread in self._readers:
             thread.join(timeout=5)
         return self.exit_code
+
+    def stop_clean(self, timeout_s: float = 60.0) -> None:
+        """:meth:`stop`, then fail (AssertionError) if any process it started outlived it."""
+        try:
+            self.stop(timeout_s)
+        finally:
+            leaked = self.close()
+        assert not leaked, f"processes left behind: {leaked}"
 
     def close(self) -> list[str]:
         """Kill the supervisor if it still runs and SIGKILL every marked process; returns those."""
@@ -241,16 +281,56 @@ class Deployment:
         root = self.state_dir / "prometheus"
         return sorted(p.name for p in root.iterdir()) if root.is_dir() else []
 
-    def chat(self, client: httpx.Client, *, timeout_s: float) -> str | None:
+    def post_chat(
+        self, client: httpx.Client, *, timeout_s: float = 30.0, max_tokens: int = 4
+    ) -> httpx.Response:
+        body = {"model": "demo", "messages": [{"role": "user", "content": "hello"}], "max_tokens": max_tokens}
+        return client.post(f"{self.url}/v1/chat/completions", json=body, timeout=timeout_s)
+
+    def chat(self, max_tokens: int = 4) -> httpx.Response:
+        """One small chat request on a fresh client (no proxy from the environment)."""
+        with httpx.Client(trust_env=False) as client:
+            return self.post_chat(client, max_tokens=max_tokens)
+
+    def chat_error(self, client: httpx.Client, *, timeout_s: float) -> str | None:
         """One small chat request; None when it succeeded, else why it failed."""
-        body = {"model": "demo", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}
         try:
-            response = client.post(f"{self.url}/v1/chat/completions", json=body, timeout=timeout_s)
+            response = self.post_chat(client, timeout_s=timeout_s)
         except httpx.HTTPError as exc:
             return f"{type(exc).__name__}: {exc}"[:200]
         if response.status_code != 200:
             return f"HTTP {response.status_code}: {response.text[:150]}"
         return None
+
+    def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """``lmcache-supervise ARGS`` against this deployment's state root."""
+        return subprocess.run(
+            [CLI, *args], env=self.env, capture_output=True, text=True, timeout=timeout, check=False
+        )
+
+    # ---- what it printed ---------------------------------------------------------------------
+
+    @property
+    def stdout(self) -> str:
+        with self._cond:
+            return "".join(self.stdout_lines)
+
+    @property
+    def stderr(self) -> str:
+        with self._cond:
+            return "".join(self.stderr_text)
+
+    def event_data(self) -> list[Mapping[str, Any]]:
+        """The supervisor's events so far, as the JSON objects it wrote."""
+        return [e.data for e in self.snapshot()]
+
+    def count(self, event: str) -> int:
+        return len(self.named(event))
+
+    def newest_pid(self, process: str) -> int | None:
+        """The pid of the newest incarnation of ``process``, from the supervisor's own events."""
+        pids = [e.data.get("pid") for e in self.named("process starting", process)]
+        return pids[-1] if pids else None
 
 
 def text_of(lines: Iterable[str]) -> str:
