@@ -17,6 +17,8 @@ from typing import Any, Protocol, TypeVar
 
 import psutil
 
+from supervisor.host.nvml import load_pynvml
+
 T = TypeVar("T")
 
 NO_DRIVER = "no NVIDIA driver found (NVML library not loadable)"
@@ -109,15 +111,6 @@ def _init_error(nvml: Any, exc: Exception) -> str:
     if code == getattr(nvml, "NVML_ERROR_NO_PERMISSION", 4):
         return "no permission to open the NVIDIA devices (NVML: insufficient permissions)"
     return f"NVML could not start: {exc}"
-
-
-def load_pynvml() -> Any | None:
-    """The real pynvml module, or None when nvidia-ml-py is not installed."""
-    try:
-        import pynvml
-    except ImportError:
-        return None
-    return pynvml
 
 
 def _process_name(nvml: Any, pid: int) -> str:

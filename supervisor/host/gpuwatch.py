@@ -41,6 +41,7 @@ from supervisor.host.gpuhealth import (
     judge_event,
     read_counters,
 )
+from supervisor.host.nvml import load_pynvml
 from supervisor.host.xid import describe, parse_xid_line, same_bus
 
 log = structlog.get_logger("gpuwatch")
@@ -118,9 +119,9 @@ class GpuWatcher:
         """Open NVML, find the GPUs, register for events, start the threads. Raises only if NVML
         itself cannot start (no driver): the caller then runs without a watcher and says so."""
         if self._nvml is None:
-            import pynvml
-
-            self._nvml = pynvml
+            self._nvml = load_pynvml()
+            if self._nvml is None:
+                raise RuntimeError("nvidia-ml-py (pynvml) is not installed in the supervisor's environment")
         nvml = self._nvml
         nvml.nvmlInit()
         self._started = True

@@ -1,9 +1,11 @@
-"""The engine's only contact with NVML: which processes hold memory on given GPUs.
+"""The one NVML wrapper: loading nvidia-ml-py, initialising NVML once, and which processes hold GPUs.
 
-Used for GPU hygiene: before a GPU worker is relaunched, the runner waits until none of the dead
-group's processes still holds memory on its GPUs (the driver frees memory a moment after the
-process is gone, and a new vLLM would otherwise see too little free memory and fail). Tests fake
-this boundary, not NVML itself.
+Every NVML user gets the library here (:func:`load_pynvml`): the preflight facts
+(:mod:`~supervisor.host.gpu`) and the health watcher (:mod:`~supervisor.host.gpuwatch`) take a
+pynvml-like object so tests can fake that boundary; the engine's GPU hygiene uses :func:`gpu_pids`:
+before a GPU worker is relaunched, the runner waits until none of the dead group's processes still
+holds memory on its GPUs (the driver frees memory a moment after the process is gone, and a new
+vLLM would otherwise see too little free memory and fail).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import anyio
 import anyio.to_thread
@@ -20,13 +23,23 @@ _lock = threading.Lock()
 _state: dict[str, bool] = {}
 
 
+def load_pynvml() -> Any | None:
+    """The real pynvml module, or None when nvidia-ml-py is not installed."""
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    return pynvml
+
+
 def _init() -> bool:
     """Initialise NVML once; False (and never retried) when there is no driver or no library."""
     with _lock:
         if "ok" not in _state:
             try:
-                import pynvml
-
+                pynvml = load_pynvml()
+                if pynvml is None:
+                    raise ImportError("nvidia-ml-py")
                 pynvml.nvmlInit()
                 _state["ok"] = True
             except Exception:  # no libnvidia-ml, no driver, no GPU: all mean "unknown"
@@ -40,9 +53,9 @@ def gpu_pids(gpu_indices: Iterable[int]) -> set[int] | None:
     Blocking (NVML calls take milliseconds): call it through ``anyio.to_thread``.
     """
     indices = tuple(gpu_indices)
-    if not indices or not _init():
+    pynvml = load_pynvml()
+    if not indices or pynvml is None or not _init():
         return None
-    import pynvml
 
     pids: set[int] = set()
     try:
