@@ -15,11 +15,12 @@ The narrow API other features use (control socket, metrics, sd_notify) is: :meth
 
 from __future__ import annotations
 
+import contextlib
 import random
 import shutil
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,7 +76,8 @@ class _Slot:
     child: Child | None = None
     scope: anyio.CancelScope | None = None
     finished: anyio.Event | None = None
-    kick: anyio.Event | None = None
+    kick: anyio.Event | None = None  # set by restart: the live child is stopped and started again
+    ops: anyio.Lock = field(default_factory=anyio.Lock)  # one control operation at a time, in order
     starts: deque[float] = field(default_factory=lambda: deque(maxlen=64))
     restarts: int = 0
     attempt: int = 0
@@ -115,6 +117,7 @@ class Runner:
         self._started_at = time.monotonic()
         self._changed = anyio.Event()  # replaced on every change: a broadcast "something changed"
         self._shutdown = anyio.Event()
+        self._applying = anyio.Lock()
 
     # ---- public API -------------------------------------------------------------------------
 
@@ -178,46 +181,58 @@ class Runner:
             log.info("shutdown requested", reason=reason)
         self._shutdown.set()
 
+    # Control operations on one process are serialized by its ``ops`` lock, in the order they were
+    # made (the asyncio lock hands itself on first come, first served), so each runs against the
+    # state the previous one left: a restart made during a stop waits for the stop, then starts; a
+    # start or restart during a backoff starts now. Once shutting down, start and restart do nothing.
+
     async def stop(self, name: str) -> None:
         """Stop one process (its lifecycle ends; no restart) and wait until its group is gone."""
-        slot = self._slot(name)
-        await self._end_lifecycle(slot)
-        await self._stop_child(slot, "stop requested")
-        if slot.state is P.FAILED:  # a failed replica waiting out its retry delay: no more retries
-            self._set(slot, P.STOPPED, "stop requested")
+        async with self._operating(name) as slot:
+            if slot is not None:
+                await self._end_lifecycle(slot)
+                await self._stop_child(slot, "stop requested")
+                if slot.state is P.FAILED:  # a failed replica waiting out its retry delay: no more retries
+                    self._set(slot, P.STOPPED, "stop requested")
 
     async def start(self, name: str) -> None:
-        """Start a stopped, exited or failed process (its crash-loop history is forgotten)."""
-        slot = self._slot(name)
-        if slot.state is P.FAILED:
-            await self._end_lifecycle(slot)  # it may be waiting out its long retry delay
-        if slot.finished is not None and not slot.finished.is_set():
-            return
-        slot.starts.clear()
-        slot.attempt = slot.failed_retries = 0
-        self._launch(slot)
+        """Start a stopped, exited or failed process (its crash-loop history is forgotten); one
+        waiting out a backoff or a failed replica's retry delay starts now; a live one is left alone."""
+        async with self._operating(name) as slot:
+            if slot is not None and not self._shutdown.is_set():
+                if slot.state in (P.FAILED, P.BACKOFF):
+                    await self._end_lifecycle(slot)
+                self._start_fresh(slot)
 
     async def restart(self, name: str) -> None:
         """Restart one process now, without backoff; it re-waits for its dependencies.
 
         A live process gets one stop signal (SIGKILL of its group after its stop timeout); one
-        that is not running (backing off, failed, waiting) is started again at once.
+        that is not running (backing off, failed, waiting, stopped) is started again at once.
         """
-        slot = self._slot(name)
-        running = slot.finished is not None and not slot.finished.is_set()
-        if running and slot.state.is_live and slot.kick is not None:
-            slot.kick.set()
-        else:
-            if running:
-                await self._end_lifecycle(slot)
-            await self.start(name)
+        async with self._operating(name) as slot:
+            if slot is None or self._shutdown.is_set():
+                return
+            running = slot.finished is not None and not slot.finished.is_set()
+            if running and slot.state in (P.STARTING, P.RUNNING, P.NOT_READY) and slot.kick is not None:
+                slot.kick.set()  # its lifecycle stops the child and starts it again
+                return
+            await self._end_lifecycle(slot)
+            if slot.state.is_live:  # its own stop (a failed liveness probe) was under way: finish it
+                await self._stop_child(slot, "restart requested")
+            self._start_fresh(slot)
 
     async def apply(
         self, plan: Plan, *, restart: Iterable[str] = (), start: Iterable[str] = (), stop: Iterable[str] = ()
     ) -> None:
         """Swap in ``plan`` (a reload): stop ``stop``, restart ``restart`` with its new spec, start
         ``start``; every other process keeps running untouched. Nothing starts once shutting down."""
-        restart, start, stop = tuple(restart), tuple(start), tuple(stop)
+        async with self._applying:  # one reload at a time; operations still interleave per process
+            await self._apply(plan, restart=tuple(restart), start=tuple(start), stop=tuple(stop))
+
+    async def _apply(
+        self, plan: Plan, *, restart: tuple[str, ...], start: tuple[str, ...], stop: tuple[str, ...]
+    ) -> None:
         for name in reversed([s.name for s in self.plan.processes if s.name in stop]):
             await self.stop(name)
             self._slots.pop(name).output.close()
@@ -273,6 +288,21 @@ class Runner:
             return self._slots[name]
         except KeyError:
             raise StartError(name, f"no such process in deployment {self.plan.deployment.name!r}") from None
+
+    @contextlib.asynccontextmanager
+    async def _operating(self, name: str) -> AsyncIterator[_Slot | None]:
+        """Hold ``name``'s operation lock; yields None when a reload removed it meanwhile."""
+        slot = self._slot(name)  # an unknown name is the caller's mistake: StartError, at once
+        async with slot.ops:
+            yield slot if self._slots.get(name) is slot else None
+
+    def _start_fresh(self, slot: _Slot) -> None:
+        """Under ``slot.ops``: launch a lifecycle unless one runs; crash-loop history is forgotten."""
+        if slot.finished is not None and not slot.finished.is_set():
+            return
+        slot.starts.clear()
+        slot.attempt = slot.failed_retries = 0
+        self._launch(slot)
 
     def _emit(self, event: RunnerEvent) -> None:
         for observer in list(self._observers):
@@ -394,6 +424,11 @@ class Runner:
         try:
             with slot.scope:
                 await self._lifecycle(slot)
+        except Exception as exc:  # a bug of ours costs this process, never the whole supervisor
+            log.exception("lifecycle failed", process=slot.spec.name)
+            if slot.child is not None:
+                slot.child.kill_now()
+            self._set(slot, P.FAILED, f"internal error: {exc}")
         finally:
             slot.finished.set()
 
@@ -626,7 +661,8 @@ class Runner:
                 for other in slots:
                     if any(dep.name in (slot.spec.name, slot.spec.group) for dep in other.spec.depends_on):
                         await stopped[other.spec.name].wait()
-                await self._stop_child(slot, "shutdown")
+                async with slot.ops:  # after any stop in progress; no start gets in (shutdown is set)
+                    await self._stop_child(slot, "shutdown")
             finally:
                 stopped[slot.spec.name].set()
 
