@@ -306,7 +306,8 @@ def advise(
         router = "kv"
         notes["router"] = [
             "kv: with several replicas the frontend sends a request to the one whose cache "
-            "already holds the most of its prefix"
+            "already holds the most of its prefix; with two or more replicas of a role the frontend also "
+            "moves a request off a replica that dies mid-stream (frontend.migration_limit defaults to 3)"
         ]
     else:
         router = "round-robin"

@@ -55,12 +55,22 @@ def _model_lines(advice: Advice, model_value: str) -> list[str]:
     return ["[model]", f"name = {_string(model_value)}", *_comment([facts]), ""]
 
 
-def _worker_lines(advice: Advice, worker: WorkerAdvice, first: bool) -> list[str]:
-    lines = [
-        f"[workers.{worker.name}]",
-        f"role = {_string(worker.role)}",
-        f"gpus = [{', '.join(str(g) for g in worker.gpus)}]"
-        + ("  # CUDA_VISIBLE_DEVICES: one contiguous block per replica" if first else ""),
+def _group_lines(advice: Advice, group: list[WorkerAdvice], first: bool) -> list[str]:
+    """One table per role: ``replicas = N`` over a pool of GPUs (replica i takes the i-th block)."""
+    table = "worker" if group[0].role == "agg" else group[0].role
+    pool = [g for w in group for g in w.gpus]
+    lines = [f"[workers.{table}]", f"role = {_string(group[0].role)}"]
+    if len(group) > 1:
+        lines.append(
+            f"replicas = {len(group)}" + (f"  # {', '.join(w.name for w in group)}" if first else "")
+        )
+    lines += [
+        f"gpus = [{', '.join(str(g) for g in pool)}]"
+        + (
+            "  # CUDA_VISIBLE_DEVICES: replica i takes the i-th block of tensor_parallel_size"
+            if first
+            else ""
+        ),
         f"tensor_parallel_size = {advice.tensor_parallel_size}",
     ]
     if advice.max_model_len is not None:
@@ -119,8 +129,11 @@ def draft(advice: Advice, *, command: str, model_value: str) -> str:
     )
     if "startup" in n:
         lines += _comment([f"Startup: {n['startup'][0]}."])
-    for i, worker in enumerate(advice.workers):
-        lines += _worker_lines(advice, worker, i == 0)
+    groups: dict[str, list[WorkerAdvice]] = {}
+    for worker in advice.workers:
+        groups.setdefault(worker.role, []).append(worker)
+    for i, group in enumerate(groups.values()):
+        lines += _group_lines(advice, group, i == 0)
     lines += [
         "[lmcache]",
         f"max_local_cpu_size = {advice.lmcache_cpu_gb:g}  # GB per tensor-parallel rank",

@@ -119,7 +119,8 @@ def test_pcie_gpus_get_agg_replicas_and_the_reason(tmp_path: Path, fake_gpus: li
     code, output = init(tmp_path, "--model", str(MODELS["llama-3.1-8b-instruct"]), "-o", "-")
     assert code == 0, output
     data = tomllib.loads(output)
-    assert sorted(data["workers"]) == ["worker-0", "worker-1", "worker-2", "worker-3"]
+    assert list(data["workers"]) == ["worker"] and data["workers"]["worker"]["replicas"] == 4
+    assert data["workers"]["worker"]["gpus"] == [0, 1, 2, 3]
     assert data["frontend"]["router_mode"] == "kv" and "PCIe only" in output
 
 
