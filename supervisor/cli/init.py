@@ -13,7 +13,6 @@ import os
 import re
 import shlex
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -225,11 +224,24 @@ def init_command(
 
     host = this_host(gpus, gpu_memory, ram, nvlink)
     shape, model_value = read_model(model)
-    command = (
-        shlex.join(["lmcache-supervise", "init", *sys.argv[2:]])
-        if len(sys.argv) > 1
-        else "lmcache-supervise init"
-    )
+    # The header quotes what decided the sizing (not -o/--force): the same flags give the same file.
+    flags = {
+        "--model": model,
+        "--gpus": gpus,
+        "--gpu-memory": gpu_memory,
+        "--ram": ram,
+        "--layout": layout,
+        "--tensor-parallel-size": tensor_parallel,
+        "--port-base": port_base,
+    }
+    words = [
+        w
+        for flag, v in flags.items()
+        if v is not None
+        for w in (flag, f"{v:g}" if isinstance(v, float) else str(v))
+    ]
+    words += [] if nvlink is None else ["--nvlink" if nvlink else "--pcie"]
+    command = shlex.join(["lmcache-supervise", "init", *words]).replace("\n", " ")
     target = output if output is not None and str(output) != "-" else Path(f"{slug(model)}.toml")
     if (output is None or str(output) != "-") and target.exists() and not force:
         raise ProfileError(str(target), "", "exists; pass --force to replace it, or -o to write elsewhere")
