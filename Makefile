@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo lint test test-fast bench soak clean system-deps lmcache-venv
+.PHONY: install demo lint test test-fast bench soak clean system-deps lmcache-venv demo-lmcache
 
 install: $(STAMP)
 
@@ -30,6 +30,10 @@ lmcache-venv:
 
 demo: install
 	$(BIN)/lmcache-supervise up demo
+
+# The demo with LMCache's multiprocess cache server supervised beside it (profiles/demo-lmcache.toml).
+demo-lmcache: install lmcache-venv
+	PATH="$(CURDIR)/.venv-lmcache/bin:$$PATH" $(BIN)/lmcache-supervise up demo-lmcache
 
 # Style, formatting, types and the import layers; `make test` runs it first.
 lint: install

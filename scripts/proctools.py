@@ -37,8 +37,11 @@ def free_port_base(offsets: Iterable[int], *, low: int = 20000, tries: int = 500
         try:
             for offset in offsets:
                 sock = socket.socket()
-                sock.bind(("127.0.0.1", base + offset))
                 socks.append(sock)
+                # As the servers themselves bind: a port held only by TIME-WAIT connections (left by
+                # probes of an earlier test's server) is free for them, and must count as free here.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind(("127.0.0.1", base + offset))
             return base
         except OSError:
             continue

@@ -154,6 +154,8 @@ CHECK_NAMES = (
     "disk",
     "ports",
     "remote-cache",
+    "memlock",
+    "shm",
     "software",
     "engine",
     "model",

@@ -132,7 +132,29 @@ def render_status(doc: dict[str, Any]) -> Any:
         for hint in p["hints"]:
             style = {"error": "red", "warning": "yellow"}.get(hint["severity"], "dim")
             notes.append(f"[{style}]hint[/] [bold]{escape(p['name'])}[/]: {escape(hint['message'])}")
-    return Group(head, table, *(Text.from_markup(n) for n in notes))
+    return Group(head, table, *(Text.from_markup(n) for n in [*_cache_lines(doc), *notes]))
+
+
+def _cache_lines(doc: dict[str, Any]) -> list[str]:
+    """One line per LMCache server: capacity and, from the multiprocess server's /metrics, L1 use and hits."""
+    from rich.markup import escape
+
+    def gib(v: float | None) -> str:
+        return "?" if v is None else f"{v / 2**30:.2f} GiB"
+
+    lines = []
+    for c in doc.get("cache_servers", []):
+        text = f"[bold]{escape(c['process'])}[/] {'healthy' if c['healthy'] else '[yellow]not healthy[/]'}"
+        if c.get("metrics_error"):
+            text += f", metrics: [red]{escape(c['metrics_error'])}[/]"
+        elif "l1_used_bytes" in c:
+            text += f", L1 {gib(c['l1_used_bytes'])} of {gib(c['capacity_bytes'])}"
+            if c["hit_tokens"] is not None:
+                text += f", lookups hit {c['hit_tokens']:,.0f} of {c['requested_tokens'] or 0:,.0f} tokens"
+        elif c["capacity_bytes"]:
+            text += f", maxmemory {gib(c['capacity_bytes'])}"
+        lines.append(text)
+    return lines
 
 
 @main.command("status")
@@ -413,6 +435,8 @@ def metrics_command(deployment: str | None, as_json: bool) -> None:
         local = (
             "-" if s.lmcache_local_usage_bytes is None else f"{s.lmcache_local_usage_bytes / 2**30:.2f} GiB"
         )
+        if s.l1_usage_ratio is not None:  # LMCache's multiprocess server: its L1
+            local += f" L1 ({pct(s.l1_usage_ratio)} full)"
         table.add_row(s.target.process, s.target.role, requests, cached, pct(s.kv_usage), prefix, lmc, local)
     console = _console()
     console.print(table)

@@ -61,13 +61,14 @@ class _Source(Protocol):
 
 
 def _metrics_port(spec: ProcessSpec) -> int | None:
-    if spec.role is Role.FRONTEND:
+    if spec.role in (Role.FRONTEND, Role.LMCACHE_SERVER):  # LMCache's server: /metrics beside /healthcheck
         return spec.ports.get("http")
     return spec.ports.get("system") if spec.role.is_worker else None
 
 
 def targets(plan: Plan) -> list[dict[str, Any]]:
-    """The file_sd document: one entry per worker (and the frontend) that serves ``/metrics``."""
+    """The file_sd document: one entry per worker (and the frontend, and LMCache's multiprocess cache
+    server) that serves ``/metrics``."""
     out = []
     for spec in plan.processes:
         port = _metrics_port(spec)

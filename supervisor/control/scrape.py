@@ -11,6 +11,9 @@ scrape is parsed with prometheus_client's text parser. The series read, by where
   ``vllm:external_prefix_cache_hits_total`` / ``queries_total`` (tokens from the KV connector: LMCache).
 - LMCache 0.5 (through vLLM's multiprocess registry): ``lmcache:num_hit_tokens_total``,
   ``lmcache:num_requested_tokens_total``, ``lmcache:local_cache_usage`` (bytes).
+- LMCache 0.5.6's multiprocess cache server (``lmcache server``, its own ``/metrics``, OTel names):
+  ``lmcache_mp_lookup_hit_tokens_total`` / ``lmcache_mp_lookup_requested_tokens_total`` (tokens found /
+  asked for in L1+L2), ``lmcache_mp_l1_memory_usage_bytes`` and ``lmcache_mp_l1_usage_ratio`` (0..1).
 
 A series an endpoint does not export is None ("not present"), never 0.
 """
@@ -39,8 +42,21 @@ EXTERNAL_QUERIES = "vllm:external_prefix_cache_queries_total"
 LMCACHE_HITS = "lmcache:num_hit_tokens_total"
 LMCACHE_REQUESTED = "lmcache:num_requested_tokens_total"
 LMCACHE_LOCAL_USAGE = "lmcache:local_cache_usage"
+MP_HITS = "lmcache_mp_lookup_hit_tokens_total"
+MP_REQUESTED = "lmcache_mp_lookup_requested_tokens_total"
+MP_L1_USAGE = "lmcache_mp_l1_memory_usage_bytes"
+MP_L1_RATIO = "lmcache_mp_l1_usage_ratio"
 #: The counters whose change proves cache reuse (the smoke test reports their deltas).
-HIT_COUNTERS = (LMCACHE_HITS, LMCACHE_REQUESTED, PREFIX_HITS, PREFIX_QUERIES, EXTERNAL_HITS, EXTERNAL_QUERIES)
+HIT_COUNTERS = (
+    LMCACHE_HITS,
+    LMCACHE_REQUESTED,
+    PREFIX_HITS,
+    PREFIX_QUERIES,
+    EXTERNAL_HITS,
+    EXTERNAL_QUERIES,
+    MP_HITS,
+    MP_REQUESTED,
+)
 
 Samples = Mapping[str, tuple[tuple[Mapping[str, str], float], ...]]
 
@@ -128,7 +144,13 @@ class EndpointSummary:
     lmcache_hits: float | None = None
     lmcache_requested: float | None = None
     lmcache_local_usage_bytes: float | None = None
+    l1_usage_ratio: float | None = None  # the multiprocess server's L1: used / capacity
     counters: Mapping[str, float] = field(default_factory=dict)
+
+    @property
+    def l1_capacity_bytes(self) -> float | None:
+        """The server's L1 size, from its usage and ratio (unknown while the L1 is empty)."""
+        return _ratio(self.lmcache_local_usage_bytes, self.l1_usage_ratio)
 
     @property
     def lmcache_hit_rate(self) -> float | None:
@@ -162,12 +184,24 @@ class EndpointSummary:
             "lmcache_requested_tokens": self.lmcache_requested,
             "lmcache_hit_rate": self.lmcache_hit_rate,
             "lmcache_local_cache_usage_bytes": self.lmcache_local_usage_bytes,
+            "l1_usage_ratio": self.l1_usage_ratio,
+            "l1_capacity_bytes": self.l1_capacity_bytes,
         }
 
 
 def summarize(target: Target, samples: Samples, error: str | None = None) -> EndpointSummary:
     if error is not None:
         return EndpointSummary(target, error=error)
+    if target.role == "lmcache-server":
+        ratios = [v for _, v in samples.get(MP_L1_RATIO, ())]
+        return EndpointSummary(
+            target,
+            lmcache_hits=total(samples, MP_HITS),
+            lmcache_requested=total(samples, MP_REQUESTED),
+            lmcache_local_usage_bytes=total(samples, MP_L1_USAGE),
+            l1_usage_ratio=max(ratios) if ratios else None,
+            counters={name: v for name in (MP_HITS, MP_REQUESTED) if (v := total(samples, name)) is not None},
+        )
     if target.role == "frontend":
         requests = total(samples, FRONTEND_REQUESTS)
         ok = total(samples, FRONTEND_REQUESTS, status="success")

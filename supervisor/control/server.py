@@ -347,7 +347,10 @@ class ControlServer:
         status, plan = runner.status(), runner.plan
         # Log tails and the port table are file and /proc reads: keep them off the event loop.
         hints = await anyio.to_thread.run_sync(statusview.gather_hints, status, plan)
-        return statusview.status_view(status, plan, self.timeline, hints)
+        doc = statusview.status_view(status, plan, self.timeline, hints)
+        if any(spec.role.is_cache_server for spec in plan.processes):
+            doc["cache_servers"] = await anyio.to_thread.run_sync(statusview.cache_view, status, plan)
+        return doc
 
 
 class _Comeback:

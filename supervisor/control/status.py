@@ -24,7 +24,7 @@ from supervisor.engine.proctree import descendants
 from supervisor.engine.states import DeploymentStatus, ExitInfo, ProcessState, ProcessStatus
 from supervisor.host import ports
 from supervisor.plan.addresses import client_host
-from supervisor.plan.spec import Plan
+from supervisor.plan.spec import Plan, Role
 
 SCHEMA = 1
 
@@ -187,3 +187,40 @@ def _holder_of(table: list[ports.Listener], ours: set[int]) -> Callable[[int], d
         return diagnose.PortHolder(pid=held.pid, name=name, ours=held.pid in ours)
 
     return holder
+
+
+def cache_view(status: DeploymentStatus, plan: Plan, *, timeout_s: float = 1.0) -> list[dict[str, Any]]:
+    """LMCache's servers in this plan: planned capacity and, for a healthy multiprocess server, what its
+    own ``/metrics`` says (L1 use, lookup hit and requested tokens). Blocking: run it off the event loop."""
+    import httpx
+
+    from supervisor.control import scrape
+
+    out: list[dict[str, Any]] = []
+    for proc in status.processes:
+        try:
+            spec = plan.process(proc.name)
+        except KeyError:
+            continue
+        if not spec.role.is_cache_server:
+            continue
+        view: dict[str, Any] = {
+            "process": spec.name,
+            "role": spec.role.value,
+            "healthy": proc.state is ProcessState.RUNNING,
+            "capacity_bytes": int(spec.memory_gb * 2**30) if spec.memory_gb else None,
+        }
+        if spec.role is Role.LMCACHE_SERVER and proc.state is ProcessState.RUNNING:
+            url = f"http://{client_host(spec.bind_host)}:{spec.ports['http']}/metrics"
+            target = scrape.Target(process=spec.name, role=spec.role.value, gpu="", url=url)
+            with httpx.Client(trust_env=False) as client:
+                summary = scrape.summarize(target, *scrape.scrape(url, client, timeout_s=timeout_s))
+            view |= {
+                "metrics_error": summary.error,
+                "l1_used_bytes": summary.lmcache_local_usage_bytes,
+                "l1_usage_ratio": summary.l1_usage_ratio,
+                "hit_tokens": summary.lmcache_hits,
+                "requested_tokens": summary.lmcache_requested,
+            }
+        out.append(view)
+    return out

@@ -23,11 +23,20 @@ import anyio
 import httpx
 import psutil
 
-from supervisor.engine import probe_http
+from supervisor.engine import probe_http, probe_protocols
 from supervisor.engine.proctree import descendants
 from supervisor.engine.states import ProbeResult
 from supervisor.host import ports
-from supervisor.plan.spec import Check, ExecCheck, HttpCheck, Probe, Probes, SmokeRequest, TcpCheck
+from supervisor.plan.spec import (
+    Check,
+    ExecCheck,
+    HttpCheck,
+    Probe,
+    Probes,
+    ProtocolCheck,
+    SmokeRequest,
+    TcpCheck,
+)
 
 #: Probe cadence while a process is starting: a dependent starts within about this of its health.
 FAST_PROBE_S = 0.1
@@ -170,6 +179,8 @@ async def run_check(
             error = await _http(check, client, timeout_s)
         elif isinstance(check, TcpCheck):
             error = await _tcp(check, timeout_s)
+        elif isinstance(check, ProtocolCheck):
+            error = await probe_protocols.exchange(check, timeout_s)
         else:
             error = await _exec(check, timeout_s)
     except httpx.TimeoutException:

@@ -13,6 +13,7 @@ import errno
 import json
 import os
 import platform
+import resource
 import shutil
 import socket
 import tempfile
@@ -109,8 +110,13 @@ class LMCacheFileFacts:
 
 @dataclass(frozen=True)
 class MemoryFacts:
+    """``memlock_bytes``: the soft RLIMIT_MEMLOCK the children inherit (None: unlimited);
+    ``shm_free_bytes``: free space in /dev/shm (None: no /dev/shm)."""
+
     total_bytes: int
     available_bytes: int
+    memlock_bytes: int | None = None
+    shm_free_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -195,7 +201,13 @@ class HostFacts:
 
 def memory_facts() -> MemoryFacts:
     vm = psutil.virtual_memory()
-    return MemoryFacts(int(vm.total), int(vm.available))
+    soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    try:
+        shm: int | None = shutil.disk_usage("/dev/shm").free
+    except OSError:
+        shm = None
+    memlock = None if soft == resource.RLIM_INFINITY else int(soft)
+    return MemoryFacts(int(vm.total), int(vm.available), memlock_bytes=memlock, shm_free_bytes=shm)
 
 
 def path_facts(path: str) -> PathFacts:

@@ -78,12 +78,42 @@ def find_binaries(profile: Profile, python: str | None = None) -> dict[str, str]
     dirs = [str(Path(p).parent) for p in (python, profile.python, sys.executable) if p]
     search = os.pathsep.join([*dict.fromkeys(dirs), os.environ.get("PATH", os.defpath)])
     found = {}
-    for name in (profile.infra.etcd.binary, profile.infra.nats.binary):
+    names = [profile.infra.etcd.binary, profile.infra.nats.binary]
+    if profile.lmcache.server is not None:
+        names.append(profile.lmcache.server.binary)
+    remote = profile.lmcache.remote
+    if remote is not None and remote.serve:
+        names.append(
+            remote.server.binary or ("lmcache_server" if remote.url.startswith("lm:") else "redis-server")
+        )
+    for name in names:
         if "/" not in name:
             path = shutil.which(name, path=search)
             if path:
                 found[name] = os.path.abspath(path)
+    lm_server = found.get("lmcache_server") or (
+        remote.server.binary if remote and remote.server.binary else None
+    )
+    if remote is not None and remote.serve and remote.url.startswith("lm:") and lm_server:
+        interpreter = script_interpreter(lm_server)
+        if interpreter:  # see plan.cache_servers.LM_SERVER_SHIM
+            found[f"{lm_server}#python"] = interpreter
     return found
+
+
+def script_interpreter(path: str) -> str | None:
+    """The absolute interpreter of a console script's ``#!`` line (``#!/usr/bin/env ...``: None)."""
+    try:
+        with open(path, "rb") as f:
+            first = f.readline(512)
+    except OSError:
+        return None
+    if not first.startswith(b"#!"):
+        return None
+    words = first[2:].decode(errors="replace").split()
+    if not words or not os.path.isabs(words[0]) or os.path.basename(words[0]) == "env":
+        return None
+    return words[0]
 
 
 def node_options(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from supervisor.plan.spec import HttpCheck, Probe, Probes, ProcessSpec, RestartMode, RestartPolicy
+from supervisor.plan.spec import Check, Probe, Probes, ProcessSpec, RestartMode, RestartPolicy
 from supervisor.profile.schema import Health
 from supervisor.profile.schema import Restart as RestartSettings
 
@@ -33,7 +33,7 @@ def restart_policy(settings: RestartSettings) -> RestartPolicy:
     )
 
 
-def probes(health: Health, ready: HttpCheck, live: HttpCheck, budget_s: float) -> Probes:
+def probes(health: Health, ready: Check, live: Check, budget_s: float) -> Probes:
     """Startup probes fast against a load budget, then readiness and liveness at the normal period."""
     budget = health.startup_timeout_s or budget_s
     startup = Probe(
@@ -43,7 +43,7 @@ def probes(health: Health, ready: HttpCheck, live: HttpCheck, budget_s: float) -
         failure_threshold=max(1, math.ceil(budget / health.startup_period_s)),
     )
 
-    def normal(check: HttpCheck) -> Probe:
+    def normal(check: Check) -> Probe:
         return Probe(
             check=check,
             period_s=health.period_s,

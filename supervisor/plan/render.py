@@ -15,6 +15,7 @@ from typing import Any
 from urllib.parse import quote
 
 from supervisor.errors import PlanError
+from supervisor.plan import cache_servers
 from supervisor.plan import infra as plan_infra
 from supervisor.plan.addresses import http_url, url_host
 from supervisor.plan.policies import STARTUP_BUDGET_S, probes, restart_policy
@@ -155,6 +156,9 @@ def render(
     common_env |= plan_infra.discovery_env(profile, here, discovery_dir)
     common_env |= profile.env
     infra = plan_infra.infra_processes(profile, here, state=state, claim=ports.claim, binaries=binaries or {})
+    cache = cache_servers.cache_server_processes(
+        profile, here, state=state, claim=ports.claim, binaries=binaries or {}
+    )
 
     def paths(name: str) -> dict[str, Any]:
         return {
@@ -211,7 +215,7 @@ def render(
             "supervisor.metrics_port",
         )
 
-    processes = [*infra, frontend] if here.runs_frontend else []
+    processes = [*infra, *cache, frontend] if here.runs_frontend else [*cache]
     # Indices (and so ports) come from the whole profile: a worker has the same ports on any node.
     local = [(i, r, w) for i, (r, w) in enumerate(_replicas(profile)) if here.runs_worker(w.node)]
     decode_groups = {r.group: w.min_ready or 1 for _, r, w in local if w.role == "decode"}
@@ -231,6 +235,7 @@ def render(
                 decode_groups=decode_groups,
                 plane_host=here.plane_host,
                 frontend=here.runs_frontend,
+                cache_deps=cache_servers.cache_dependencies(cache),
             )
         )
 
@@ -255,7 +260,10 @@ def render(
         metrics_port=metrics_port,
         control_socket=str(state / "control.sock"),
         targets_file=str(state / "targets.json"),
-        lmcache=lmcache.lmcache_env(profile.lmcache) if profile.lmcache.enabled else {},
+        # With the multiprocess server, LMCache's settings are its command line, not the workers' env.
+        lmcache=lmcache.lmcache_env(profile.lmcache)
+        if profile.lmcache.enabled and profile.lmcache.server is None
+        else {},
         node_role=here.role,
         on_role_failed=sup.on_role_failed,
         head=here.head,
@@ -275,10 +283,11 @@ def _worker(
     served: str,
     ports: _Ports,
     common_env: dict[str, str],
-    paths: dict[str, str],
+    paths: dict[str, Any],
     decode_groups: Mapping[str, int],
     plane_host: str,
     frontend: bool,
+    cache_deps: tuple[Dependency, ...] = (),
 ) -> ProcessSpec:
     src, base, host = profile.source, profile.ports.base, profile.ports.host
     name, key = replica.name, f"workers.{replica.group}"
@@ -302,7 +311,8 @@ def _worker(
 
     if profile.engine == "vllm":
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in replica.gpus)
-        kv_config = lmcache.kv_transfer_config(worker.role, uses_lmcache=loads_lmcache)
+        mp = cache_servers.mp_connector(profile)
+        kv_config = lmcache.kv_transfer_config(worker.role, uses_lmcache=loads_lmcache, connector=mp)
         uses_nixl = "NixlConnector" in lmcache.kv_transfer_json(kv_config)
         argv = [
             python,
@@ -353,7 +363,7 @@ def _worker(
                     }
                 ),
             ]
-        if loads_lmcache:
+        if loads_lmcache and mp is None:  # with the MP server, LMCache's config is the server's
             env |= lmcache.lmcache_env(profile.lmcache)
         budget = STARTUP_BUDGET_S["vllm"]
     else:
@@ -392,6 +402,8 @@ def _worker(
     depends = [Dependency("frontend", Condition.STARTED)] if frontend else []
     if worker.role == "prefill":
         depends += [Dependency(g, Condition.HEALTHY, min_ready=n) for g, n in decode_groups.items()]
+    if lmcache.worker_loads_lmcache(worker, profile.lmcache):  # the mocker too: it shows the order
+        depends += cache_deps
     return ProcessSpec(
         name=name,
         role=Role(worker.role),

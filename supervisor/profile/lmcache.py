@@ -102,15 +102,21 @@ def worker_loads_lmcache(worker: Worker, settings: LMCache) -> bool:
     return worker.role in ("agg", "prefill")
 
 
-def kv_transfer_config(role: str, *, uses_lmcache: bool) -> dict[str, Any]:
-    """The ``--kv-transfer-config`` object for one vLLM worker role."""
+def kv_transfer_config(
+    role: str, *, uses_lmcache: bool, connector: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The ``--kv-transfer-config`` object for one vLLM worker role.
+
+    ``connector``: the LMCache entry to use instead of the in-process ``LMCacheConnectorV1`` (the
+    ``LMCacheMPConnector`` entry when a multiprocess cache server runs beside the workers)."""
+    lmcache = dict(connector) if connector is not None else dict(LMCACHE)
     if role == "agg":
-        return dict(LMCACHE) if uses_lmcache else {}
+        return lmcache if uses_lmcache else {}
     if role == "prefill" and uses_lmcache:
         return {
             "kv_connector": "PdConnector",
             "kv_role": "kv_both",
-            "kv_connector_extra_config": {"connectors": [dict(LMCACHE), dict(NIXL)]},
+            "kv_connector_extra_config": {"connectors": [lmcache, dict(NIXL)]},
             "kv_connector_module_path": PD_CONNECTOR_MODULE,
         }
     return dict(NIXL)

@@ -190,6 +190,26 @@ class Ports(_Model):
     host: Host = "127.0.0.1"
 
 
+class RemoteServer(_Model):
+    """How the supervisor runs the remote backend itself (``lmcache.remote.serve = true``).
+
+    ``lm://`` runs ``lmcache_server HOST PORT``; ``redis://`` runs ``redis-server`` bound to the URL's
+    loopback host, with ``maxmemory`` and an eviction policy always set (LMCache stores keys without a
+    TTL: an unbounded Redis grows until the host runs out) and persistence off unless asked for.
+    ``restart`` left unset takes the default that matches how LMCache's client behaves after the
+    server restarts (docs/lmcache-servers.md): lm:// restarts its dependents, Redis does not.
+    """
+
+    binary: str | None = None  # default: lmcache_server or redis-server, beside the interpreters or on PATH
+    maxmemory_gb: Annotated[float, Field(gt=0)] = 1.0  # redis only
+    maxmemory_policy: Literal["allkeys-lru", "allkeys-lfu", "volatile-lru", "allkeys-random"] = "allkeys-lru"
+    persistence: bool = False  # redis only: append-only file in the state directory
+    args: list[str] = []
+    health: Health = Health()
+    restart: Restart | None = None
+    stop_timeout_s: PositiveSeconds = 10.0
+
+
 class Remote(_Model):
     """One remote LMCache backend; the URL scheme picks it (redis, rediss, redis-sentinel, ...)."""
 
@@ -197,6 +217,31 @@ class Remote(_Model):
     service_name: str | None = None  # redis-sentinel master name (REDIS_SERVICE_NAME)
     config_path: str | None = None  # mooncake JSON config (MOONCAKE_CONFIG_PATH)
     serde: Literal["naive", "cachegen"] = "naive"
+    serve: bool = False  # the supervisor runs this server itself (lm:// or redis:// on loopback)
+    server: RemoteServer = RemoteServer()
+
+
+class CacheServer(_Model):
+    """LMCache's multiprocess cache server (``lmcache server``), one per node, and the workers' client.
+
+    Workers that load LMCache then use vLLM's ``LMCacheMPConnector`` pointed at it, and wait for its
+    ``/healthcheck``. The L1 (CPU memory) lives here, not in the workers. ``restart_dependents`` stays
+    off by default: LMCache's client degrades to recompute while the server is away and resumes by
+    itself once it is back (docs/lmcache-servers.md).
+    """
+
+    binary: str = "lmcache"  # beside the interpreters or on PATH, or a path
+    port: Port | None = None  # ZMQ requests; default ports.base + 555
+    http_port: Port | None = None  # /healthcheck and /metrics; default ports.base + 556
+    l1_size_gb: Annotated[float, Field(gt=0)] = 1.0
+    eviction_policy: Literal["LRU", "ARC", "IsolatedLRU", "noop"] = "LRU"
+    l2_adapters: list[dict[str, str | int | float | bool]] = []  # each becomes one --l2-adapter JSON
+    heartbeat_interval_s: PositiveSeconds | None = None  # lmcache.mp.heartbeat_interval (LMCache: 10 s)
+    args: list[str] = []
+    env: dict[str, str] = {}
+    health: Health = Health()
+    restart: Restart = Restart()
+    stop_timeout_s: PositiveSeconds = 30.0
 
 
 class Gds(_Model):
@@ -212,6 +257,7 @@ class LMCache(_Model):
     local_disk: str | None = None
     max_local_disk_size: Annotated[float, Field(ge=0)] = 0.0
     remote: Remote | None = None
+    server: CacheServer | None = None  # [lmcache.server]: the per-node multiprocess cache server
     gds: Gds | None = None
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     track_usage: bool = False

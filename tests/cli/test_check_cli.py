@@ -53,6 +53,8 @@ def test_demo_passes_on_this_machine_in_both_forms(tmp_path: Path) -> None:
         "disk",
         "ports",
         "remote-cache",
+        "memlock",
+        "shm",
         "software",
         "engine",
         "model",

@@ -296,7 +296,7 @@ def test_host_memory_counts_lmcache_per_tp_rank_plus_reserve_and_margin() -> Non
     )
     # prefill: 2 x (20 + 2) = 44 GB, decode: 2 GB -> 46 GiB, plus 10% of 64 GiB = 6.4 GiB -> 52.4 GiB.
     ok = only(check(plan, healthy(plan, memory=MemoryFacts(64 * GIB, 53 * GIB))), "host-memory")
-    assert ok[0].status is Status.OK and "workers need 46.0 GiB" in ok[0].message
+    assert ok[0].status is Status.OK and "processes need 46.0 GiB" in ok[0].message
     (f,) = only(check(plan, healthy(plan, memory=MemoryFacts(64 * GIB, 52 * GIB))), "host-memory")
     assert f.status is Status.FAIL and "only 52.0 GiB is available" in f.message
     assert "prefill: 2 x 2 GB runtime + 2 x 20 GB LMCache CPU" in f.message
@@ -622,3 +622,63 @@ def test_findings_are_frozen_and_serialise() -> None:
         f.status = Status.OK  # type: ignore[misc]
     assert f.to_json() == {"check": "gpu", "status": "fail", "message": "m", "hint": "h"}
     assert statuses([f]) == {"gpu": {Status.FAIL}}
+
+
+# ---- LMCache's own servers: memlock, /dev/shm, the RAM their caches hold ----------------------------
+
+
+def test_demo_lmcache_passes_with_healthy_facts() -> None:
+    plan = render("demo-lmcache")
+    findings = check(plan, healthy(plan, memory=MemoryFacts(64 * GIB, 60 * GIB, memlock_bytes=8 * 2**20)))
+    assert {f.status for f in findings} == {Status.OK}, findings
+    (memlock,) = only(findings, "memlock")
+    assert "no GPU here" in memlock.message and "8 MiB" in memlock.message
+
+
+def test_an_l1_larger_than_ram_fails_host_memory_naming_the_server() -> None:
+    plan = render("demo-lmcache", "lmcache.server.l1_size_gb=100.0")
+    (f,) = only(check(plan, healthy(plan)), "host-memory")
+    assert f.status is Status.FAIL and "lmcache-server: 100 GB L1" in f.message
+    assert "lmcache.server.l1_size_gb" in f.hint
+
+
+def test_a_served_redis_maxmemory_counts_as_host_memory() -> None:
+    plan = render(
+        "demo-agg", 'lmcache.remote={url="redis://127.0.0.1:19651", serve=true, server={maxmemory_gb=59.0}}'
+    )
+    (f,) = only(check(plan, healthy(plan)), "host-memory")
+    assert f.status is Status.FAIL and "redis: 59 GB maxmemory" in f.message
+
+
+def test_a_low_memlock_limit_fails_on_a_gpu_host_with_the_largest_pinned_buffer() -> None:
+    plan = render("agg", "lmcache.server={l1_size_gb=20.0}")
+    low = healthy(plan, memory=MemoryFacts(256 * GIB, 200 * GIB, memlock_bytes=64 * 2**20))
+    (f,) = only(check(plan, low), "memlock")
+    assert f.status is Status.FAIL and "64 MiB" in f.message and "lmcache-server pins 20 GB" in f.message
+    assert "ulimit -l unlimited" in f.hint and "LimitMEMLOCK=infinity" in f.hint
+    with pytest.raises(PreflightError) as caught:
+        enforce(check(plan, low))
+    assert caught.value.exit_code == EXIT_PREFLIGHT
+    unlimited = healthy(plan, memory=MemoryFacts(256 * GIB, 200 * GIB, memlock_bytes=None))
+    (f,) = only(check(plan, unlimited), "memlock")
+    assert f.status is Status.OK and "unlimited" in f.message
+
+
+def test_an_in_process_lmcache_buffer_is_judged_against_memlock_too() -> None:
+    plan = render("agg")  # LMCacheConnectorV1 in the worker: max_local_cpu_size pinned there
+    low = healthy(plan, memory=MemoryFacts(64 * GIB, 60 * GIB, memlock_bytes=8 * 2**20))
+    (f,) = only(check(plan, low), "memlock")
+    assert f.status is Status.FAIL and "worker pins" in f.message
+
+
+def test_shm_is_judged_only_for_a_server_given_shm_name() -> None:
+    plain = render("demo-lmcache")
+    assert only(check(plain, healthy(plain)), "shm")[0].status is Status.OK
+    plan = render(
+        "demo-lmcache", 'lmcache.server.args=["--shm-name", "lmc"]', "lmcache.server.l1_size_gb=4.0"
+    )
+    small = healthy(plan, memory=MemoryFacts(64 * GIB, 60 * GIB, shm_free_bytes=1 * GIB))
+    (f,) = only(check(plan, small), "shm")
+    assert f.status is Status.FAIL and "4 GB L1" in f.message and "/dev/shm has 1.0 GiB free" in f.message
+    roomy = healthy(plan, memory=MemoryFacts(64 * GIB, 60 * GIB, shm_free_bytes=8 * GIB))
+    assert only(check(plan, roomy), "shm")[0].status is Status.OK
