@@ -84,10 +84,13 @@ class PreflightError(SupervisorError):
 
 
 class StartError(SupervisorError):
-    """A child process could not be spawned at all (missing interpreter, bad cwd, ...)."""
+    """A child process could not be spawned at all (missing interpreter, bad cwd, ...).
 
-    def __init__(self, process: str, problem: str) -> None:
-        self.process, self.problem = process, problem
+    ``transient`` marks a shortage of the host's resources (descriptors, memory, processes) that a
+    later attempt may not meet: the runner retries it with backoff instead of failing the process."""
+
+    def __init__(self, process: str, problem: str, *, transient: bool = False) -> None:
+        self.process, self.problem, self.transient = process, problem, transient
         super().__init__(f"process {process!r} could not start: {problem}")
 
 

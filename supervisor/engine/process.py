@@ -27,6 +27,7 @@ group's signals, the stop waits for them too, and the guardian knows their group
 from __future__ import annotations
 
 import ctypes
+import errno
 import functools
 import os
 import shutil
@@ -352,10 +353,11 @@ def spawn(spec: ProcessSpec, *, guardian: Guardian | None, env: Mapping[str, str
     try:
         reset_multiproc_dir(spec.multiproc_dir)
     except OSError as exc:  # a full or read-only disk: this start fails, the supervisor does not
-        raise StartError(
-            spec.name, f"PROMETHEUS_MULTIPROC_DIR {spec.multiproc_dir}: {exc.strerror or exc}"
-        ) from exc
-    read_fd, write_fd = os.pipe()
+        raise _start_error(spec, f"PROMETHEUS_MULTIPROC_DIR {spec.multiproc_dir}", exc) from exc
+    try:
+        read_fd, write_fd = os.pipe()
+    except OSError as exc:
+        raise _start_error(spec, "its output pipe", exc) from exc
     try:
         popen = subprocess.Popen(
             list(spec.argv),
@@ -368,12 +370,33 @@ def spawn(spec: ProcessSpec, *, guardian: Guardian | None, env: Mapping[str, str
             close_fds=True,
             preexec_fn=functools.partial(_in_child, os.getpid()),
         )
-    except (OSError, subprocess.SubprocessError) as exc:
+    except OSError as exc:
         os.close(read_fd)
-        raise StartError(spec.name, f"{spec.argv[0]}: {getattr(exc, 'strerror', None) or exc}") from exc
+        raise _start_error(spec, spec.argv[0], exc) from exc
+    except subprocess.SubprocessError as exc:
+        os.close(read_fd)
+        raise StartError(spec.name, f"{spec.argv[0]}: {exc}") from exc
     finally:
         os.close(write_fd)
     if guardian is not None:
         guardian.register(popen.pid)
     os.set_blocking(read_fd, False)
-    return Child(spec, popen, read_fd, guardian)
+    try:
+        return Child(spec, popen, read_fd, guardian)
+    except OSError as exc:  # no descriptor left for its pidfd: it cannot be watched, so it goes
+        signal_group(popen.pid, signal.SIGKILL)
+        popen.wait()
+        os.close(read_fd)
+        if guardian is not None:
+            guardian.unregister(popen.pid)
+        raise _start_error(spec, "its pidfd", exc) from exc
+
+
+#: Shortages a later attempt may not meet: out of descriptors (EMFILE, ENFILE), memory (ENOMEM)
+#: or processes (EAGAIN from fork). They go into the normal backoff instead of failing the process.
+TRANSIENT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN})
+
+
+def _start_error(spec: ProcessSpec, what: str, exc: OSError) -> StartError:
+    transient = exc.errno in TRANSIENT_ERRNOS
+    return StartError(spec.name, f"{what}: {exc.strerror or exc}", transient=transient)

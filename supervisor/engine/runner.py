@@ -452,6 +452,8 @@ class Runner:
             try:
                 child = spawn(spec, guardian=self._guardian)
             except StartError as exc:
+                if exc.transient and await self._retry_spawn(slot, exc.problem):
+                    continue
                 self._set(slot, P.FAILED, exc.problem)
                 return
             slot.child = child
@@ -509,6 +511,26 @@ class Runner:
             slot.restarts += 1
             if decision.delay_s > 0:
                 await anyio.sleep(decision.delay_s)
+
+    async def _retry_spawn(self, slot: _Slot, problem: str) -> bool:
+        """A spawn the host had no resources for counts as a failed start: back off, then True;
+        False when the crash-loop limit says to give up."""
+        slot.starts.append(time.monotonic())
+        decision = decide_restart(
+            slot.spec.restart,
+            failed=True,
+            why=f"could not start: {problem}",
+            starts=slot.starts,
+            now=time.monotonic(),
+            attempt=slot.attempt,
+            rand=self._rand(),
+        )
+        if decision.action is not RestartAction.RESTART:
+            return False
+        self._set(slot, P.BACKOFF, decision.reason)
+        slot.attempt += 1
+        await anyio.sleep(decision.delay_s)
+        return True
 
     async def _run_child(self, slot: _Slot, child: Child) -> tuple[str, bool, bool]:
         """Until the child exits, fails liveness/startup, or is kicked: ``(why, killed, kicked)``."""

@@ -69,8 +69,10 @@ _P = ProcessState
 PROCESS_TRANSITIONS: Mapping[ProcessState, frozenset[ProcessState]] = {
     # STOPPED/EXITED -> FAILED: the spawn itself failed (no interpreter, no metrics directory) for a
     # process that had no dependencies to wait for, so it never got as far as WAITING or STARTING.
-    _P.STOPPED: frozenset({_P.WAITING, _P.STARTING, _P.FAILED}),
-    _P.WAITING: frozenset({_P.STARTING, _P.STOPPED, _P.FAILED}),
+    # Any state a spawn is tried from -> BACKOFF: the host was out of descriptors, memory or
+    # processes (EMFILE, ENOMEM, EAGAIN); the start is retried like a crash.
+    _P.STOPPED: frozenset({_P.WAITING, _P.STARTING, _P.BACKOFF, _P.FAILED}),
+    _P.WAITING: frozenset({_P.STARTING, _P.STOPPED, _P.BACKOFF, _P.FAILED}),
     _P.STARTING: frozenset({_P.RUNNING, _P.NOT_READY, _P.STOPPING, _P.BACKOFF, _P.EXITED, _P.FAILED}),
     _P.RUNNING: frozenset({_P.NOT_READY, _P.STOPPING, _P.BACKOFF, _P.EXITED, _P.FAILED}),
     _P.NOT_READY: frozenset({_P.RUNNING, _P.STOPPING, _P.BACKOFF, _P.EXITED, _P.FAILED}),
@@ -78,8 +80,8 @@ PROCESS_TRANSITIONS: Mapping[ProcessState, frozenset[ProcessState]] = {
     # restarted and takes its dependents along) or FAILED (crash loop detected on that path).
     _P.STOPPING: frozenset({_P.STOPPED, _P.BACKOFF, _P.WAITING, _P.EXITED, _P.FAILED}),
     _P.BACKOFF: frozenset({_P.WAITING, _P.STARTING, _P.STOPPED, _P.FAILED}),
-    _P.EXITED: frozenset({_P.WAITING, _P.STARTING, _P.STOPPED, _P.FAILED}),
-    _P.FAILED: frozenset({_P.WAITING, _P.STARTING, _P.STOPPED}),
+    _P.EXITED: frozenset({_P.WAITING, _P.STARTING, _P.STOPPED, _P.BACKOFF, _P.FAILED}),
+    _P.FAILED: frozenset({_P.WAITING, _P.STARTING, _P.STOPPED, _P.BACKOFF}),
 }
 
 

@@ -31,7 +31,7 @@ def test_illegal_transition_names_process_state_and_allowed() -> None:
         check_process_transition("decode", ProcessState.STOPPED, ProcessState.RUNNING)
     err = info.value
     assert (err.process, err.current, err.target) == ("decode", "stopped", "running")
-    assert set(err.allowed) == {"waiting", "starting", "failed"}
+    assert set(err.allowed) == {"waiting", "starting", "backoff", "failed"}
     assert "decode" in str(err) and "stopped" in str(err) and "waiting" in str(err)
 
 
