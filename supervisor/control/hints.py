@@ -67,6 +67,14 @@ _RULES = (
         "a port this process binds is already in use",
     ),
     _Rule(
+        "unkillable",
+        re.compile(r"^lmcache-supervise: .* survived SIGKILL"),
+        Severity.ERROR,
+        "a process of this tree survived SIGKILL: it is in uninterruptible sleep (state D), usually a GPU "
+        "driver, NFS or FUSE hang; see dmesg and nvidia-smi. The guardian keeps it registered and kills it "
+        "if the supervisor stops; a host reboot may be the only cure",
+    ),
+    _Rule(
         "cuda-oom",
         re.compile(r"CUDA out of memory|OutOfMemoryError|CUDA error: out of memory", re.IGNORECASE),
         Severity.ERROR,

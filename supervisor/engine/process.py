@@ -59,7 +59,8 @@ STRIPPED_ENV = (
 )
 #: How long output is still read after the child exited, for a grandchild holding the pipe.
 DRAIN_GRACE_S = 1.0
-#: How long to wait for stragglers in a group after SIGKILL before giving up (and saying so).
+#: How long to wait for stragglers in a group after SIGKILL before giving up (and saying so): a
+#: process in uninterruptible sleep (a GPU driver or NFS hang) acts on SIGKILL only when it wakes.
 GROUP_KILL_WAIT_S = 5.0
 _READ_CHUNK = 1 << 16
 _PR_SET_PDEATHSIG = 1
@@ -208,6 +209,7 @@ class Child:
         self.started_at = time.monotonic()
         self.started_wall = time.time()
         self.exit: ExitInfo | None = None
+        self.unkillable: tuple[int, ...] = ()  # pids that outlived SIGKILL and the stop's bound
         self.descendants: set[int] = {self.pid}  # pids seen in its tree (for GPU hygiene after death)
         self._strays: dict[int, psutil.Process] = {}  # descendants that left its process group
         self._stray_groups: set[int] = set()  # their groups, registered with the guardian
@@ -309,9 +311,22 @@ class Child:
                     self.signal(signal.SIGCONT)
                 if not await _wait_group(self, timeout_s):
                     self.signal(signal.SIGKILL)
-                    await _wait_group(self, GROUP_KILL_WAIT_S)
+                    if not await _wait_group(self, GROUP_KILL_WAIT_S):
+                        return self._unkillable()
             self._release()
         return await self.wait()
+
+    def _unkillable(self) -> ExitInfo:
+        """The stop's bound ran out with processes still there: record them and return without
+        waiting for them. The guardian keeps their groups (it kills them if we die first), a later
+        stop tries again, and the exit watcher still sees the leader go whenever it does."""
+        survivors = {self.pid} if self.running else set()
+        survivors.update(group_members(self.pgid), self.live_strays())
+        self.unkillable = tuple(sorted(survivors))
+        if self.exit is not None:
+            return self.exit
+        runtime = time.monotonic() - self.started_at
+        return ExitInfo(self.pid, returncode=None, signal=None, runtime_s=runtime, survived_kill=True)
 
     def kill_now(self) -> None:
         """SIGKILL the whole group at once (second Ctrl-C); :meth:`stop` still reaps afterwards."""

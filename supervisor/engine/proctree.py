@@ -52,3 +52,25 @@ def _descendants_by_psutil(pid: int) -> list[int]:
         return [child.pid for child in psutil.Process(pid).children(recursive=True)]
     except psutil.Error:
         return []
+
+
+#: The kernel's one-letter task states (/proc/<pid>/stat, third field) that matter when a process
+#: outlives SIGKILL, and what usually causes them.
+_STATE_WORDS = {
+    "D": "uninterruptible sleep: a GPU driver, NFS or FUSE hang",
+    "T": "stopped",
+    "t": "stopped by a tracer",
+    "Z": "zombie",
+}
+
+
+def task_state(pid: int) -> str | None:
+    """``pid``'s state letter with its meaning (``"D (uninterruptible sleep: ...)"``); None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read()
+    except OSError:
+        return None
+    letter = stat[stat.rfind(b")") + 2 :].split()[0].decode()
+    meaning = _STATE_WORDS.get(letter)
+    return f"{letter} ({meaning})" if meaning else letter

@@ -33,6 +33,7 @@ from supervisor.engine import discovery
 from supervisor.engine.logs import ChildOutput, LogOptions, TerminalEcho
 from supervisor.engine.probes import FAST_PROBE_S, deployment_ready, smoke, watch_health
 from supervisor.engine.process import Child, Guardian, spawn
+from supervisor.engine.proctree import task_state
 from supervisor.engine.states import (
     DeploymentEvent,
     DeploymentState,
@@ -465,6 +466,7 @@ class Runner:
                 self._set(slot, P.STOPPING, why)
                 child.snapshot_tree()
             exit_info = await child.stop()
+            why += self._report_unkillable(slot, child)
             slot.last_exit = exit_info
             self._forget_registration(slot)
             healthy_for = time.monotonic() - slot.healthy_since if slot.healthy_since else None
@@ -652,12 +654,24 @@ class Runner:
         child = slot.child
         if child is not None and slot.state.is_live:
             self._set(slot, P.STOPPING, reason)
-            await child.stop()
-            slot.last_exit = child.exit
+            slot.last_exit = await child.stop()
+            reason += self._report_unkillable(slot, child)
         if slot.state in (P.STOPPING, P.WAITING, P.BACKOFF):
             self._set(slot, P.STOPPED, reason)
-        if slot.spec.multiproc_dir:
+        if slot.spec.multiproc_dir and not (child is not None and child.unkillable):
             shutil.rmtree(slot.spec.multiproc_dir, ignore_errors=True)
+
+    def _report_unkillable(self, slot: _Slot, child: Child) -> str:
+        """Say so when a stop ran out its bound with processes left: an error event, a line in the
+        process's own log (``logs``/``status`` turn it into an ``unkillable`` hint), and a reason
+        suffix. Supervision goes on; the guardian keeps their groups registered."""
+        if not child.unkillable:
+            return ""
+        states = ", ".join(f"pid {pid} {task_state(pid) or 'gone'}" for pid in child.unkillable)
+        text = f"survived SIGKILL: {states}; left to the guardian"
+        log.error("process unkillable", process=slot.spec.name, pids=list(child.unkillable), states=states)
+        slot.output(f"lmcache-supervise: {slot.spec.name} {text}\n".encode())
+        return f"; {text}"
 
     async def _stop_all(self) -> None:
         """Stop every process after everything that depends on it; nothing restarts meanwhile.

@@ -129,6 +129,7 @@ class ExitInfo:
     returncode: int | None
     signal: int | None
     runtime_s: float
+    survived_kill: bool = False  # still there after SIGKILL and the wait: see Child.unkillable
 
     @classmethod
     def from_popen_code(cls, pid: int, code: int, *, runtime_s: float) -> ExitInfo:
@@ -142,6 +143,8 @@ class ExitInfo:
         return self.returncode == 0
 
     def describe(self) -> str:
+        if self.survived_kill:
+            return "survived SIGKILL (uninterruptible)"
         if self.signal is not None:
             try:
                 return f"killed by {signal.Signals(self.signal).name}"
