@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import redis
 from conftest import wait_for
+from harness import Deployment
 from realredis import free_port
-from updemo import Up
 
 pytestmark = pytest.mark.e2e
 
@@ -49,27 +49,27 @@ def lmcache_path() -> str:
     return f"{LMCACHE_BIN}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
-def status(up: Up) -> dict:
+def status(up: Deployment) -> dict:
     done = up.cli("status", "--json")
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 
 
-def procs(up: Up) -> dict[str, dict]:
+def procs(up: Deployment) -> dict[str, dict]:
     return {p["name"]: p for p in status(up)["processes"]}
 
 
-def event_index(up: Up, event: str, process: str) -> int:
-    events = up.events()
+def event_index(up: Deployment, event: str, process: str) -> int:
+    events = up.event_data()
     return next(i for i, e in enumerate(events) if e.get("event") == event and e.get("process") == process)
 
 
-def assert_gated(up: Up, server: str, dependent: str) -> None:
+def assert_gated(up: Deployment, server: str, dependent: str) -> None:
     """``dependent`` was spawned only after ``server`` passed its probe."""
     assert event_index(up, "process running", server) < event_index(up, "process starting", dependent)
 
 
-def kill_and_wait_back(up: Up, name: str, timeout: float = 180) -> dict[str, dict]:
+def kill_and_wait_back(up: Deployment, name: str, timeout: float = 180) -> dict[str, dict]:
     before = procs(up)[name]
     os.kill(before["pid"], signal.SIGKILL)
 
@@ -83,11 +83,9 @@ def kill_and_wait_back(up: Up, name: str, timeout: float = 180) -> dict[str, dic
 
 
 def test_demo_lmcache_multiprocess_server(tmp_path: Path, lmcache_path: str) -> None:
-    up = Up.start(
-        tmp_path, "--quiet-children", profile="demo-lmcache", name="demo-lmcache", env={"PATH": lmcache_path}
-    )
+    up = Deployment(tmp_path, profile="demo-lmcache", env={"PATH": lmcache_path}, fast_stop=False).start()
     try:
-        up.wait_ready(timeout=180)
+        up.wait_ready(timeout_s=180)
         now = procs(up)
         assert list(now) == ["lmcache-server", "frontend", "worker"]
         assert now["lmcache-server"]["ports"] == {"http": up.base + 556, "zmq": up.base + 555}
@@ -126,22 +124,17 @@ def test_demo_lmcache_multiprocess_server(tmp_path: Path, lmcache_path: str) -> 
         assert after["worker"]["pid"] == worker_pid and after["worker"]["restarts"] == 0
         assert up.chat().status_code == 200
     finally:
-        up.stop()
+        up.stop_clean()
 
 
 def test_served_lm_server_restarts_its_worker(tmp_path: Path, lmcache_path: str) -> None:
     port = free_port()
-    up = Up.start(
-        tmp_path,
-        "--quiet-children",
-        "--set",
-        f'lmcache.remote={{url="lm://127.0.0.1:{port}", serve=true}}',
-        profile="demo-agg",
-        name="demo-agg",
-        env={"PATH": lmcache_path},
-    )
+    served = f'lmcache.remote={{url="lm://127.0.0.1:{port}", serve=true}}'
+    up = Deployment(
+        tmp_path, profile="demo-agg", extra=["--set", served], env={"PATH": lmcache_path}, fast_stop=False
+    ).start()
     try:
-        up.wait_ready(timeout=180)
+        up.wait_ready(timeout_s=180)
         now = procs(up)
         assert list(now) == ["lm-server", "frontend", "worker"] and now["lm-server"]["ports"] == {
             "port": port
@@ -153,23 +146,17 @@ def test_served_lm_server_restarts_its_worker(tmp_path: Path, lmcache_path: str)
         worker_pid = now["worker"]["pid"]
         after = kill_and_wait_back(up, "lm-server")
         assert after["worker"]["pid"] != worker_pid and after["worker"]["restarts"] >= 1
-        assert event_index(up, "process running", "lm-server") < len(up.events())
+        assert event_index(up, "process running", "lm-server") < len(up.event_data())
     finally:
-        up.stop()
+        up.stop_clean()
 
 
 def test_served_redis_bounded_loopback_and_restarted_alone(tmp_path: Path) -> None:
     port = free_port()
-    up = Up.start(
-        tmp_path,
-        "--quiet-children",
-        "--set",
-        f'lmcache.remote={{url="redis://127.0.0.1:{port}", serve=true, server={{maxmemory_gb=0.0625}}}}',
-        profile="demo-agg",
-        name="demo-agg",
-    )
+    served = f'lmcache.remote={{url="redis://127.0.0.1:{port}", serve=true, server={{maxmemory_gb=0.0625}}}}'
+    up = Deployment(tmp_path, profile="demo-agg", extra=["--set", served], fast_stop=False).start()
     try:
-        up.wait_ready(timeout=120)
+        up.wait_ready(timeout_s=120)
         now = procs(up)
         assert list(now) == ["redis", "frontend", "worker"]
         assert_gated(up, "redis", "worker")
@@ -185,4 +172,4 @@ def test_served_redis_bounded_loopback_and_restarted_alone(tmp_path: Path) -> No
         assert client.ping()
         client.close()
     finally:
-        up.stop()
+        up.stop_clean()
