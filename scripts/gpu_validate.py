@@ -269,7 +269,6 @@ def section_env(ctx: dict[str, Any], expect: Expectations) -> dict[str, Any]:
                 "psutil",
                 "httpx",
                 "pydantic",
-                "structlog",
                 "click",
             )
         },

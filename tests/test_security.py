@@ -11,10 +11,10 @@ import stat
 from pathlib import Path
 
 import pytest
-import structlog
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from supervisor import eventlog
 from supervisor.engine import logs, pidfile
 from supervisor.errors import EXIT_BAD_INPUT, ProfileError, StateDirError, SupervisorError
 from supervisor.paths import secure_state_dir
@@ -168,10 +168,10 @@ def test_no_profile_value_becomes_a_flag(key: str, value: str) -> None:
 
 def test_log_events_never_carry_a_secret() -> None:
     stream = io.StringIO()
-    saved = structlog.get_config()
+    saved = (eventlog.log.sink, eventlog.log.level)
     logs.configure(json=True, stream=stream)
     try:
-        log = structlog.get_logger("supervisor")
+        log = eventlog.log
         log.error(
             "process failed",
             reason="connect redis://:hunter2@10.0.0.1:6379 refused",
@@ -185,7 +185,7 @@ def test_log_events_never_carry_a_secret() -> None:
         except RuntimeError:
             log.exception("observer failed")
     finally:
-        structlog.configure(**saved)
+        eventlog.log.sink, eventlog.log.level = saved
     text = stream.getvalue()
     assert "hunter2" not in text
     first = json.loads(text.splitlines()[0])

@@ -37,16 +37,15 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import anyio
-import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from supervisor.control.progress import Timeline
 from supervisor.control.status import roles_view
 from supervisor.engine.states import DeploymentState, DeploymentStatus, ProcessState, RunnerEvent
+from supervisor.eventlog import log
 from supervisor.plan.addresses import client_host
 from supervisor.plan.spec import Plan, ProcessSpec, Role
 
-log = structlog.get_logger("supervisor")
 PREFIX = "lmcache_supervise"
 SAMPLE_S = 1.0
 PROBE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)

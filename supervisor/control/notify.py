@@ -26,7 +26,6 @@ from collections.abc import Callable, Mapping, MutableMapping
 from typing import Protocol
 
 import anyio
-import structlog
 
 from supervisor.engine.states import (
     DeploymentEvent,
@@ -35,8 +34,7 @@ from supervisor.engine.states import (
     ProcessState,
     RunnerEvent,
 )
-
-log = structlog.get_logger("supervisor")
+from supervisor.eventlog import log
 
 #: Our own variables that describe systemd's notify and watchdog contract.
 NOTIFY_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")

@@ -19,7 +19,6 @@ from collections.abc import Callable
 from typing import Protocol
 
 import anyio
-import structlog
 
 from supervisor.engine.states import (
     DeploymentEvent,
@@ -29,8 +28,8 @@ from supervisor.engine.states import (
     ProcessState,
     RunnerEvent,
 )
+from supervisor.eventlog import log
 
-log = structlog.get_logger("supervisor")
 P = ProcessState
 LOADING_EVERY_S = 10.0
 

@@ -25,14 +25,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import anyio
-import structlog
 
 from supervisor.engine.states import DeploymentState, DeploymentStatus, ProcessState
 from supervisor.errors import ControlError, SupervisorError
+from supervisor.eventlog import log
 from supervisor.plan.policies import startup_budget_s
 from supervisor.plan.spec import Plan
 
-log = structlog.get_logger("supervisor")
 OUTCOME_FILE = "reload.json"
 #: Deployment fields a reload cannot change in place: they name the deployment and its state.
 FIXED_FIELDS = ("name", "state_dir")

@@ -25,14 +25,13 @@ from typing import Protocol
 
 import anyio
 import httpx
-import structlog
 
 from supervisor.engine.probes import worker_counts
 from supervisor.engine.states import DeploymentState, DeploymentStatus, ProcessState
 from supervisor.errors import BadRequestError, ControlError
+from supervisor.eventlog import log
 from supervisor.plan.spec import Plan, ProcessSpec, Role
 
-log = structlog.get_logger("supervisor")
 P = ProcessState
 #: The frontend's name for each worker role in its model-ready answer (``worker_types``).
 FRONTEND_WORKER_TYPE = {Role.AGG: "aggregated", Role.DECODE: "decode", Role.PREFILL: "prefill"}

@@ -47,7 +47,6 @@ from typing import Any, Protocol
 import anyio
 import anyio.abc
 import httpx
-import structlog
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from supervisor.control import rolling
@@ -56,9 +55,9 @@ from supervisor.control.progress import Timeline
 from supervisor.engine import pidfile
 from supervisor.engine.states import DeploymentState, DeploymentStatus, ProcessState
 from supervisor.errors import BadRequestError, ControlError, SupervisorError
+from supervisor.eventlog import log
 from supervisor.plan.spec import Plan
 
-log = structlog.get_logger("supervisor")
 SOCKET_NAME = "control.sock"
 POINTER_FILE = "control.path"
 SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes, NUL included

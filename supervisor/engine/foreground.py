@@ -13,14 +13,12 @@ import signal
 from collections.abc import Awaitable, Callable, Iterable
 
 import anyio
-import structlog
 
 from supervisor.engine.logs import LogOptions, TerminalEcho
 from supervisor.engine.pidfile import PidFile
 from supervisor.engine.runner import Observer, Runner, Service
+from supervisor.eventlog import log
 from supervisor.plan.spec import Plan
-
-log = structlog.get_logger("supervisor")
 
 
 def run(

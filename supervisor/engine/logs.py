@@ -1,6 +1,6 @@
-"""Where words go: supervisor events through structlog, child output into rotated files.
+"""Where words go: supervisor events through :mod:`supervisor.eventlog`, child output into rotated files.
 
-Events are readable on a terminal and JSON lines otherwise (journald, files, CI). Each child's
+Events are JSON lines without a terminal (journald, files, CI) and go to ``up``'s panel on one. Each child's
 merged stdout/stderr goes to ``<state_dir>/logs/<name>.log``, rotated by size with a few backups,
 and in the foreground also to our stdout as ``name | line``.
 
@@ -12,66 +12,18 @@ thread, so a stalled terminal (or a pipe nobody reads) drops lines instead of bl
 
 from __future__ import annotations
 
-import logging
 import os
 import queue
 import sys
 import threading
 import time
-from collections.abc import MutableMapping
 from dataclasses import dataclass
-from typing import Any, TextIO
+from typing import TextIO
 
-import structlog
-
-from supervisor.redact import MASK, is_secret_name, redact_text
-
-log = structlog.get_logger("supervisor")
+from supervisor.eventlog import configure, log  # noqa: F401  (re-exported: where words go)
 
 _RETRY_AFTER_S = 30.0
 _ECHO_LINE_MAX = 8192
-
-
-def configure(*, json: bool | None = None, level: str = "info", stream: TextIO | None = None) -> None:
-    """Set structlog up once: console rendering on a TTY, JSON lines otherwise."""
-    stream = stream or sys.stderr
-    if json is None:
-        json = not stream.isatty()
-    renderer: Any = (
-        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=stream.isatty())
-    )
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=not stream.isatty()),
-            structlog.processors.format_exc_info,
-            redact_event,  # after format_exc_info: a traceback may quote a URL with its password
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=stream),
-        cache_logger_on_first_use=False,
-    )
-
-
-def redact_event(logger: object, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    """structlog processor: no event leaves with a secret, whatever a caller put into it.
-
-    Redaction at the sink, not at each call site: a reason, an error text or a URL carried by any
-    event (ours or a future module's) has URL passwords masked, and a text field named like a
-    credential (``token``, ``HF_TOKEN``, ...) is masked whole."""
-    return {key: _redact_value(key, value) for key, value in event.items()}
-
-
-def _redact_value(key: object, value: Any) -> Any:
-    if isinstance(value, str):
-        return MASK if value and isinstance(key, str) and is_secret_name(key) else redact_text(value)
-    if isinstance(value, (list, tuple)):
-        return [_redact_value(key, item) for item in value]
-    if isinstance(value, dict):
-        return {k: _redact_value(k, v) for k, v in value.items()}
-    return value
 
 
 @dataclass(frozen=True)

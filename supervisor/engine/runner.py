@@ -27,7 +27,6 @@ from typing import Any
 import anyio
 import anyio.abc
 import httpx
-import structlog
 
 from supervisor.engine import discovery
 from supervisor.engine.logs import ChildOutput, LogOptions, TerminalEcho
@@ -52,10 +51,10 @@ from supervisor.engine.states import (
     next_attempt,
 )
 from supervisor.errors import StartError
+from supervisor.eventlog import log
 from supervisor.host import nvml as gpu
 from supervisor.plan.spec import Condition, Plan, ProcessSpec
 
-log = structlog.get_logger("supervisor")
 P, D = ProcessState, DeploymentState
 
 GPU_CLEAR_TIMEOUT_S = 60.0

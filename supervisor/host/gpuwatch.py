@@ -28,8 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import structlog
-
+from supervisor.eventlog import log
 from supervisor.host.gpuhealth import (
     GPU_LOST,
     WATCHED_EVENTS,
@@ -43,8 +42,6 @@ from supervisor.host.gpuhealth import (
 )
 from supervisor.host.nvml import load_pynvml
 from supervisor.host.xid import describe, parse_xid_line, same_bus
-
-log = structlog.get_logger("gpuwatch")
 
 DEDUPE_S = 10.0
 ERROR_TIMEOUT = 10

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
+import sys
 
 import anyio
 import pytest
-import structlog
 
+from supervisor import eventlog
 from supervisor.control.progress import Progress, Timeline
 from supervisor.engine.states import (
     DeploymentEvent,
@@ -71,11 +73,8 @@ def test_stage_lines_carry_elapsed_time_and_load_duration() -> None:
 
 
 def test_without_a_terminal_stages_are_structured_log_events(capsys: pytest.CaptureFixture[str]) -> None:
-    structlog.configure(
-        processors=[structlog.processors.JSONRenderer()],
-        logger_factory=structlog.PrintLoggerFactory(),
-        cache_logger_on_first_use=False,
-    )
+    saved = (eventlog.log.sink, eventlog.log.level)
+    eventlog.configure(json=True, stream=sys.stdout)  # capsys's stdout, read back below
     try:
         clock = Clock()
         progress = Progress(Timeline(now=clock))
@@ -83,7 +82,9 @@ def test_without_a_terminal_stages_are_structured_log_events(capsys: pytest.Capt
         progress(ProcessEvent("decode", P.STARTING, P.STOPPING, 7, "stop", 101.0))  # not a stage
         events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     finally:
-        structlog.reset_defaults()
+        eventlog.log.sink, eventlog.log.level = saved
+    assert len(events) == 1 and events[0].pop("level") == "info"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", events[0].pop("timestamp"))
     assert events == [
         {
             "elapsed_s": 0.0,

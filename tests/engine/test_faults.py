@@ -14,10 +14,10 @@ from pathlib import Path
 
 import anyio
 import pytest
-import structlog
 from conftest import alive, free_port_base
 from test_runner import FAST, Recorder, health, supervising, until
 
+from supervisor import eventlog
 from supervisor.engine.process import spawn
 from supervisor.engine.runner import Runner
 from supervisor.engine.states import DeploymentState, ProcessState
@@ -130,7 +130,7 @@ async def test_unwritable_log_keeps_supervising_and_says_so_once(
     spec = make_spec(
         "talker", "--port", str(base), probes=health(base), restart=FAST, log_file=str(blocker / "talker.log")
     )
-    with structlog.testing.capture_logs() as captured:
+    with eventlog.log.capture() as captured:
         runner = Runner(make_plan(spec))
         async with supervising(runner):
             old = (await until(runner, lambda s: s.state is D.READY)).process("talker").pid
