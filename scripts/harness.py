@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import httpx
 import proctools
@@ -54,6 +54,23 @@ def port_offsets(profile: str = "demo", args: Sequence[str] = ()) -> tuple[int, 
 def free_port_base(profile: str = "demo", args: Sequence[str] = ()) -> int:
     """A base such that every port the plan binds is free on loopback (below Dynamo's int16 limit)."""
     return proctools.free_port_base(port_offsets(profile, args))
+
+
+class _Output:
+    """One output file of the supervisor, read incrementally: whole lines go to ``sink``."""
+
+    def __init__(self, path: Path, sink: Callable[[str], None]) -> None:
+        self.path, self.sink = path, sink
+        self.offset, self.partial = 0, b""
+
+    def pump(self) -> None:
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            data = f.read()
+        self.offset += len(data)
+        *lines, self.partial = (self.partial + data).split(b"\n")
+        for raw in lines:
+            self.sink(raw.decode("utf-8", "replace") + "\n")
 
 
 @dataclass(frozen=True)
@@ -105,7 +122,9 @@ class Deployment:
         self.exit_code: int | None = None
         self._cond = threading.Condition()
         self._proc: subprocess.Popen[bytes] | None = None
-        self._readers: list[threading.Thread] = []
+        self._outputs: list[_Output] = []
+        self._pumping = threading.Event()
+        self._pump_thread: threading.Thread | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -115,13 +134,17 @@ class Deployment:
     def start(self) -> Deployment:
         """Launch ``up`` (not waiting for it to be ready: see :meth:`wait_ready`)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self._proc = subprocess.Popen(
-            self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.env
-        )
-        for stream, sink in ((self._proc.stdout, self._on_stdout), (self._proc.stderr, self._on_stderr)):
-            thread = threading.Thread(target=self._read, args=(stream, sink), daemon=True)
-            thread.start()
-            self._readers.append(thread)
+        # Output goes to files, read by a thread every few ms AND before every question asked here:
+        # what the supervisor wrote before a call returns is always seen by that call.
+        out, err = self.workdir / "up.out", self.workdir / "up.err"
+        with open(out, "wb") as stdout, open(err, "wb") as stderr:
+            self._proc = subprocess.Popen(
+                self.argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, env=self.env
+            )
+        self._outputs = [_Output(out, self._on_stdout), _Output(err, self._on_stderr)]
+        self._pumping.set()
+        self._pump_thread = threading.Thread(target=self._pump_loop, daemon=True)
+        self._pump_thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -163,8 +186,7 @@ class Deployment:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         self.exit_code = self.proc.wait(timeout=timeout_s)
-        for thread in self._readers:
-            thread.join(timeout=5)
+        self._pump()
         return self.exit_code
 
     def stop_clean(self, timeout_s: float = 60.0) -> None:
@@ -180,19 +202,28 @@ class Deployment:
         if self._proc is not None and self._proc.poll() is None:
             self._proc.kill()
             self._proc.wait()
+        self._pumping.clear()
+        if self._pump_thread is not None:
+            self._pump_thread.join(timeout=5)
+        self._pump()
         return proctools.reap_marked(MARKER, self.marker, 5.0)
 
     # ---- output ----------------------------------------------------------------------------
 
-    def _read(self, stream: IO[bytes], sink: Callable[[str], None]) -> None:
-        for raw in stream:
-            sink(raw.decode("utf-8", "replace"))
-        stream.close()
+    def _pump_loop(self) -> None:
+        while self._pumping.is_set():
+            self._pump()
+            time.sleep(0.01)
+
+    def _pump(self) -> None:
+        """Take whatever whole lines the supervisor has written since the last pump."""
+        with self._cond:
+            for output in self._outputs:
+                output.pump()
 
     def _on_stdout(self, line: str) -> None:
-        with self._cond:
-            self.stdout_lines.append(line)
-            self._cond.notify_all()
+        self.stdout_lines.append(line)
+        self._cond.notify_all()
 
     def _on_stderr(self, line: str) -> None:
         at = time.monotonic()
@@ -202,16 +233,16 @@ class Deployment:
                 data = json.loads(line)
             except ValueError:
                 pass
-        with self._cond:
-            self.stderr_text.append(line)
-            if isinstance(data, dict):
-                self.events.append(Event(at, data))
-            self._cond.notify_all()
+        self.stderr_text.append(line)
+        if isinstance(data, dict):
+            self.events.append(Event(at, data))
+        self._cond.notify_all()
 
     def wait(self, predicate: Callable[[], object], timeout_s: float, what: str) -> None:
         """Re-check ``predicate`` whenever output arrives (and every 0.1 s); TimeoutError after
         ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
+        self._pump()
         with self._cond:
             while not predicate():
                 left = deadline - time.monotonic()
@@ -220,6 +251,7 @@ class Deployment:
                 self._cond.wait(min(left, 0.1))
 
     def snapshot(self) -> list[Event]:
+        self._pump()
         with self._cond:
             return list(self.events)
 
@@ -312,11 +344,13 @@ class Deployment:
 
     @property
     def stdout(self) -> str:
+        self._pump()
         with self._cond:
             return "".join(self.stdout_lines)
 
     @property
     def stderr(self) -> str:
+        self._pump()
         with self._cond:
             return "".join(self.stderr_text)
 

@@ -119,9 +119,14 @@ def test_reload_restarts_only_the_changed_worker_and_refuses_a_broken_profile(ru
         10,
         what="the refused reload to end with READY=1",
     )
-    errors = [e for e in running.up.event_data() if e.get("level") == "error"]
-    assert len(errors) == errors_before + 1
-    assert "workers.decode.role" in errors[-1]["error"] and "keeps running" in errors[-1]["event"]
+
+    def errors() -> list:
+        return [e for e in running.up.event_data() if e.get("level") == "error"]
+
+    # The harness reads the supervisor's stderr on a thread: the event may trail READY=1 a little.
+    wait_for(lambda: len(errors()) > errors_before, 10, what="the refused reload's error event")
+    assert len(errors()) == errors_before + 1
+    assert "workers.decode.role" in errors()[-1]["error"] and "keeps running" in errors()[-1]["event"]
     assert running.pids() == after and all(alive(after[n]) for n in NAMES)
     assert running.up.proc.poll() is None and running.serves()
 

@@ -82,7 +82,7 @@ def test_no_secret_reaches_the_supervisors_output(tmp_path: Path) -> None:
         os.kill(old, 9)
         dep.wait(lambda: dep.process_state("decode")[1] != old and dep.all_ready(), 60, "decode back, ready")
         assert dep.stop() == 0
-    output = "".join(dep.stdout_lines) + "".join(dep.stderr_text)
+    output = dep.stdout + dep.stderr
     assert dep.named("process backoff", "decode")  # the crash really went through the logs
     assert SECRET not in output
     # The plan view and preflight mask the same URL (a vLLM profile probes the remote cache).
