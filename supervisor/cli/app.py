@@ -17,13 +17,14 @@ import click
 
 from supervisor.errors import EXIT_RUNTIME, SupervisorError
 from supervisor.plan.spec import Plan
+from supervisor.redact import redact_text
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def fail(message: str, code: int) -> NoReturn:
     """Print one line to stderr and exit with ``code``."""
-    click.echo(f"lmcache-supervise: {message}", err=True)
+    click.echo(f"lmcache-supervise: {redact_text(message)}", err=True)  # last line of defence
     sys.exit(code)
 
 

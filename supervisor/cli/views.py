@@ -12,12 +12,12 @@ from rich.console import Console
 from rich.table import Table
 
 from supervisor.plan.spec import Dependency, Plan, ProcessSpec, to_jsonable
-from supervisor.redact import redact_env, redact_text
+from supervisor.redact import redact_argv, redact_env
 
 
 def process_view(spec: ProcessSpec) -> dict[str, Any]:
     view = to_jsonable(spec)
-    view["argv"] = [redact_text(a) for a in spec.argv]
+    view["argv"] = redact_argv(spec.argv)
     view["env"] = redact_env(dict(sorted(spec.env.items())))
     return view
 
@@ -57,7 +57,7 @@ def print_plan_table(plan: Plan, console: Console | None = None) -> None:
     console.print(table)
     for spec in plan.processes:
         console.print(
-            f"[bold]{spec.name}[/]: " + shlex.join(redact_text(a) for a in spec.argv),
+            f"[bold]{spec.name}[/]: " + shlex.join(redact_argv(spec.argv)),
             soft_wrap=True,
             highlight=False,
         )

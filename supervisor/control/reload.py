@@ -31,6 +31,7 @@ from supervisor.errors import ControlError, SupervisorError
 from supervisor.eventlog import log
 from supervisor.plan.policies import startup_budget_s
 from supervisor.plan.spec import Plan
+from supervisor.redact import redact_text
 
 OUTCOME_FILE = "reload.json"
 #: Deployment fields a reload cannot change in place: they name the deployment and its state.
@@ -186,7 +187,7 @@ class Reloader:
             pid=os.getpid(),
             serial=self.serial,
             ok=ok,
-            message=message,
+            message=redact_text(message),  # a profile error may quote a URL with its password
             restarted=changes.changed if changes else (),
             started=changes.added if changes else (),
             stopped=changes.removed if changes else (),

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from supervisor.plan.spec import Plan, ProcessSpec, Role
-from supervisor.redact import is_secret_name, redact_text
+from supervisor.redact import is_secret_name, redact_text, secret_arg_indexes
 
 API_VERSION = "nvidia.com/v1beta1"
 KIND = "DynamoGraphDeployment"
@@ -138,8 +138,10 @@ def _env(env: Mapping[str, str], secrets: _Secrets) -> list[dict[str, Any]]:
 def _container(spec: ProcessSpec, *, image: str, secrets: _Secrets) -> dict[str, Any]:
     env = _env(spec.env, secrets)
     args = []
-    for index, arg in enumerate(_args(spec)):
-        if redact_text(arg) != arg:  # a password inside a flag: expand it from the Secret instead
+    raw = _args(spec)
+    secret = secret_arg_indexes(raw)  # a credential flag's value, or a URL password inside one
+    for index, arg in enumerate(raw):
+        if index in secret:  # expand it from the Secret instead
             var = f"LMCS_{dns_label(spec.name).upper().replace('-', '_')}_ARG_{index}"
             env.append(secrets.ref(var))
             arg = f"$({var})"

@@ -22,6 +22,7 @@ from supervisor.errors import ProfileError, ProfileErrors
 from supervisor.paths import profiles_dir
 from supervisor.profile.rules import check_rules
 from supervisor.profile.schema import Profile, Worker
+from supervisor.redact import MASK, is_secret_name, redact_text
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -152,12 +153,21 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
 # -------------------------------------------------------------------------------------- validation
 
 
-def _expected(error: Mapping[str, Any]) -> str:
-    """A short "expected ..., got ..." from one pydantic error, in the profile's own vocabulary."""
-    kind, got = error["type"], error.get("input")
+def _got(loc: Sequence[Any], got: Any) -> str:
+    """How an offending value is quoted in an error: never a secret (a credential-named key's
+    value is masked whole, a URL password inside any value is masked)."""
+    if any(is_secret_name(str(part)) for part in loc):
+        return MASK
     got_text = f"{got!r}" if not isinstance(got, (dict, list)) else type(got).__name__
     if isinstance(got, str):
         got_text = f'"{got}"'
+    return redact_text(got_text)
+
+
+def _expected(error: Mapping[str, Any]) -> str:
+    """A short "expected ..., got ..." from one pydantic error, in the profile's own vocabulary."""
+    kind, got = error["type"], error.get("input")
+    got_text = _got(error["loc"], got)
     loc = [str(p) for p in error["loc"]]
     if kind in ("float_type", "float_parsing") and loc and loc[-1].endswith("_size"):
         return f"expected a number of GB, got {got_text}"
@@ -231,7 +241,8 @@ def _to_profile_errors(exc: ValidationError, source: str) -> ProfileErrors:
             errors.append(ProfileError(source, key, f"unknown key{hint}"))
         elif error["type"] == "literal_error":
             expected = error.get("ctx", {}).get("expected", "")
-            errors.append(ProfileError(source, key, f"expected one of {expected}, got {error['input']!r}"))
+            got = MASK if any(is_secret_name(str(p)) for p in loc) else redact_text(repr(error["input"]))
+            errors.append(ProfileError(source, key, f"expected one of {expected}, got {got}"))
         else:
             errors.append(ProfileError(source, key, _expected(error)))
     return ProfileErrors(errors)
