@@ -93,6 +93,7 @@ def up(
     from supervisor.control import metrics, progress, reload
     from supervisor.control import server as control
     from supervisor.engine import foreground, logs
+    from supervisor.engine.gpuguard import GpuGuard
 
     logs.configure()
     bridge = systemd or systemd_bridge()
@@ -110,6 +111,7 @@ def up(
             control.ControlServer(plan, timeline).serve,
             exported.serve,
             stages.serve,
+            GpuGuard(plan).serve,  # GPU faults: quarantine, move to a spare (nothing without GPUs)
             *services,
         ],
         reload=reloader,

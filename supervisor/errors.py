@@ -8,6 +8,7 @@
     ├── StartError                  a child could not be spawned                          (exit 1)
     ├── StateError                  an illegal lifecycle transition (a bug, not input)    (exit 1)
     ├── StateDirError               the state directory is unsafe (another user owns it)  (exit 2)
+    ├── GpuError                    a GPU request that cannot be done (GPU not watched)    (exit 2)
     └── ControlError                the control socket is missing, refused or failed      (exit 1)
         └── BadRequestError         the running supervisor refused a request as bad input (exit 2)
 
@@ -114,6 +115,16 @@ class StateDirError(SupervisorError):
     def __init__(self, path: str, problem: str) -> None:
         self.path, self.problem = path, problem
         super().__init__(one_line(f"state directory {path}: {problem}"))
+
+
+class GpuError(SupervisorError):
+    """A request about a GPU the supervisor cannot act on (not watched, not quarantined)."""
+
+    exit_code = EXIT_BAD_INPUT
+
+    def __init__(self, gpu: int | None, problem: str) -> None:
+        self.gpu, self.problem = gpu, problem
+        super().__init__(problem)
 
 
 class ControlError(SupervisorError):

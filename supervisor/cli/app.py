@@ -150,6 +150,7 @@ def load_plan(
 CHECK_NAMES = (
     "arch",
     "gpu",
+    "gpu-health",
     "lmcache-config",
     "host-memory",
     "disk",

@@ -16,6 +16,8 @@ None)::
     lmcache_supervise_deployment_time_to_ready_seconds{deployment}          first READY after start
     lmcache_supervise_role_healthy_replicas{deployment,role}                healthy replicas of a role
     lmcache_supervise_role_replicas{deployment,role}                        replicas planned (min_ready: _role_min_ready)
+    lmcache_supervise_gpu_healthy{deployment,gpu,uuid}                      1 unless quarantined
+    lmcache_supervise_gpu_faults_total{deployment,gpu,uuid,class}           counter (fatal, app, info)
 
 Probe results are sampled from the runner's status every :data:`SAMPLE_S` (the runner emits no
 event per probe): every result at the steady probe period (5 s), a sample of the 0.1 s startup probes.
@@ -153,6 +155,19 @@ class SupervisorMetrics:
         self.role_min_ready = Gauge(
             f"{PREFIX}_role_min_ready", "Healthy replicas the role needs", role_labels, registry=r
         )
+        self.gpu_healthy = Gauge(
+            f"{PREFIX}_gpu_healthy",
+            "1 while the GPU is in service, 0 once a fatal fault quarantined it",
+            ("deployment", "gpu", "uuid"),
+            registry=r,
+        )
+        self.gpu_faults = Counter(
+            f"{PREFIX}_gpu_faults",
+            "GPU faults seen, by class: fatal (GPU quarantined), app (process crashed), info",
+            ("deployment", "gpu", "uuid", "class"),
+            registry=r,
+        )
+        self._gpu_faults_seen: dict[tuple[str, str, str], int] = {}
         self._source: _Source | None = None
         self._restarts_seen: dict[str, int] = {}
         self._probe_seen: dict[str, object] = {}
@@ -207,6 +222,14 @@ class SupervisorMetrics:
             self.deployment_state.labels(dep, state).set(1 if state == status.state.value else 0)
         if self.timeline.time_to_ready_s is not None:
             self.time_to_ready.labels(dep).set(self.timeline.time_to_ready_s)
+        for gpu in status.gpus:
+            labels = (dep, str(gpu.index), gpu.uuid)
+            self.gpu_healthy.labels(*labels).set(1 if gpu.healthy else 0)
+            for cls in ("fatal", "app", "info"):
+                key = (labels[1], labels[2], cls)
+                count, seen = gpu.faults.get(cls, 0), self._gpu_faults_seen.get(key, 0)
+                self.gpu_faults.labels(*labels, cls).inc(max(0, count - seen))
+                self._gpu_faults_seen[key] = max(seen, count)
         self._write_targets(plan)
 
     def _write_targets(self, plan: Plan) -> None:

@@ -27,6 +27,7 @@ from typing import Protocol
 
 import anyio
 
+from supervisor.control.gpus import quarantine_phrase
 from supervisor.engine.states import (
     DeploymentEvent,
     DeploymentState,
@@ -172,6 +173,9 @@ def describe(status: DeploymentStatus) -> str:
     procs = status.processes
     healthy = sum(p.state is ProcessState.RUNNING for p in procs)
     head = f"{status.state.value}: {healthy}/{len(procs)} processes healthy"
+    quarantined = quarantine_phrase(status)
+    if quarantined:
+        head = f"{head}, {quarantined}"
     if status.state is DeploymentState.STOPPED:
         return "stopped"
     # Which process (a replica by name) is not healthy, and why: a failed replica says its crash loop

@@ -7,6 +7,8 @@ Protocol: one JSON object per line, one request per connection, one answer::
     {"op": "stop", "process": "decode"}               -> {"ok": true, "process": {...}}
     {"op": "start", "process": "decode", "wait_s": 600}
     {"op": "down"}                                    -> {"ok": true, "pid": <supervisor pid>}
+    {"op": "gpus"}                                    -> {"ok": true, "gpus": {...}}     (control.gpus)
+    {"op": "gpu-clear", "gpu": 0}                     -> {"ok": true, "note": "...", "gpus": {...}}
     anything wrong                                    -> {"ok": false, "error": "...", "bad_input": bool}
 
 ``wait_s`` (restart, start): answer once the process is healthy again with a new pid and, when every
@@ -49,7 +51,7 @@ import anyio.abc
 import httpx
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from supervisor.control import rolling
+from supervisor.control import gpus, rolling
 from supervisor.control import status as statusview
 from supervisor.control.progress import Timeline
 from supervisor.engine import pidfile
@@ -76,6 +78,7 @@ class Supervised(Protocol):
     async def start(self, name: str) -> None: ...
     async def stop(self, name: str) -> None: ...
     async def restart(self, name: str) -> None: ...
+    async def clear_gpu(self, index: int) -> str: ...
     def request_shutdown(self, *, kill: bool = False, reason: str = "requested") -> None: ...
     async def wait_until(
         self, predicate: Callable[[DeploymentStatus], bool], *, timeout_s: float
@@ -253,8 +256,18 @@ class ControlServer:
         if op == "down":
             runner.request_shutdown(reason="down over the control socket")
             return {"ok": True, "pid": os.getpid()}
+        if op == "gpus":
+            return {"ok": True, "gpus": gpus.gpus_document(runner.status())}
+        if op == "gpu-clear":
+            index = request.get("gpu")
+            if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+                return _error("gpu must be a GPU index (an integer >= 0)", bad_input=True)
+            note = await runner.clear_gpu(index)
+            return {"ok": True, "note": note, "gpus": gpus.gpus_document(runner.status())}
         if op not in ("restart", "stop", "start"):
-            return _error(f"unknown op {op!r} (status, restart, stop, start, down)", bad_input=True)
+            return _error(
+                f"unknown op {op!r} (status, restart, stop, start, down, gpus, gpu-clear)", bad_input=True
+            )
         if op == "restart":
             return await self._restart(runner, request)
         name = request.get("process")

@@ -18,6 +18,7 @@ import signal
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from supervisor.control import gpus as gpuview
 from supervisor.control import hints as diagnose
 from supervisor.control.progress import Timeline
 from supervisor.engine.proctree import descendants
@@ -109,6 +110,7 @@ def status_view(
         },
         "processes": [process_view(p, plan, (hints or {}).get(p.name, ())) for p in status.processes],
         "roles": roles_view(status, plan),
+        "gpus": [gpuview.gpu_view(g) for g in status.gpus],
     }
 
 
@@ -175,6 +177,9 @@ def gather_hints(status: DeploymentStatus, plan: Plan) -> dict[str, tuple[diagno
             )
         if found:
             out[proc.name] = found
+    assigned = {spec.name: spec.gpus for spec in plan.processes if spec.gpus}
+    for name, found in gpuview.gpu_hints(status, assigned).items():
+        out[name] = (*found, *out.get(name, ()))
     return out
 
 

@@ -20,7 +20,7 @@ import random
 import shutil
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +38,8 @@ from supervisor.engine.states import (
     DeploymentState,
     DeploymentStatus,
     ExitInfo,
+    GpuEvent,
+    GpuStatus,
     ProbeResult,
     ProcessEvent,
     ProcessState,
@@ -50,7 +52,7 @@ from supervisor.engine.states import (
     failed_retry_delay,
     next_attempt,
 )
-from supervisor.errors import StartError
+from supervisor.errors import GpuError, StartError
 from supervisor.eventlog import log
 from supervisor.host import nvml as gpu
 from supervisor.plan.spec import Condition, Plan, ProcessSpec
@@ -118,6 +120,8 @@ class Runner:
         self._changed = anyio.Event()  # replaced on every change: a broadcast "something changed"
         self._shutdown = anyio.Event()
         self._applying = anyio.Lock()
+        self._gpus: tuple[GpuStatus, ...] = ()  # the GPU guard's view; a quarantined GPU takes no spawn
+        self.gpu_clearer: Callable[[int], Awaitable[str]] | None = None  # set by the GPU guard
 
     # ---- public API -------------------------------------------------------------------------
 
@@ -155,7 +159,27 @@ class Runner:
             model=dep.served_model_name,
             ready_since_wall=self._ready_since_wall,
             processes=tuple(procs),
+            gpus=self._gpus,
         )
+
+    def update_gpus(self, gpus: tuple[GpuStatus, ...], event: GpuEvent | None = None) -> None:
+        """The GPU guard's new view; with ``event`` (a quarantine, a clear, a fault) observers hear of it.
+
+        A process whose GPUs include a quarantined one is held before its next spawn (see
+        :meth:`_gpu_hold`): never started onto a broken GPU, whatever restarted it.
+        """
+        self._gpus = gpus
+        if event is not None:
+            self._emit(event)
+        else:  # no observer needs a counter refresh, but a waiter on the status may
+            self._changed.set()
+            self._changed = anyio.Event()
+
+    async def clear_gpu(self, index: int) -> str:
+        """An operator's ``gpus clear``: end GPU ``index``'s quarantine; returns what was done."""
+        if self.gpu_clearer is None:
+            raise GpuError(index, f"no GPU is watched in deployment {self.plan.deployment.name!r}")
+        return await self.gpu_clearer(index)
 
     async def wait_until(
         self, predicate: Callable[[DeploymentStatus], bool], *, timeout_s: float
@@ -447,6 +471,11 @@ class Runner:
                     "waiting for " + ", ".join(f"{d.name} {d.condition.value}" for d in spec.depends_on),
                 )
                 await self._until(lambda: self._deps_met(spec))
+            held = self._gpu_hold(spec)
+            if held is not None:
+                self._set(slot, P.WAITING, held)
+                await self._until(lambda: self._gpu_hold(spec) is None)
+                continue  # its dependencies may have changed meanwhile
             await self._gpu_clear(slot)
             slot.kick = anyio.Event()
             try:
@@ -595,6 +624,15 @@ class Runner:
             removed = discovery.forget_worker(discovery_dir, port)
             if removed:
                 log.info("removed stale discovery entries", process=slot.spec.name, entries=len(removed))
+
+    def _gpu_hold(self, spec: ProcessSpec) -> str | None:
+        """Why ``spec`` must not start now: one of its GPUs is quarantined (None: it may start)."""
+        bad = [g for g in self._gpus if g.quarantine is not None and g.index in spec.gpus]
+        if not bad:
+            return None
+        return "; ".join(f"GPU {g.index} quarantined ({g.quarantine})" for g in bad) + (
+            "; no spare GPU: waiting for `lmcache-supervise gpus clear` after a reset"
+        )
 
     async def _gpu_clear(self, slot: _Slot) -> None:
         """Before relaunching a GPU worker, wait until its previous incarnation let go of the GPUs."""

@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from supervisor.errors import StateError
+from supervisor.host.gpuhealth import GpuCounters, GpuFault
 from supervisor.plan.spec import RestartMode, RestartPolicy
 
 
@@ -261,6 +262,41 @@ class ProcessStatus:
 
 
 @dataclass(frozen=True)
+class GpuUser:
+    """A process holding memory on a GPU; ``process`` names the supervised process it belongs to."""
+
+    pid: int
+    used_bytes: int | None
+    process: str | None
+
+
+@dataclass(frozen=True)
+class GpuStatus:
+    """One watched GPU as the GPU guard sees it (see :mod:`supervisor.engine.gpuguard`).
+
+    ``quarantine`` is the reason a fatal fault took it out of service (None: healthy); ``spare``
+    is true for a GPU the profile lists as a spare. ``counters`` is the latest health reading and
+    ``faults`` counts faults by class (fatal, app, info) since supervision started.
+    """
+
+    index: int
+    uuid: str
+    name: str
+    total_bytes: int | None
+    spare: bool
+    quarantine: str | None
+    last_fault: GpuFault | None
+    faults: Mapping[str, int]
+    counters: GpuCounters | None
+    users: tuple[GpuUser, ...] = ()
+    assigned_to: tuple[str, ...] = ()  # supervised processes whose GPUs include this one
+
+    @property
+    def healthy(self) -> bool:
+        return self.quarantine is None
+
+
+@dataclass(frozen=True)
 class DeploymentStatus:
     """A snapshot of the whole deployment, safe to hand to other tasks or serialise."""
 
@@ -270,6 +306,7 @@ class DeploymentStatus:
     model: str
     ready_since_wall: float | None
     processes: tuple[ProcessStatus, ...]
+    gpus: tuple[GpuStatus, ...] = ()  # empty when no GPU is watched (no GPU in the plan, no NVML)
 
     def process(self, name: str) -> ProcessStatus:
         for proc in self.processes:
@@ -301,4 +338,14 @@ class DeploymentEvent:
     status: DeploymentStatus
 
 
-RunnerEvent = ProcessEvent | DeploymentEvent
+@dataclass(frozen=True)
+class GpuEvent:
+    """A GPU had a fault, or was quarantined or cleared; ``DeploymentStatus.gpus`` has the view after."""
+
+    gpu: int
+    what: str
+    quarantined: bool
+    at: float
+
+
+RunnerEvent = ProcessEvent | DeploymentEvent | GpuEvent

@@ -17,6 +17,7 @@ from typing import Any, Protocol, TypeVar
 
 import psutil
 
+from supervisor.host.gpuhealth import GpuCounters, read_counters
 from supervisor.host.nvml import load_pynvml
 
 T = TypeVar("T")
@@ -55,6 +56,7 @@ class Gpu:
     processes: tuple[GpuProcess, ...]
     problems: tuple[str, ...] = ()
     nvlinks: int | None = None  # active NVLink links (0: PCIe only); None when not asked or NVML cannot tell
+    health: GpuCounters | None = None  # ECC, row remapping, persistence, ... (gpuhealth.read_counters)
 
 
 @dataclass(frozen=True)
@@ -191,7 +193,8 @@ def _gpu(nvml: Any, index: int, links: bool = False) -> Gpu:
             seen.setdefault(int(info.pid), int(used) if isinstance(used, int) else None)
     processes = tuple(GpuProcess(pid, _process_name(nvml, pid), used) for pid, used in sorted(seen.items()))
     nvlinks = _nvlinks(nvml, handle) if links else None
-    return Gpu(index, name, uuid, total, free, mig, processes, tuple(problems), nvlinks)
+    health = read_counters(nvml, handle)
+    return Gpu(index, name, uuid, total, free, mig, processes, tuple(problems), nvlinks, health)
 
 
 def gpu_facts(nvml: Any | None = None, *, links: bool = False) -> GpuFacts:

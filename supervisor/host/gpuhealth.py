@@ -125,6 +125,9 @@ def read_counters(nvml: Any, handle: Any) -> GpuCounters:
             return None
         try:
             return fn()
+        except AttributeError:  # an nvidia-ml-py too old to have this call
+            unsupported.append(what)
+            return None
         except nvml.NVMLError as exc:
             code = _error_value(exc)
             if code == ERROR_NOT_SUPPORTED:

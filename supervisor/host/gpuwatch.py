@@ -66,6 +66,7 @@ class GpuReading:
     counters: GpuCounters | None = None
     last_fault: GpuFault | None = None
     counts: FaultCounts = field(default_factory=FaultCounts)
+    processes: tuple[tuple[int, int | None], ...] = ()  # (pid, used bytes) from the last read
 
 
 @dataclass
@@ -276,12 +277,23 @@ class GpuWatcher:
         if handle is None:
             return
         counters = read_counters(self._nvml, handle)
+        processes = () if counters.lost else self._processes(handle)
         self.stats.counter_reads += 1
         reading = self._readings[index]
         with self._lock:
             before, reading.counters = reading.counters, counters
+            reading.processes = processes
         for finding in judge_counters(before, counters):
             self._deliver(reading, finding, "counters")
+
+    def _processes(self, handle: Any) -> tuple[tuple[int, int | None], ...]:
+        nvml = self._nvml
+        try:
+            found = nvml.nvmlDeviceGetComputeRunningProcesses(handle)
+        except nvml.NVMLError:
+            return ()
+        used = (getattr(p, "usedGpuMemory", None) for p in found)
+        return tuple((int(p.pid), u if isinstance(u, int) else None) for p, u in zip(found, used))
 
     # ---- the kernel log -------------------------------------------------------------------------
 

@@ -266,6 +266,7 @@ def render(
         else {},
         node_role=here.role,
         on_role_failed=sup.on_role_failed,
+        spare_gpus=tuple(profile.spare_gpus),
         head=here.head,
         advertise=here.advertise,
     )

@@ -232,6 +232,7 @@ class DeploymentSpec:
     # A required group whose every member FAILED: "exit" fails the deployment (exit code 1),
     # "retry" keeps the rest serving while the failed replicas wait out their long retry delay.
     on_role_failed: Literal["exit", "retry"] = "exit"
+    spare_gpus: tuple[int, ...] = ()  # a worker whose GPU is quarantined moves to one of these
     head: str | None = None
     advertise: str | None = None
 

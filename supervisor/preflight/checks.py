@@ -23,6 +23,7 @@ from supervisor.preflight import cache_servers
 from supervisor.preflight.engines import INSTALL, check_engine
 from supervisor.preflight.findings import Finding, Status, fail, gib, names, ok, warn
 from supervisor.preflight.gpu import check_gpu
+from supervisor.preflight.gpu_health import check_gpu_health
 from supervisor.preflight.needs import (
     CONFIG_FILE_ENV,
     GIB,
@@ -524,6 +525,7 @@ def check_discovery(plan: Plan, facts: HostFacts) -> list[Finding]:
 CHECKS: dict[str, Callable[[Plan, HostFacts], list[Finding]]] = {
     "arch": check_arch,
     "gpu": check_gpu,
+    "gpu-health": check_gpu_health,
     "lmcache-config": check_lmcache_config,
     "host-memory": check_host_memory,
     "disk": check_disk,

@@ -229,6 +229,15 @@ def _graph_errors(profile: Profile) -> list[ProfileError]:
         errors += _replica_errors(profile, name, worker, owners)
         errors += _flag_errors(profile, key, worker.args, "worker")
         errors += _env_errors(profile, key, worker.env)
+    if len(set(profile.spare_gpus)) != len(profile.spare_gpus):
+        errors.append(ProfileError(src, "spare_gpus", f"lists a GPU twice: {profile.spare_gpus}"))
+    for gpu in profile.spare_gpus:
+        if gpu in owners:
+            errors.append(
+                ProfileError(
+                    src, "spare_gpus", f"GPU {gpu} is a spare but also given to worker {owners[gpu][0]!r}"
+                )
+            )
     return errors
 
 

@@ -291,6 +291,8 @@ class Profile(_Model):
     ports: Ports = Ports()
     frontend: Frontend = Frontend()
     workers: dict[Name, Worker]
+    # GPUs kept free for a worker whose GPU faults (same model and memory size as the one it replaces)
+    spare_gpus: list[Annotated[int, Field(ge=0)]] = []
     lmcache: LMCache = LMCache()
     supervisor: Supervisor = Supervisor()
     env: dict[str, str] = {}

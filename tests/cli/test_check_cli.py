@@ -48,6 +48,7 @@ def test_demo_passes_on_this_machine_in_both_forms(tmp_path: Path) -> None:
     assert [r["check"] for r in rows] == [
         "arch",
         "gpu",
+        "gpu-health",
         "lmcache-config",
         "host-memory",
         "disk",

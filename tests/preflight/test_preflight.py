@@ -24,6 +24,7 @@ from supervisor.host.facts import (
     SoftwareFacts,
 )
 from supervisor.host.gpu import NO_DRIVER, Gpu, GpuFacts, GpuProcess, MigMode
+from supervisor.host.gpuhealth import GpuCounters
 from supervisor.host.redis import RemoteFacts
 from supervisor.plan import render as planmod
 from supervisor.plan.spec import Plan, ProcessSpec, Role
@@ -48,6 +49,16 @@ def render(name: str, *overrides: str) -> Plan:
     return planmod.render(profiles.load(name, overrides=overrides), state_root=STATE, python=PY)
 
 
+HEALTHY_COUNTERS = GpuCounters(
+    ecc_enabled=True,
+    ecc_uncorrected_volatile=0,
+    remap_pending=False,
+    remap_failure=False,
+    persistence=True,
+    recovery_action=0,
+)
+
+
 def gpu(
     index: int,
     *,
@@ -66,6 +77,7 @@ def gpu(
         mig,
         processes,
         problems,
+        health=HEALTHY_COUNTERS,
     )
 
 
@@ -682,3 +694,61 @@ def test_shm_is_judged_only_for_a_server_given_shm_name() -> None:
     assert f.status is Status.FAIL and "4 GB L1" in f.message and "/dev/shm has 1.0 GiB free" in f.message
     roomy = healthy(plan, memory=MemoryFacts(64 * GIB, 60 * GIB, shm_free_bytes=8 * GIB))
     assert only(check(plan, roomy), "shm")[0].status is Status.OK
+
+
+# ---- gpu-health: a GPU that is already faulty takes no worker -------------------------------------
+
+
+def with_health(plan: Plan, index: int, **counters: object) -> HostFacts:
+    facts = healthy(plan)
+    assert facts.gpus is not None
+    gpus = tuple(
+        dataclasses.replace(g, health=dataclasses.replace(HEALTHY_COUNTERS, **counters))
+        if g.index == index
+        else g
+        for g in facts.gpus.gpus
+    )
+    return dataclasses.replace(facts, gpus=dataclasses.replace(facts.gpus, gpus=gpus))
+
+
+@pytest.mark.parametrize(
+    "counters, expected",
+    [
+        ({"remap_pending": True}, "GPU 1 (prefill): a row remap is pending"),
+        ({"remap_failure": True}, "GPU 1 (prefill): a row remapping failed"),
+        (
+            {"ecc_uncorrected_volatile": 3},
+            "GPU 1 (prefill): 3 uncorrectable ECC error(s) since the driver loaded",
+        ),
+        ({"recovery_action": 2}, "GPU 1 (prefill): the driver asks for a node reboot"),
+        ({"lost": True}, "GPU 1 (prefill) is lost"),
+    ],
+)
+def test_gpu_health_fails_a_faulty_gpu(counters: dict[str, object], expected: str) -> None:
+    plan = render("disagg")
+    [found] = only(check(plan, with_health(plan, 1, **counters)), "gpu-health")
+    assert found.status is Status.FAIL and found.message.startswith(expected), found
+    with pytest.raises(PreflightError):
+        enforce(check(plan, with_health(plan, 1, **counters)))
+
+
+@pytest.mark.parametrize(
+    "counters, expected",
+    [({"ecc_enabled": False}, "ECC is off"), ({"persistence": False}, "persistence mode is off")],
+)
+def test_gpu_health_warns_on_ecc_or_persistence_off(counters: dict[str, object], expected: str) -> None:
+    plan = render("disagg")
+    [found] = only(check(plan, with_health(plan, 0, **counters)), "gpu-health")
+    assert found.status is Status.WARN and expected in found.message
+
+
+def test_gpu_health_checks_the_spares_too() -> None:
+    plan = render("disagg", "spare_gpus=[1]", "workers.prefill.gpus=[0]", "workers.decode.gpus=[2]")
+    facts = healthy(plan)
+    assert facts.gpus is not None
+    facts = dataclasses.replace(facts, gpus=dataclasses.replace(facts.gpus, gpus=(*facts.gpus.gpus, gpu(2))))
+    assert [f.status for f in only(check(plan, facts), "gpu-health")] == [Status.OK]
+    bad = only(check(plan, with_health(plan, 1, remap_pending=True)), "gpu-health")
+    assert [f.message.split(":")[0] for f in bad if f.status is Status.FAIL] == ["GPU 1 (spare)"]
+    missing = render("disagg", "spare_gpus=[7]")
+    assert "spare GPU 7 does not exist" in only(check(missing, healthy(missing)), "gpu-health")[0].message

@@ -150,6 +150,13 @@ CASES = [
         "workers.decode.gpus: expected 2 GPU indices",
     ),
     (
+        "spare-given-to-a-worker",
+        'extends = "disagg"\nspare_gpus = [0]\n',
+        [],
+        "spare_gpus: GPU 0 is a spare but also given to worker 'decode'",
+    ),
+    ("spare-twice", 'extends = "disagg"\nspare_gpus = [2, 2]\n', [], "spare_gpus: lists a GPU twice"),
+    (
         "vllm-worker-without-gpu",
         'extends = "agg"\n[workers.worker]\ngpus = []\n',
         [],
