@@ -29,6 +29,7 @@ import anyio.abc
 import httpx
 
 from supervisor.engine import discovery
+from supervisor.engine.gate import DeploymentFacts, Gate, decide_deployment
 from supervisor.engine.logs import ChildOutput, LogOptions, TerminalEcho
 from supervisor.engine.probes import FAST_PROBE_S, deployment_ready, smoke, watch_health
 from supervisor.engine.process import Child, Guardian, spawn
@@ -111,11 +112,8 @@ class Runner:
         self._gpu_pids, self._rand = gpu_pids, rand
         self._deployment = D.STARTING
         self._ready_since_wall: float | None = None
-        self._gate_passed = False
-        self._gate_generation = 0  # bumped whenever a required process leaves RUNNING
-        self._timed_out = False
-        self._worker_baseline: dict[str, int] | None = None
-        self._failed_required: list[str] = []
+        self._gate = Gate()
+        self._exit_code = 0
         self._started_at = time.monotonic()
         self._changed = anyio.Event()  # replaced on every change: a broadcast "something changed"
         self._shutdown = anyio.Event()
@@ -263,7 +261,7 @@ class Runner:
         for name in restart:
             await self.stop(name)
         if start or stop:
-            self._worker_baseline = None  # the frontend's worker counts change with the set
+            self._gate.worker_baseline = None  # the frontend's worker counts change with the set
         old = self._slots
         self.plan = plan
         self._slots = {}
@@ -290,7 +288,7 @@ class Runner:
                 self._client, self._tg = client, tg
                 for slot in self._slots.values():
                     self._launch(slot)
-                tg.start_soon(self._gate)
+                tg.start_soon(self._run_gate)
                 task_status.started()
                 await self._shutdown.wait()
                 await self._stop_all()
@@ -303,7 +301,7 @@ class Runner:
                 if slot.spec.multiproc_dir:
                     shutil.rmtree(slot.spec.multiproc_dir, ignore_errors=True)
             self._guardian.close()  # EOF: it SIGKILLs whatever is still registered
-        return 1 if self._failed_required else 0
+        return self._exit_code
 
     # ---- state ------------------------------------------------------------------------------
 
@@ -350,15 +348,7 @@ class Runner:
         if slot.spec.required and old is P.RUNNING and new is not P.RUNNING and not self._group_ok(group):
             # Only a group below min_ready takes the deployment back through the gate: one replica
             # of two restarting leaves the model served (Dynamo migrates its requests).
-            self._gate_generation += 1
-            self._gate_passed = False
-        if (
-            new is P.FAILED
-            and slot.spec.required
-            and self._group_down(group)
-            and group not in self._failed_required
-        ):
-            self._failed_required.append(group)
+            self._gate.close()
         level = "error" if new is P.FAILED else "warning" if new in (P.BACKOFF, P.NOT_READY) else "info"
         getattr(log, level)(
             "process " + new.value, process=slot.spec.name, pid=pid, was=old.value, reason=reason
@@ -384,22 +374,24 @@ class Runner:
         self._emit(DeploymentEvent(old, new, reason, time.monotonic(), self.status()))
 
     def _recompute(self, *, reason: str) -> None:
-        if self._deployment in (D.FAILED, D.STOPPING, D.STOPPED):
-            return
-        if self._failed_required:
-            group = self._failed_required[0]
+        # A replica restarting after a crash is transient; a failed one needs someone to look.
+        groups = dict.fromkeys(spec.group for spec in self.plan.processes)
+        facts = DeploymentFacts(
+            gate_open=self._gate.open,
+            gave_up_waiting=self._gate.gave_up_waiting,
+            failed_group=next((g for g in groups if self._required_group(g) and self._group_down(g)), None),
+            serving=all(self._group_ok(g) for g in groups),
+            any_failed=any(s.state is P.FAILED for s in self._slots.values()),
+        )
+        new = decide_deployment(self._deployment, facts)
+        if new is D.FAILED:
+            group = facts.failed_group or ""
             what = "required process" if len(self._members(group)) == 1 else "every replica of"
+            self._exit_code = 1
             self._set_deployment(D.FAILED, f"{what} {group} failed")
             self.request_shutdown(reason="a required process failed")
-            return
-        # Ready while every group has min_ready healthy members and nothing gave up (FAILED): a
-        # replica restarting after a crash is transient; a failed one needs someone to look.
-        serving = all(self._group_ok(spec.group) for spec in self.plan.processes)
-        failed = any(s.state is P.FAILED for s in self._slots.values())
-        if self._gate_passed:
-            self._set_deployment(D.READY if serving and not failed else D.DEGRADED, reason)
-        elif self._deployment is D.READY or self._timed_out:
-            self._set_deployment(D.DEGRADED, reason)
+        elif new is not None:
+            self._set_deployment(new, reason)
 
     # ---- replica groups (a process alone is a group of one) ----------------------------------
 
@@ -415,6 +407,9 @@ class Runner:
     def _group_ok(self, group: str) -> bool:
         healthy, need = self._count(group, (P.RUNNING,))
         return healthy >= need
+
+    def _required_group(self, group: str) -> bool:
+        return any(s.spec.required for s in self._members(group))
 
     def _group_down(self, group: str) -> bool:
         """Every member FAILED (and the deployment's policy is to give up then)."""
@@ -651,32 +646,31 @@ class Runner:
 
     # ---- deployment gate and shutdown ------------------------------------------------------
 
-    async def _gate(self) -> None:
+    async def _run_gate(self) -> None:
         """Turn the deployment READY: all required processes up, model ready, one smoke request."""
         deadline = self._started_at + self.plan.deployment.ready_timeout_s
         while self._deployment not in (D.FAILED, D.STOPPING, D.STOPPED):
             dep = self.plan.deployment  # re-read: a reload may have changed the URLs or the smoke test
-            if self._gate_passed or not self._required_running():
+            if self._gate.open or not self._required_running():
                 await self._changed.wait()
                 continue
-            generation = self._gate_generation
+            generation = self._gate.generation
             result = ProbeResult(ok=True, latency_s=0.0)
             if dep.ready_url:
                 # The first time, remember how many workers per type the frontend counts; later
                 # gates (after restarts) wait until stale registrations are gone again.
                 result, counts = await deployment_ready(
-                    dep.ready_url, client=self._client, max_workers=self._worker_baseline
+                    dep.ready_url, client=self._client, max_workers=self._gate.worker_baseline
                 )
-                if result.ok and self._worker_baseline is None:
-                    self._worker_baseline = counts
+                if result.ok and self._gate.worker_baseline is None:
+                    self._gate.worker_baseline = counts
             if result.ok and dep.smoke is not None:
                 result = await smoke(dep.base_url, dep.served_model_name, dep.smoke, client=self._client)
-            if result.ok and generation == self._gate_generation and self._required_running():
-                self._gate_passed = True
+            if result.ok and self._required_running() and self._gate.pass_(generation):
                 self._recompute(reason="model ready and smoke request answered")
                 continue
-            if not self._timed_out and time.monotonic() > deadline:
-                self._timed_out = True
+            if not self._gate.gave_up_waiting and time.monotonic() > deadline:
+                self._gate.gave_up_waiting = True
                 log.error(
                     "deployment not ready in time; still trying",
                     deployment=dep.name,
