@@ -56,6 +56,7 @@ from supervisor.engine.states import (
 from supervisor.errors import GpuError, StartError
 from supervisor.eventlog import log
 from supervisor.host import nvml as gpu
+from supervisor.plan.policies import startup_budget_s
 from supervisor.plan.spec import Condition, Plan, ProcessSpec
 
 P, D = ProcessState, DeploymentState
@@ -88,6 +89,7 @@ class _Slot:
     failed_retries: int = 0  # long retries after a crash loop, reset once healthy reset_after_s
     last_exit: ExitInfo | None = None
     last_probe: ProbeResult | None = None
+    rolling_dependents: bool = False  # its dependents are being restarted one at a time
 
 
 class Runner:
@@ -527,11 +529,9 @@ class Runner:
                 slot.attempt = 0
                 continue
             self._set(slot, P.BACKOFF, decision.reason)
-            if policy.restart_dependents:
-                for dependent in self.plan.dependents(spec.name):
-                    kick = self._slots[dependent.name].kick
-                    if kick is not None:
-                        kick.set()
+            if policy.restart_dependents and not slot.rolling_dependents:
+                slot.rolling_dependents = True
+                self._tg.start_soon(self._restart_dependents, slot)
             slot.attempt += 1
             slot.restarts += 1
             if decision.delay_s > 0:
@@ -556,6 +556,41 @@ class Runner:
         slot.attempt += 1
         await anyio.sleep(decision.delay_s)
         return True
+
+    async def _restart_dependents(self, server: _Slot) -> None:
+        """Once ``server`` is healthy again after a restart, restart its dependents one at a time, each
+        after the previous is healthy again (or its startup budget ran out).
+
+        For clients that never reconnect (LMCache's lm:// connector keeps its dead socket): meanwhile
+        they keep serving without the cache, instead of all going down at once with the server."""
+        name = server.spec.name
+        done = (P.FAILED, P.STOPPED, P.EXITED)
+        try:
+            await self._until(
+                lambda: server.state is P.RUNNING or server.state in done or self._shutdown.is_set()
+            )
+            for dependent in self.plan.dependents(name):
+                slot = self._slots.get(dependent.name)
+                if self._shutdown.is_set() or server.state is not P.RUNNING:
+                    return
+                if (
+                    slot is None
+                    or slot.child is None
+                    or slot.state not in (P.STARTING, P.RUNNING, P.NOT_READY)
+                ):
+                    continue
+                old = slot.child.pid
+                log.info("restarting a dependent", process=dependent.name, pid=old, after=name)
+                await self.restart(dependent.name)
+
+                def back(slot: _Slot = slot, old: int = old) -> bool:
+                    renewed = slot.state is P.RUNNING and slot.child is not None and slot.child.pid != old
+                    return renewed or slot.state in done or self._shutdown.is_set()
+
+                with anyio.move_on_after(startup_budget_s(dependent) or 60.0):
+                    await self._until(back)
+        finally:
+            server.rolling_dependents = False
 
     async def _run_child(self, slot: _Slot, child: Child) -> tuple[str, bool, bool]:
         """Until the child exits, fails liveness/startup, or is kicked: ``(why, killed, kicked)``."""

@@ -278,6 +278,52 @@ async def test_restart_dependents_option(make_spec, make_plan) -> None:
     assert status.process("b").restarts == 1 and not alive(old_b)
 
 
+async def test_restart_dependents_rolls_one_at_a_time_after_the_server_is_back(make_spec, make_plan) -> None:
+    """lm:// clients never reconnect: their workers restart, but never two at once and only once the
+    server answers again, so the others keep serving (without the cache) meanwhile."""
+    base = free_port_base(3)
+    a = make_spec(
+        "a",
+        "--port",
+        str(base),
+        "--health-after",
+        "0.3",
+        probes=health(base),
+        restart=RestartPolicy(backoff_initial_s=0.0, restart_dependents=True),
+    )
+    deps = [
+        make_spec(
+            name,
+            "--port",
+            str(base + i),
+            "--health-after",
+            "0.3",
+            probes=health(base + i),
+            depends_on=(Dependency("a", Condition.HEALTHY),),
+        )
+        for i, name in ((1, "b"), (2, "c"))
+    ]
+    runner = Runner(make_plan(a, *deps))
+    recorder = Recorder()
+    runner.subscribe(recorder)
+    async with supervising(runner):
+        status = await until(runner, lambda s: s.state is D.READY)
+        old = {n: status.process(n).pid for n in ("a", "b", "c")}
+        killed_at = time.monotonic()
+        os.kill(old["a"], signal.SIGKILL)
+        status = await until(
+            runner,
+            lambda s: s.state is D.READY and all(s.process(n).pid != old[n] for n in ("b", "c")),
+            20,
+        )
+    assert status.process("b").restarts == 1 and status.process("c").restarts == 1
+    a_back = min(t for t, e in recorder.process("a", P.RUNNING) if t > killed_at)
+    b_stop = min(t for t, e in recorder.process("b", P.STOPPING) if t > killed_at)
+    b_back = min(t for t, e in recorder.process("b", P.RUNNING) if t > killed_at)
+    c_stop = min(t for t, e in recorder.process("c", P.STOPPING) if t > killed_at)
+    assert a_back <= b_stop < b_back <= c_stop  # server first, then b, and c only once b serves again
+
+
 async def test_gpu_worker_waits_until_nvml_lets_go(make_spec, make_plan) -> None:
     calls: list[float] = []
     held: set[int] = set()
