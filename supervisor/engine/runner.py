@@ -326,6 +326,9 @@ class Runner:
             return
         slot.starts.clear()
         slot.attempt = slot.failed_retries = 0
+        # Queued at once, before the lifecycle task runs: whoever waits for the process to come back
+        # sees it leave stopped/failed now, never mistakes that state for the answer.
+        self._set(slot, P.WAITING, "start requested")
         self._launch(slot)
 
     def _emit(self, event: RunnerEvent) -> None:

@@ -66,7 +66,7 @@ async def test_restart_made_during_a_slow_stop_waits_for_it_then_starts(make_spe
         states = [e.new for _, e in rec.process("slow")]
     assert codes == [0]
     assert new != old and not alive(old)
-    assert states[-5:] == [P.RUNNING, P.STOPPING, P.STOPPED, P.STARTING, P.RUNNING]
+    assert states[-6:] == [P.RUNNING, P.STOPPING, P.STOPPED, P.WAITING, P.STARTING, P.RUNNING]
     assert not _legal(rec)
 
 
