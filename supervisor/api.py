@@ -17,10 +17,11 @@ stage; only :mod:`supervisor.cli` turns those into a line on stderr and an exit 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from supervisor.control.notify import SystemdBridge
+    from supervisor.control.progress import Timeline
     from supervisor.engine.logs import TerminalEcho
     from supervisor.engine.runner import Observer, Service
     from supervisor.plan.nodes import NodeRole
@@ -81,6 +82,8 @@ def up(
     echo: TerminalEcho | None = None,
     progress_sink: Callable[[str], None] | None = None,
     systemd: SystemdBridge | None = None,
+    timeline: Timeline | None = None,
+    events: Callable[[dict[str, Any]], None] | None = None,
 ) -> int:
     """Supervise ``plan`` in the foreground until SIGINT/SIGTERM (or a failure); returns the exit code.
 
@@ -88,16 +91,17 @@ def up(
     and targets file, start-up progress (to ``progress_sink``, else log events), sd_notify (``systemd``:
     create it with :func:`systemd_bridge` before anything is spawned) and reloads on SIGHUP or
     ``reload`` (``reread`` returns the new plan; without it a reload is refused). 0 after an orderly
-    stop, 1 when a required process failed for good.
+    stop, 1 when a required process failed for good. ``timeline`` is the one clock of start-up (pass
+    your own to read it as well); ``events`` takes every supervisor event instead of stderr (JSON lines).
     """
     from supervisor.control import metrics, progress, reload
     from supervisor.control import server as control
     from supervisor.engine import foreground, logs
     from supervisor.engine.gpuguard import GpuGuard
 
-    logs.configure()
+    logs.configure(sink=events)
     bridge = systemd or systemd_bridge()
-    timeline = progress.Timeline()
+    timeline = timeline or progress.Timeline()
     stages = progress.Progress(timeline, sink=progress_sink)
     exported = metrics.SupervisorMetrics(plan, timeline)
     reloader = None

@@ -110,10 +110,16 @@ def check_command(
 @node_options
 @skip_check_option
 @click.option(
-    "--quiet-children",
+    "--logs",
+    "-f",
+    "follow",
     is_flag=True,
-    help="Do not copy child output to the terminal (it still goes to the log files).",
+    help="Interleave the children's output here, each line prefixed with its process name (it always goes "
+    "to their log files: `logs -f NAME` follows one from another terminal).",
 )
+@click.option(
+    "--quiet-children", is_flag=True, hidden=True
+)  # the old opt-out: children are quiet by default now
 @handles_errors
 def up_command(
     profile: str,
@@ -123,20 +129,20 @@ def up_command(
     head: str | None,
     advertise: str | None,
     skip: tuple[str, ...],
+    follow: bool,
     quiet_children: bool,
 ) -> None:
     """Start PROFILE in the foreground and supervise it; Ctrl-C or SIGTERM stops it in order.
 
+    On a terminal: a live panel of the processes, each event once above it, one ready line. Without
+    one (systemd, a pipe): JSON events on stderr, one per line, and the ready line alone on stdout.
     Exits 0 after an orderly shutdown and 1 when a required process failed for good (crash loop),
     so that systemd can take over."""
-    import time
-
     from supervisor import api
+    from supervisor.control.progress import Timeline
     from supervisor.engine import logs
-    from supervisor.engine.states import DeploymentEvent, DeploymentState, RunnerEvent
     from supervisor.preflight.checks import Status
 
-    started = time.monotonic()
     # First: read NOTIFY_SOCKET/WATCHDOG_* and drop them from our environment before anything
     # (preflight's probes included) is spawned. Without systemd this is a no-op.
     bridge = api.systemd_bridge()
@@ -145,44 +151,80 @@ def up_command(
     if any(f.status is not Status.OK for f in findings):
         print_findings(findings)
     api.enforce(findings)
-    dep = rendered.deployment
-    announced: list[bool] = []
-
-    def announce(event: RunnerEvent) -> None:
-        if isinstance(event, DeploymentEvent) and event.new is DeploymentState.READY and not announced:
-            announced.append(True)
-            click.echo(
-                f"ready: OpenAI API at {dep.base_url}/v1 (model {dep.served_model_name}) "
-                f"in {time.monotonic() - started:.1f} s"
-            )
 
     def reread() -> Plan:  # SIGHUP / `reload`: the same profile with the same flags, read again
         return load_plan(profile, overrides, model, role=role, head=head, advertise=advertise)
 
-    echo = None if quiet_children else logs.TerminalEcho()
+    timeline = Timeline()  # the one clock of every line below: seconds since supervision began
+    dep = rendered.deployment
+
+    def ready_text(elapsed_s: float) -> str:
+        return f"ready: OpenAI API at {dep.base_url}/v1 (model {dep.served_model_name}) in {elapsed_s:.1f} s"
+
+    terminal = sys.stdout.isatty()
+    echo = logs.TerminalEcho(color=terminal) if follow else None
     try:
-        code = api.up(
-            rendered,
-            reread=reread,
-            observers=[announce],
-            echo=echo,
-            systemd=bridge,
-            progress_sink=_stage_sink(),
-        )
+        if terminal:
+            code = _up_on_terminal(rendered, timeline, ready_text, reread, bridge, echo)
+        else:
+            code = api.up(
+                rendered,
+                reread=reread,
+                observers=[_ReadyLine(ready_text, timeline)],
+                echo=echo,
+                systemd=bridge,
+                timeline=timeline,
+            )
     finally:
         if echo is not None:
             echo.close()
     sys.exit(code)
 
 
-def _stage_sink() -> Any:
-    """Start-up stage lines on a terminal; None elsewhere (they are structured log events there)."""
-    if not sys.stdout.isatty():
-        return None
+class _ReadyLine:
+    """Without a terminal: the ready line alone on stdout, once, on the start-up clock (the events are
+    JSON lines on stderr)."""
+
+    def __init__(self, text: Any, timeline: Any) -> None:
+        self.text, self.timeline, self.said = text, timeline, False
+
+    def __call__(self, event: Any) -> None:
+        from supervisor.engine.states import DeploymentEvent, DeploymentState
+
+        if isinstance(event, DeploymentEvent) and event.new is DeploymentState.READY and not self.said:
+            self.said = True
+            click.echo(self.text(self.timeline.elapsed_s()))
+
+
+def _up_on_terminal(
+    rendered: Plan, timeline: Any, ready_text: Any, reread: Any, bridge: Any, echo: Any
+) -> int:
+    """The live panel (supervisor.cli.live): the status table refreshed in place, events once above it."""
     from rich.console import Console
 
-    console = Console(highlight=False)
-    return lambda line: console.print(line, style="bold cyan", soft_wrap=True)
+    from supervisor import api
+    from supervisor.cli.control import render_status
+    from supervisor.cli.live import TerminalUp
+    from supervisor.control.status import status_view
+
+    view = TerminalUp(
+        console=Console(highlight=False),
+        ready_text=ready_text,
+        elapsed=timeline.elapsed_s,
+        document=lambda status: status_view(status, rendered, timeline),
+        render=render_status,
+    )
+    with view:
+        return api.up(
+            rendered,
+            reread=reread,
+            observers=[view],
+            services=[view.serve],
+            echo=echo,
+            systemd=bridge,
+            timeline=timeline,
+            events=view.event,
+        )
 
 
 @main.command("down")

@@ -99,10 +99,18 @@ class RotatingFile:
 
 
 class TerminalEcho:
-    """Prefixed child lines on a terminal, written by one thread from a bounded queue."""
+    """Prefixed child lines on a terminal (``up --logs``), written by one thread from a bounded queue.
 
-    def __init__(self, stream: TextIO | None = None, *, capacity: int = 10_000) -> None:
-        self._stream = stream or sys.stdout
+    ``color``: each process's ``name |`` prefix in its own color, in order of first output, as
+    docker-compose does. Without a ``stream`` the lines go to whatever ``sys.stdout`` is when written:
+    under ``up``'s live panel that is the panel's console, which prints them above itself."""
+
+    COLORS = ("36", "33", "32", "35", "34", "96", "93", "92")  # ANSI: cyan, yellow, green, magenta, blue, ...
+
+    def __init__(self, stream: TextIO | None = None, *, capacity: int = 10_000, color: bool = False) -> None:
+        self._stream = stream
+        self._color = color
+        self._colors: dict[str, str] = {}
         self._queue: queue.Queue[str | None] = queue.Queue(maxsize=capacity)
         self._dropped = 0
         self._width = 0
@@ -111,8 +119,12 @@ class TerminalEcho:
 
     def line(self, name: str, text: str) -> None:
         self._width = max(self._width, len(name))
+        prefix = f"{name:<{self._width}} |"
+        if self._color:
+            code = self._colors.setdefault(name, self.COLORS[len(self._colors) % len(self.COLORS)])
+            prefix = f"\x1b[{code}m{prefix}\x1b[0m"
         try:
-            self._queue.put_nowait(f"{name:<{self._width}} | {text}\n")
+            self._queue.put_nowait(f"{prefix} {text}\n")
         except queue.Full:
             self._dropped += 1
 
@@ -121,13 +133,14 @@ class TerminalEcho:
             item = self._queue.get()
             if item is None:
                 return
+            stream = self._stream or sys.stdout
             try:
                 if self._dropped:
                     dropped, self._dropped = self._dropped, 0
-                    self._stream.write(f"[{dropped} lines not shown: terminal too slow]\n")
-                self._stream.write(item)
+                    stream.write(f"[{dropped} lines not shown: terminal too slow]\n")
+                stream.write(item)
                 if self._queue.empty():
-                    self._stream.flush()
+                    stream.flush()
             except (OSError, ValueError):
                 pass  # closed terminal: keep draining so the producers never block
 

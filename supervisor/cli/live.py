@@ -1,0 +1,184 @@
+"""What ``up`` shows on a terminal: one live panel, each supervisor event once, one ready line.
+
+The panel is the ``status`` table (the same document and the same renderer, refreshed four times a
+second from the runner's snapshot) under a line naming the current stage (``decode: loading 45 s``).
+Above it, printed once each and never redrawn: the stages on one clock (the time since supervision
+began), warnings and errors from the event log, exactly one ``ready:`` line, and during Ctrl-C the
+processes stopping in order. Children's output stays in their log files (``logs -f``) unless
+``--logs`` asks for it here, where it scrolls above the panel with a colored ``name |`` prefix.
+
+Without a terminal none of this exists: the events are JSON lines on stderr and stdout carries only
+the ready line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.markup import escape
+from rich.text import Text
+
+from supervisor.engine.states import (
+    DeploymentEvent,
+    DeploymentState,
+    DeploymentStatus,
+    ProcessEvent,
+    ProcessState,
+    RunnerEvent,
+)
+from supervisor.eventlog import LEVELS, WARNING
+
+P = ProcessState
+REFRESH_S = 0.25
+# Transitions worth a line of their own; the panel shows every other state as it happens.
+_WORDS = {
+    P.STARTING: "starting",
+    P.RUNNING: "healthy",
+    P.NOT_READY: "unhealthy",
+    P.BACKOFF: "backoff",
+    P.FAILED: "failed",
+    P.EXITED: "exited",
+    P.STOPPING: "stopping",
+    P.STOPPED: "stopped",
+}
+_STYLE = {
+    "healthy": "green",
+    "starting": "cyan",
+    "unhealthy": "yellow",
+    "backoff": "yellow",
+    "failed": "bold red",
+    "exited": "yellow",
+    "stopping": "magenta",
+    "stopped": "dim",
+}
+
+
+def stage_text(status: DeploymentStatus, now_elapsed: float) -> str:
+    """The one thing to look at now: who is loading and for how long, or the deployment's state."""
+    loading = [
+        f"{p.name}: loading {p.uptime_s:.0f} s"
+        for p in status.processes
+        if p.state is P.STARTING and p.uptime_s is not None
+    ]
+    waiting = [p.name for p in status.processes if p.state is P.WAITING]
+    stopping = [p.name for p in status.processes if p.state is P.STOPPING]
+    if stopping:
+        return "stopping: " + ", ".join(stopping)
+    if loading:
+        return "; ".join(loading) + (f"  (then {', '.join(waiting)})" if waiting else "")
+    return f"{status.state.value} {now_elapsed:.0f} s"
+
+
+class TerminalUp:
+    """The terminal ``up``: an observer and a service of the runner, and the event log's sink.
+
+    ``document`` turns a status snapshot into the ``status --json`` document; ``render`` turns that
+    into the table ``status`` prints. ``elapsed`` is the one clock every line uses."""
+
+    def __init__(
+        self,
+        *,
+        console: Console,
+        ready_text: Callable[[float], str],
+        elapsed: Callable[[], float],
+        document: Callable[[DeploymentStatus], dict[str, Any]],
+        render: Callable[[dict[str, Any]], RenderableType],
+    ) -> None:
+        self.console, self.ready_text, self.elapsed = console, ready_text, elapsed
+        self.document, self.render = document, render
+        self._status: DeploymentStatus | None = None
+        self._runner: Any = None
+        self._announced = False
+        self._entered: dict[str, float] = {}
+        self.live = Live(
+            console=console,
+            get_renderable=self._panel,
+            refresh_per_second=1 / REFRESH_S,
+            transient=False,
+            redirect_stdout=True,
+            redirect_stderr=True,
+        )
+
+    # -- above the panel: each line once --------------------------------------------------------
+    def _say(self, text: Text | str) -> None:
+        self.console.print(text, soft_wrap=True, highlight=False)
+
+    def _stamp(self) -> Text:
+        return Text(f"[{self.elapsed():7.1f} s] ", style="dim")
+
+    def event(self, record: dict[str, Any]) -> None:
+        """The event log's sink: warnings and errors are news; info events are what the panel shows."""
+        level = LEVELS.get(str(record.get("level")), 20)
+        if level < WARNING:
+            return
+        fields = " ".join(
+            f"{k}={v}" for k, v in record.items() if k not in ("event", "level", "timestamp", "exception")
+        )
+        style = "bold red" if level > WARNING else "yellow"
+        self._say(
+            self._stamp()
+            + Text(f"{record.get('level')}: {record.get('event')}", style=style)
+            + Text(f"  {fields}" if fields else "", style="dim")
+        )
+
+    def __call__(self, event: RunnerEvent) -> None:
+        """Runner observer: one line per stage, and the single ready line; the panel's snapshot is
+        refreshed at once, so its last frame (after the ordered stop) is the true final state."""
+        if self._runner is not None:
+            self._status = self._runner.status()
+        if isinstance(event, ProcessEvent):
+            if event.new is P.STARTING:
+                self._entered[event.name] = event.at
+            word = _WORDS.get(event.new)
+            if word is None or event.new is event.old:
+                return
+            if event.new is P.STARTING:
+                detail = f"pid {event.pid}"
+            elif event.new is P.RUNNING and event.name in self._entered:
+                detail = f"after {event.at - self._entered[event.name]:.1f} s"
+            else:
+                detail = event.reason
+            self._say(
+                self._stamp()
+                + Text(f"{event.name} ", style="bold")
+                + Text(word, style=_STYLE.get(word, ""))
+                + Text(f": {detail}" if detail else "")
+            )
+        elif isinstance(event, DeploymentEvent):
+            if event.new is DeploymentState.READY and not self._announced:
+                self._announced = True
+                self._say(Text(self.ready_text(self.elapsed()), style="bold green"))
+            elif event.new is DeploymentState.READY:
+                self._say(self._stamp() + Text("deployment ready again", style="green"))
+            else:
+                style = {"failed": "bold red", "degraded": "yellow"}.get(event.new.value, "")
+                self._say(
+                    self._stamp()
+                    + Text(f"deployment {event.new.value}", style=style)
+                    + Text(f": {event.reason}" if event.reason else "")
+                )
+
+    # -- the panel --------------------------------------------------------------------------------
+    def _panel(self) -> RenderableType:
+        if self._status is None:
+            return Text("starting supervision...", style="dim")
+        stage = Text.from_markup(f"[bold]now[/] {escape(stage_text(self._status, self.elapsed()))}")
+        return Group(Text(""), self.render(self.document(self._status)), stage)
+
+    async def serve(self, runner: Any) -> None:
+        """Runner service: take a status snapshot every REFRESH_S for the panel to draw."""
+        self._runner = runner
+        while True:
+            self._status = runner.status()
+            await anyio.sleep(REFRESH_S)
+
+    def __enter__(self) -> TerminalUp:
+        self.live.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.live.stop()  # draws the last frame and leaves it on the screen

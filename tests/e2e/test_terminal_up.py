@@ -1,0 +1,155 @@
+"""``up demo`` as a person sees it: under a real pseudo-terminal (tmux), the screen read back.
+
+The panel (the status table) is there and updates in place, no child's own log line reaches the
+screen without ``--logs``, exactly one ``ready:`` line, and Ctrl-C shows the stop in order (prefill,
+decode, frontend) before the command exits 0. With ``--logs`` the children's lines are interleaved
+with a ``name |`` prefix. Without a terminal, stderr is JSON lines only and stdout the ready line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import wait_for
+from harness import free_port_base
+
+pytestmark = pytest.mark.e2e
+CLI = str(Path(sys.executable).parent / "lmcache-supervise")
+HEADER = ("process", "state", "pid", "uptime", "restarts", "last exit", "gpus", "ports", "probe")
+
+
+class Screen:
+    """A tmux server of our own (its own socket, our environment), one window 160 x 50."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.socket = f"lmcs-{uuid.uuid4().hex[:8]}"
+        self.tmp = tmp_path
+
+    def tmux(self, *args: str) -> str:
+        done = subprocess.run(["tmux", "-L", self.socket, *args], capture_output=True, text=True, timeout=20)
+        return done.stdout
+
+    def start(self, *args: str) -> None:
+        env = {
+            "LMCACHE_SUPERVISE_STATE_ROOT": str(self.tmp / "state"),
+            "LMCACHE_SUPERVISE_CACHE_DIR": os.environ["LMCACHE_SUPERVISE_CACHE_DIR"],
+            "TERM": "xterm-256color",
+        }
+        words = ["env", *(f"{k}={v}" for k, v in env.items()), CLI, "up", "demo", *args]
+        # The shell stays after the command so its exit code and last frame can be read.
+        command = f"{shlex.join(words)}; echo EXIT=$?; sleep 60"
+        subprocess.run(
+            ["tmux", "-L", self.socket, "new-session", "-d", "-x", "160", "-y", "50", command],
+            check=True,
+            timeout=20,
+            env={**os.environ, "TERM": "xterm-256color"},
+        )
+
+    def text(self) -> str:
+        return self.tmux("capture-pane", "-p", "-S", "-")  # the whole history, not only the visible screen
+
+    def lines(self) -> list[str]:
+        return [line.rstrip() for line in self.text().splitlines() if line.strip()]
+
+    def close(self) -> None:
+        """Ctrl-C first (a killed tmux would SIGHUP the supervisor, which means reload), then the server."""
+        if "EXIT=" not in self.text():
+            self.tmux("send-keys", "C-c")
+            wait_for(lambda: "EXIT=" in self.text(), 60, what="up to stop on Ctrl-C")
+        self.tmux("kill-server")
+
+
+@pytest.fixture
+def screen(tmp_path: Path) -> Iterator[Screen]:
+    s = Screen(tmp_path)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def wait_ready(screen: Screen) -> None:
+    try:
+        wait_for(lambda: "ready: OpenAI API" in screen.text() or "EXIT=" in screen.text(), 60, what="ready")
+    finally:
+        if "ready: OpenAI API" not in screen.text():
+            print(screen.text()[-5000:])  # shown by pytest on failure: what the terminal said instead
+
+
+def header_rows(lines: list[str]) -> list[str]:
+    return [line for line in lines if all(word in line for word in HEADER)]
+
+
+def test_the_panel_one_ready_line_no_child_output_and_an_ordered_stop(screen: Screen) -> None:
+    base = free_port_base()
+    screen.start("--set", f"ports.base={base}", "--set", "workers.decode.stop_timeout_s=5")
+    wait_ready(screen)
+    # The panel redraws in place: after a few refreshes there is still one table.
+    wait_for(lambda: "now ready" in screen.text(), 10, what="the panel's stage line")
+    lines = screen.lines()
+    assert len(header_rows(lines)) == 1, "\n".join(lines)
+    assert [line for line in lines if line.startswith("ready:")] == [
+        f"ready: OpenAI API at http://127.0.0.1:{base}/v1 (model demo) in "
+        + lines[[line.startswith("ready:") for line in lines].index(True)].rsplit(" in ", 1)[1]
+    ]
+    for name in ("frontend", "decode", "prefill"):
+        assert any(line.lstrip().startswith(name) and "healthy" in line for line in lines), "\n".join(lines)
+    # Nothing a child printed: Dynamo's own lines carry their timestamps and levels, or a name prefix.
+    assert not any(" | " in line or " INFO " in line or "dynamo_runtime" in line for line in lines), (
+        "\n".join(lines)
+    )
+
+    screen.tmux("send-keys", "C-c")
+    wait_for(lambda: "EXIT=" in screen.text(), 60, what="the orderly stop")
+    lines = screen.lines()
+    assert "EXIT=0" in lines, "\n".join(lines)
+    stops = [line.split("] ", 1)[1] for line in lines if line.startswith("[") and " stopped" in line]
+    assert [s.split()[0] for s in stops] == ["prefill", "decode", "frontend", "deployment"], stops
+    assert len(header_rows(lines)) == 1 and "now stopped" in screen.text()
+    assert sum(line.startswith("ready:") for line in lines) == 1
+
+
+def test_logs_interleaves_the_children_with_their_names(screen: Screen) -> None:
+    base = free_port_base()
+    screen.start("--logs", "--set", f"ports.base={base}")
+    wait_ready(screen)
+    # Names are padded to the longest (docker-compose style): "decode   | ...".
+    prefixed = [re.compile(rf"^{name} +\| ", re.M) for name in ("frontend", "decode", "prefill")]
+    wait_for(lambda: all(p.search(screen.text()) for p in prefixed), 20, what="lines prefixed by each name")
+    assert sum(line.startswith("ready:") for line in screen.lines()) == 1
+    screen.tmux("send-keys", "C-c")
+    wait_for(lambda: "EXIT=" in screen.text(), 60, what="the orderly stop")
+    assert "EXIT=0" in screen.lines()
+
+
+def test_without_a_terminal_stderr_is_json_events_and_stdout_the_ready_line(tmp_path: Path) -> None:
+    base = free_port_base()
+    env = {**os.environ, "LMCACHE_SUPERVISE_STATE_ROOT": str(tmp_path / "state")}
+    out, err = tmp_path / "out", tmp_path / "err"
+    with open(out, "wb") as stdout, open(err, "wb") as stderr:
+        proc = subprocess.Popen(
+            [CLI, "up", "demo", "--set", f"ports.base={base}"], stdout=stdout, stderr=stderr, env=env
+        )
+    try:
+        wait_for(lambda: b"ready:" in out.read_bytes() or proc.poll() is not None, 60, what="ready")
+        proc.terminate()
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert out.read_text().splitlines() == [
+        f"ready: OpenAI API at http://127.0.0.1:{base}/v1 (model demo) in "
+        + out.read_text().split(" in ", 1)[1].strip()
+    ]
+    events = [json.loads(line) for line in err.read_text().splitlines()]
+    assert {"process starting", "deployment ready", "deployment stopped"} <= {e["event"] for e in events}
