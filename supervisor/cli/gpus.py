@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from supervisor.cli.app import handles_errors, main
-from supervisor.cli.control import _console, _find, deployment_option
+from supervisor.cli.control import deployment_option, find_deployment, make_console
 
 GIB = 1024**3
 
@@ -89,11 +89,11 @@ def gpus_command(ctx: click.Context, deployment: str | None, as_json: bool) -> N
         return
     from supervisor.control import server as control
 
-    doc = control.request(_find(deployment), {"op": "gpus"})["gpus"]
+    doc = control.request(find_deployment(deployment), {"op": "gpus"})["gpus"]
     if as_json:
         click.echo(json.dumps(doc, indent=2))
     else:
-        _console().print(render_gpus(doc))
+        make_console().print(render_gpus(doc))
 
 
 @gpus_command.command("clear")
@@ -105,5 +105,5 @@ def gpus_clear(ctx: click.Context, gpu: int, deployment: str | None) -> None:
     """End GPU N's quarantine after an operator reset it; a process held for it starts again."""
     from supervisor.control import server as control
 
-    answer = control.request(_find(deployment or ctx.obj), {"op": "gpu-clear", "gpu": gpu})
+    answer = control.request(find_deployment(deployment or ctx.obj), {"op": "gpu-clear", "gpu": gpu})
     click.echo(answer["note"])
