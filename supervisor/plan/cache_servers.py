@@ -84,6 +84,31 @@ def served_endpoint(remote: Remote, source: str) -> tuple[str, str, int]:
     return parts.scheme, host, port
 
 
+# Flags the plan sets on `lmcache server` itself: in lmcache.server.args they would fight it.
+MP_MANAGED_FLAGS = {
+    "--host": "ports.host",
+    "--port": "lmcache.server.port",
+    "--http-host": "ports.host",
+    "--http-port": "lmcache.server.http_port",
+    "--chunk-size": "lmcache.chunk_size",
+    "--l1-size-gb": "lmcache.server.l1_size_gb",
+    "--eviction-policy": "lmcache.server.eviction_policy",
+    "--l2-adapter": "lmcache.server.l2_adapters",
+}
+
+
+def _managed_flag_error(args: list[str], source: str) -> PlanError | None:
+    for arg in args:
+        flag = arg.split("=", 1)[0]
+        if flag in MP_MANAGED_FLAGS:
+            return PlanError(
+                source,
+                "lmcache.server.args",
+                f"{flag} is set by the supervisor; use {MP_MANAGED_FLAGS[flag]}",
+            )
+    return None
+
+
 def _binary(name: str, binaries: Mapping[str, str]) -> str:
     return name if "/" in name else binaries.get(name, name)
 
@@ -128,6 +153,9 @@ def cache_server_processes(
         )
     if lm.server is not None:
         server = lm.server
+        error = _managed_flag_error(server.args, src)
+        if error is not None:
+            raise error
         _, port = mp_server_address(profile) or ("", 0)
         bind = profile.ports.host
         port = claim(port, "lmcache-server.zmq", "lmcache.server.port")

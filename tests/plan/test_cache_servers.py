@@ -187,3 +187,13 @@ def test_port_collisions_with_the_server_name_both_owners() -> None:
     with pytest.raises(PlanError) as caught:
         render("demo-lmcache", "lmcache.server.http_port=18200")
     assert "frontend" in caught.value.problem or "lmcache-server" in caught.value.problem
+
+
+def test_flags_the_plan_sets_are_refused_in_server_args() -> None:
+    with pytest.raises(PlanError) as caught:
+        render("demo-lmcache", 'lmcache.server.args=["--l1-size-gb=4"]')
+    assert (
+        caught.value.key == "lmcache.server.args" and "use lmcache.server.l1_size_gb" in caught.value.problem
+    )
+    other = render("demo-lmcache", 'lmcache.server.args=["--max-workers", "4"]').process("lmcache-server")
+    assert other.argv[-2:] == ("--max-workers", "4")
