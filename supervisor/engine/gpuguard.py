@@ -29,7 +29,14 @@ import anyio
 import anyio.to_thread
 import psutil
 
-from supervisor.engine.states import DeploymentState, DeploymentStatus, GpuEvent, GpuStatus, GpuUser
+from supervisor.engine.states import (
+    DeploymentState,
+    DeploymentStatus,
+    GpuEvent,
+    GpuStatus,
+    GpuUser,
+    ProcessState,
+)
 from supervisor.errors import GpuError
 from supervisor.eventlog import log
 from supervisor.host.gpuhealth import GpuFault
@@ -138,6 +145,7 @@ class GpuGuard:
                 faults = await anyio.to_thread.run_sync(watcher.faults, WAIT_S, abandon_on_cancel=True)
                 for fault in faults:
                     await self._handle(runner, fault)
+                await self._rehome(runner)
                 if time.monotonic() >= next_view:
                     next_view = time.monotonic() + VIEW_REFRESH_S
                     runner.update_gpus(await anyio.to_thread.run_sync(self.view, runner.status()))
@@ -172,7 +180,29 @@ class GpuGuard:
                 await self._move(runner, spec)
             runner.update_gpus(self.view(runner.status()))  # who is on which GPU now
 
-    async def _move(self, runner: Supervised, spec: ProcessSpec) -> None:
+    async def _rehome(self, runner: Supervised) -> None:
+        """Move a process the spawn gate holds, once a spare fits: a reload that put it back on its
+        quarantined profile GPU, or a GPU freed since (a worker removed by a reload, a cleared one)."""
+        if not self._quarantine:
+            return
+        status = runner.status()
+        if status.state in (DeploymentState.STOPPING, DeploymentState.STOPPED):
+            return
+        waiting = {p.name for p in status.processes if p.state is ProcessState.WAITING}
+        held = [
+            s
+            for s in runner.plan.processes
+            if s.name in waiting and any(g in self._quarantine for g in s.gpus)
+        ]
+        if not held:
+            return
+        async with self._lock:
+            moved = [await self._move(runner, spec, quiet=True) for spec in held]
+            if any(moved):
+                runner.update_gpus(self.view(runner.status()))
+
+    async def _move(self, runner: Supervised, spec: ProcessSpec, *, quiet: bool = False) -> bool:
+        """Restart ``spec`` on spares for its quarantined GPUs (True), or stop it to be held (False)."""
         plan = runner.plan
         readings = {r.index: r for r in self._readings()}
         bad = [g for g in spec.gpus if g in self._quarantine]
@@ -184,6 +214,8 @@ class GpuGuard:
             kind={i: (r.name, r.total_bytes) for i, r in readings.items()},
         )
         if moves is None:
+            if quiet:
+                return False
             log.error(
                 "no spare GPU for a process on a quarantined GPU; it stays stopped, the rest keep serving",
                 process=spec.name,
@@ -193,7 +225,7 @@ class GpuGuard:
             proc = runner.status().process(spec.name)
             if proc.state.is_live:
                 await runner.restart(spec.name)  # stopped now; the spawn gate holds it
-            return
+            return False
         new = moved_spec(spec, moves)
         log.warning(
             "moving a process to a spare GPU",
@@ -202,6 +234,7 @@ class GpuGuard:
         )
         processes = tuple(new if s.name == spec.name else s for s in plan.processes)
         await runner.apply(dataclasses.replace(plan, processes=processes), restart=[spec.name])
+        return True
 
     async def clear(self, index: int) -> str:
         """End GPU ``index``'s quarantine (an operator reset it); a process held for it starts again."""

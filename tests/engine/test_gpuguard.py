@@ -339,3 +339,40 @@ async def test_gpus_and_gpu_clear_over_the_control_socket(make_spec, make_plan) 
             assert answer["note"].startswith("GPU 0 back in service") and answer["gpus"]["gpus"][0]["healthy"]
             await until(runner, lambda s: s.state is D.READY)
             tg.cancel_scope.cancel()
+
+
+async def test_a_reload_back_onto_the_quarantined_gpu_is_moved_to_the_spare_again(
+    make_spec, make_plan
+) -> None:
+    nvml = FakeNvml(count=2)
+    plan = with_spares(make_plan(worker(make_spec, "decode", 0)), 1)
+    async with guarded(plan, nvml) as (runner, events):
+        nvml.xid(0, 79)
+        await until(runner, lambda s: s.state is D.READY and runner.plan.process("decode").gpus == (1,))
+        mark = len(events)
+        await runner.apply(plan, restart=["decode"])  # a reload renders the profile's GPU 0 again
+        status = await until(
+            runner,
+            lambda s: (
+                s.state is D.READY
+                and runner.plan.process("decode").gpus == (1,)
+                and s.process("decode").pid is not None
+            ),
+        )
+        assert cuda_devices(status.process("decode").pid) == "1"  # type: ignore[arg-type]
+        starts = spawned_on(events, "decode", mark)
+        assert len(starts) == 1  # the gate held it off GPU 0; it started once, on the spare
+
+
+async def test_a_held_worker_takes_a_gpu_freed_later(make_spec, make_plan) -> None:
+    nvml = FakeNvml(count=2)
+    plan = make_plan(worker(make_spec, "decode", 0), worker(make_spec, "prefill", 1))
+    async with guarded(plan, nvml) as (runner, _):
+        nvml.xid(0, 79)
+        await until(runner, lambda s: s.process("decode").state is P.WAITING)
+        # The operator drops prefill (a reload without it): GPU 1 is free, same model and size.
+        await runner.apply(dataclasses.replace(plan, processes=(plan.processes[0],)), stop=["prefill"])
+        status = await until(
+            runner, lambda s: s.state is D.READY and runner.plan.process("decode").gpus == (1,)
+        )
+        assert cuda_devices(status.process("decode").pid) == "1"  # type: ignore[arg-type]
