@@ -203,8 +203,8 @@ def _up_on_terminal(
     from rich.console import Console
 
     from supervisor import api
-    from supervisor.cli.status import render_status
     from supervisor.cli.live import TerminalUp
+    from supervisor.cli.status import render_status
     from supervisor.control.status import status_view
 
     view = TerminalUp(
