@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Iterable
 
 import anyio
 
+from supervisor.engine import reaper
 from supervisor.engine.logs import LogOptions, TerminalEcho
 from supervisor.engine.pidfile import PidFile
 from supervisor.engine.runner import Observer, Runner, Service
@@ -39,6 +40,10 @@ def run(
     """
 
     async def main() -> int:
+        # As a container's PID 1 orphans come to us anyway; elsewhere this keeps our tree's orphans
+        # under us (not the host's init): either way they are reaped here.
+        if not reaper.become_subreaper():
+            log.warning("could not become a child subreaper; orphans of the tree go to init")
         runner = Runner(plan, log_options=log_options, echo=echo)
         for observer in observers:
             runner.subscribe(observer)
@@ -69,6 +74,7 @@ def run(
 
                 tg.start_soon(handle_signals)
                 tg.start_soon(reloader)
+                tg.start_soon(reaper.reap_orphans, runner.own_children)
                 for service in services:
                     tg.start_soon(service, runner)
                 code = await runner.serve()

@@ -190,6 +190,15 @@ class Runner:
                 await self._changed.wait()
         return status
 
+    def own_children(self) -> set[int]:
+        """Pids this runner spawned and still owns (each child's leader, the guardian): an orphan
+        reaper must leave them to their own exit watchers."""
+        pids = {s.child.pid for s in self._slots.values() if s.child is not None and s.child.running}
+        guardian = getattr(self, "_guardian", None)
+        if guardian is not None:
+            pids.add(guardian.pid)
+        return pids
+
     @property
     def shutting_down(self) -> bool:
         return self._shutdown.is_set()
