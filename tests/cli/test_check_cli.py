@@ -183,3 +183,24 @@ def test_bad_input_exits_2(tmp_path: Path, args: tuple[str, ...], words: str) ->
     done = run(tmp_path, *args)
     assert done.returncode == 2 and words in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_an_lmcache_server_l1_larger_than_ram_exits_3_naming_the_server(tmp_path: Path) -> None:
+    done = run(
+        tmp_path,
+        "demo-lmcache",
+        "--set",
+        f"ports.base={free_base()}",
+        "--set",
+        "lmcache.server.l1_size_gb=100000.0",
+        "--skip-check",
+        "software",  # `lmcache` need not be on PATH for this
+        "--skip-check",
+        "ports",  # +555/+556 are not among OFFSETS: a busy one must not add a second failure
+        "--json",
+    )
+    assert done.returncode == 3, done.stdout + done.stderr
+    (row,) = [r for r in as_json(done) if r["status"] == "fail"]
+    assert row["check"] == "host-memory" and "lmcache-server: 100000 GB L1" in row["message"]
+    assert done.stderr.startswith("lmcache-supervise: preflight failed: host-memory: ")
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr

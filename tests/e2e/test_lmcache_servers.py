@@ -123,6 +123,12 @@ def test_demo_lmcache_multiprocess_server(tmp_path: Path, lmcache_path: str) -> 
         after = kill_and_wait_back(up, "lmcache-server")
         assert after["worker"]["pid"] == worker_pid and after["worker"]["restarts"] == 0
         assert up.chat().status_code == 200
+
+        # down: every process stops (the harness then finds nothing left with this run's marker)
+        done = up.cli("down")
+        assert done.returncode == 0, done.stderr
+        assert up.proc.wait(timeout=60) == 0
+        assert not (up.state_dir / "control.sock").exists()
     finally:
         up.stop_clean()
 
