@@ -73,6 +73,12 @@ def gpu(status: DeploymentStatus, index: int):  # type: ignore[no-untyped-def]
     return next(g for g in status.gpus if g.index == index)
 
 
+def held_off_gpu(status: DeploymentStatus, name: str) -> bool:
+    """Held by the spawn gate (a kicked process passes through WAITING "restart requested" first)."""
+    proc = status.process(name)
+    return proc.state is P.WAITING and "quarantined" in proc.reason
+
+
 def spawned_on(events: list[ProcessEvent], name: str, after: int) -> list[ProcessEvent]:
     return [e for e in events[after:] if e.name == name and e.new is P.STARTING]
 
@@ -147,9 +153,7 @@ async def test_xid_79_without_a_spare_stops_the_worker_the_rest_keep_serving_unt
         prefill_pid = runner.status().process("prefill").pid
         mark = len(events)
         nvml.xid(0, 79)
-        status = await until(
-            runner, lambda s: s.state is D.DEGRADED and s.process("decode").state is P.WAITING
-        )
+        status = await until(runner, lambda s: s.state is D.DEGRADED and held_off_gpu(s, "decode"))
         decode = status.process("decode")
         assert (
             decode.pid is None
@@ -229,9 +233,7 @@ async def test_a_spare_in_use_is_not_given_twice(make_spec, make_plan) -> None:
         nvml.xid(0, 48)
         await until(runner, lambda s: s.state is D.READY and runner.plan.process("decode").gpus == (2,))
         nvml.emit(1, 0x0002)  # a double-bit ECC event on the prefill's GPU: the only spare is taken
-        status = await until(
-            runner, lambda s: s.process("prefill").state is P.WAITING and s.state is D.DEGRADED
-        )
+        status = await until(runner, lambda s: held_off_gpu(s, "prefill") and s.state is D.DEGRADED)
         assert runner.plan.process("prefill").gpus == (1,)
         assert status.process("decode").state is P.RUNNING
         assert {g.index for g in status.gpus if not g.healthy} == {0, 1}
@@ -246,7 +248,7 @@ async def test_a_fault_on_an_idle_spare_takes_it_out_of_the_pool(make_spec, make
         await until(runner, lambda s: not gpu(s, 1).healthy)
         assert runner.status().process("decode").pid == pid  # nobody was on it: nothing moved
         nvml.xid(0, 79)
-        status = await until(runner, lambda s: s.process("decode").state is P.WAITING)
+        status = await until(runner, lambda s: held_off_gpu(s, "decode"))
         assert "no spare" in status.process("decode").reason
 
 
@@ -324,7 +326,7 @@ async def test_gpus_and_gpu_clear_over_the_control_socket(make_spec, make_plan) 
                 await ask({"op": "gpu-clear", "gpu": 5})
 
             nvml.xid(0, 79)
-            await until(runner, lambda s: s.process("decode").state is P.WAITING)
+            await until(runner, lambda s: held_off_gpu(s, "decode"))
             doc = (await ask({"op": "gpus"}))["gpus"]
             out = StringIO()
             Console(file=out, width=200).print(render_gpus(doc))
@@ -369,7 +371,7 @@ async def test_a_held_worker_takes_a_gpu_freed_later(make_spec, make_plan) -> No
     plan = make_plan(worker(make_spec, "decode", 0), worker(make_spec, "prefill", 1))
     async with guarded(plan, nvml) as (runner, _):
         nvml.xid(0, 79)
-        await until(runner, lambda s: s.process("decode").state is P.WAITING)
+        await until(runner, lambda s: held_off_gpu(s, "decode"))
         # The operator drops prefill (a reload without it): GPU 1 is free, same model and size.
         await runner.apply(dataclasses.replace(plan, processes=(plan.processes[0],)), stop=["prefill"])
         status = await until(
