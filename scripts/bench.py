@@ -16,7 +16,11 @@ respawn_p99_ms, supervisord_respawn_p50_ms, gate_p50_ms, gate_p99_ms, demo_first
 script_sleep_first_request_s, script_poll_first_request_s, rss_mb and cpu_percent (objects keyed by
 the number of children), down_overhead_ms; more beside them (breakdowns, machine, load, sizes).
 Only ``supervisord_respawn_p50_ms`` (pip could not install supervisor, e.g. offline) and
-``script_sleep_first_request_s`` (skipped by --quick and --tiny) may be null; ``notes`` says why.
+``script_sleep_first_request_s`` (skipped by --quick and --tiny) and the ``availability_*`` keys
+(skipped by --tiny) may be null; ``notes`` says why. Availability (scripts/soakkit/ha.py, the same as
+``scripts/soak.py --ha``): availability_single_failed_per_kill, availability_single_error_s_per_kill
+(demo: one worker per role), availability_ha_sent, availability_ha_failed (demo-ha: SIGKILLs,
+restart --all and a reload of every worker), availability_frontend_refusal_s.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from typing import Any
 
 from benchkit import crash, demo, gate, overhead, report
 from benchkit.common import BenchError, Reaper, percentile, workdir
+from soakkit import ha
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,8 @@ class Sizes:
     idle_settle_s: float
     stop_children: int
     stop_repeats: int
+    ha_kills: int = 0  # availability (soakkit/ha.py): SIGKILLs of demo-ha replicas; 0 skips it
+    ha_requests: int = 0
 
 
 FULL = Sizes(
@@ -65,6 +72,8 @@ FULL = Sizes(
     idle_settle_s=6.0,
     stop_children=8,
     stop_repeats=5,
+    ha_kills=10,
+    ha_requests=1000,
 )
 # One probe period (5 s) per window: a shorter one would catch a varying share of the probe ticks.
 QUICK = Sizes(
@@ -78,6 +87,8 @@ QUICK = Sizes(
     idle_settle_s=0.5,
     stop_children=4,
     stop_repeats=2,
+    ha_kills=4,
+    ha_requests=300,
 )
 # For the smoke test: every key, the least time (the figures are not meant to be read).
 TINY = Sizes(
@@ -207,6 +218,27 @@ def run(sizes: Sizes, tmp: Path) -> dict[str, Any]:
         down_ms=best["down_ms"],
         slowest_child_ms=best["slowest_child_ms"],
     )
+    if sizes.ha_kills:
+        progress(f"availability: demo vs demo-ha, {sizes.ha_kills} SIGKILLs, restart --all, reload")
+        avail = ha.run(workdir(tmp, "availability"), kills=sizes.ha_kills, min_requests=sizes.ha_requests)
+        single, replicated = avail["single"], avail["ha"]
+        result.update(
+            availability_single_failed_per_kill=single["failed_per_kill"],
+            availability_single_error_s_per_kill=single["failure_window_per_kill_s"],
+            availability_ha_sent=replicated["sent"],
+            availability_ha_failed=replicated["failed"],
+            availability_frontend_refusal_s=replicated["frontend_restart"]["refusal_window_s"],
+            availability=avail,
+        )
+    else:
+        notes["availability"] = "skipped in --tiny (tests/e2e/test_ha.py runs its short version)"
+        result.update(
+            availability_single_failed_per_kill=None,
+            availability_single_error_s_per_kill=None,
+            availability_ha_sent=None,
+            availability_ha_failed=None,
+            availability_frontend_refusal_s=None,
+        )
     result["notes"] = notes
     return result
 

@@ -102,9 +102,11 @@ class Deployment:
         fast_stop: bool = True,
         base: int | None = None,
         state_root: Path | None = None,
+        names: Sequence[str] = NAMES,
     ) -> None:
         self.workdir = workdir
         self.profile = profile
+        self.names = tuple(names)  # the processes all_ready() waits for
         self.name = name or Path(profile).stem
         args = [*(FAST_STOP if fast_stop else ()), *extra]
         self.base = base or free_port_base(profile, args)
@@ -283,7 +285,7 @@ class Deployment:
 
     def all_ready(self) -> bool:
         """Deployment ready and every process running (its latest incarnation)."""
-        running = all(self.process_state(name)[0] == "running" for name in NAMES)
+        running = all(self.process_state(name)[0] == "running" for name in self.names)
         return running and self.deployment_state() == "ready"
 
     def starts(self, name: str) -> int:

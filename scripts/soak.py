@@ -1,6 +1,7 @@
 """Fault soak: a real ``up demo`` under a steady client while its processes are killed and frozen.
 
     .venv/bin/python scripts/soak.py [--duration 300] [--seed N] [--gap MIN MAX] [--json]
+    .venv/bin/python scripts/soak.py --ha [--kills 10] [--min-requests 1000] [--json]
 
 For ``--duration`` seconds, two client threads send small chat requests (5 s timeout) to the demo's
 frontend on loopback, while frontend, decode and prefill are SIGKILLed, or SIGSTOPped and later
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import NAMES, Deployment
+from soakkit import ha
 from soakkit.faults import Client, Injector
 from soakkit.judge import Timeline, coverage, judge, outside_windows, restart_counts, stop_verdicts
 
@@ -223,6 +225,29 @@ def print_figures(figures: dict[str, Any]) -> None:
         print(f"  PROBLEM: {problem}")
 
 
+def print_ha(figures: dict[str, Any]) -> None:
+    single, ha = figures["single"], figures["ha"]
+    print(f"availability ({figures['clients']} streaming clients): {'OK' if figures['ok'] else 'FAILED'}")
+    print(
+        f"  demo    (1 decode + 1 prefill, no migration): {single['kills']} SIGKILLs, {single['failed']} of "
+        f"{single['sent']} requests failed ({single['failed_per_kill']} requests and "
+        f"{single['failure_window_per_kill_s']} s of errors per SIGKILL)"
+    )
+    print(
+        f"  demo-ha (2 + 2 replicas, migration 3):        {ha['kills']} SIGKILLs, restart --all, reload: "
+        f"{ha['failed']} of {ha['sent']} requests failed"
+    )
+    for phase, p in ha["phases"].items():
+        print(f"    {phase:<12} {p['seconds']:>6} s  {p['failed']} of {p['sent']} failed")
+    fe = ha["frontend_restart"]
+    print(
+        f"  frontend restart (one frontend): {fe['failed']} of {fe['sent']} failed, refusal window "
+        f"{fe['refusal_window_s']} s"
+    )
+    for problem in figures["problems"]:
+        print(f"  PROBLEM: {problem}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=300.0, help="seconds of faults (default 300)")
@@ -236,10 +261,23 @@ def main() -> int:
         help="seconds between faults (default 3 10)",
     )
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    parser.add_argument(
+        "--ha", action="store_true", help="the availability run: demo vs demo-ha under streaming load"
+    )
+    parser.add_argument("--kills", type=int, default=10, help="--ha: SIGKILLs of demo-ha worker replicas")
+    parser.add_argument("--min-requests", type=int, default=1000, help="--ha: requests the demo-ha run sends")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, state)")
     args = parser.parse_args()
     seed = args.seed if args.seed is not None else int(time.time()) % 100000
     workdir = Path(tempfile.mkdtemp(prefix="lmcache-soak-"))
+    if args.ha:
+        try:
+            figures = ha.run(workdir, kills=args.kills, min_requests=args.min_requests)
+        finally:
+            if not args.keep:
+                shutil.rmtree(workdir, ignore_errors=True)
+        print(json.dumps(figures, indent=2)) if args.json else print_ha(figures)
+        return 0 if figures["ok"] else 1
     try:
         figures = run_soak(duration_s=args.duration, seed=seed, gap_s=tuple(args.gap), workdir=workdir)
     finally:

@@ -108,6 +108,17 @@ def table(result: dict[str, Any]) -> str:
         _fmt(r["down_overhead_ms"], "ms"),
         f"down {_fmt(r['down_ms'], 'ms')}, slowest child {_fmt(r['slowest_child_ms'], 'ms')}",
     )
+    if r.get("availability_ha_failed") is not None:
+        add(
+            "worker SIGKILL, streaming clients: failed requests",
+            f"2 replicas + migration: {r['availability_ha_failed']} of {r['availability_ha_sent']} "
+            "(incl. restart --all, reload)",
+            f"1 replica: {r['availability_single_failed_per_kill']:.0f} per kill "
+            f"({r['availability_single_error_s_per_kill']:.1f} s of errors)",
+            "0 failed",
+            r["availability_ha_failed"] == 0,
+        )
+        add("frontend restart: clients refused for", _fmt(r["availability_frontend_refusal_s"], "s", 2))
     header = ("measure", "lmcache-supervise", "anchor", "target", "met")
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(5)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]

@@ -23,7 +23,7 @@ from supervisor.cli.app import (
     run_preflight,
     skip_check_option,
 )
-from supervisor.errors import EXIT_BAD_INPUT
+from supervisor.errors import EXIT_BAD_INPUT, EXIT_RUNTIME
 from supervisor.plan.spec import Plan
 
 # ------------------------------------------------------------------------------------------ plan
@@ -261,7 +261,8 @@ def down_command(deployment: str | None, timeout_s: float) -> None:
 @handles_errors
 def reload_command(deployment: str | None, timeout_s: float) -> None:
     """Re-read a running deployment's profile (the only one running when none is named); restart only
-    the processes whose plan changed.
+    the processes whose plan changed: worker replicas one at a time (never below their role's
+    min_ready), the others at once.
 
     A profile that no longer validates is refused (exit 2) and every process keeps running."""
     from supervisor import paths
@@ -270,6 +271,8 @@ def reload_command(deployment: str | None, timeout_s: float) -> None:
 
     entry = pidfile.choose(paths.state_root(), deployment)
     outcome = reload.request(entry.pid_file.parent, entry.pid, timeout_s=timeout_s)
+    if not outcome.ok and outcome.applied:
+        fail(f"reload of {entry.deployment} applied its new plan, but {outcome.message}", EXIT_RUNTIME)
     if not outcome.ok:
         fail(
             f"reload of {entry.deployment} refused, every process keeps running: {outcome.message}",

@@ -14,6 +14,7 @@ running untouched. Preflight is not run again: the running deployment holds its 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -25,7 +26,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import anyio
+import httpx
 
+from supervisor.control import rolling
 from supervisor.engine.states import DeploymentState, DeploymentStatus, ProcessState
 from supervisor.errors import ControlError, SupervisorError
 from supervisor.eventlog import log
@@ -99,12 +102,15 @@ class Outcome:
     restarted: tuple[str, ...] = ()
     started: tuple[str, ...] = ()
     stopped: tuple[str, ...] = ()
+    applied: bool = False  # not ok, yet the new plan is in place (a rolling restart stopped midway)
 
 
 class Applies(Protocol):
     """The part of the runner a reload uses."""
 
     plan: Plan
+
+    async def restart(self, name: str) -> None: ...
 
     def status(self) -> DeploymentStatus: ...
 
@@ -166,10 +172,19 @@ class Reloader:
             stop=list(changes.removed),
             keep=list(changes.unchanged),
         )
+        # Worker replicas whose role keeps min_ready while one is down are rolled one at a time after
+        # the swap; everything else (the frontend, a role of one) restarts at once, as a reload must
+        # make the new plan true without asking for permission.
+        rolled = tuple(
+            n for n in changes.changed if new.process(n).role.is_worker and not rolling.downtime(new, [n])
+        )
+        at_once = tuple(n for n in changes.changed if n not in rolled)
         was_ready = runner.status().state is DeploymentState.READY
-        await runner.apply(new, restart=changes.changed, start=changes.added, stop=changes.removed)
-        touched = (*changes.changed, *changes.added)
-        budget = max((startup_budget_s(new.process(name)) for name in touched), default=0.0)
+        await runner.apply(new, restart=at_once, start=changes.added, stop=changes.removed)
+        touched = (*at_once, *changes.added)
+        budget = max(
+            (startup_budget_s(new.process(name)) for name in changes.changed + changes.added), default=0.0
+        )
 
         def settled(status: DeploymentStatus) -> bool:
             # Done once what restarted is up and, if the deployment was ready before, ready again.
@@ -180,7 +195,22 @@ class Reloader:
             await runner.wait_until(settled, timeout_s=budget + new.deployment.ready_timeout_s)
         except TimeoutError:
             log.warning("reload applied, but the deployment is not ready again yet", processes=list(touched))
-        return self._outcome(True, changes.describe(), changes)
+        message = changes.describe() + (f" (one at a time: {', '.join(rolled)})" if rolled else "")
+        if rolled:
+            try:
+                async with httpx.AsyncClient(trust_env=False) as client:
+                    await rolling.roll(
+                        runner,
+                        rolled,
+                        allow_downtime=False,
+                        timeout_s=budget + new.deployment.ready_timeout_s,
+                        client=client,
+                    )
+            except SupervisorError as exc:
+                log.error("reload: the rolling restart stopped", error=str(exc))
+                failed = self._outcome(False, str(exc), changes)
+                return dataclasses.replace(failed, applied=True)
+        return self._outcome(True, message, changes)
 
     def _outcome(self, ok: bool, message: str, changes: PlanDiff | None = None) -> Outcome:
         return Outcome(

@@ -30,11 +30,9 @@ from supervisor.engine.probes import worker_counts
 from supervisor.engine.states import DeploymentState, DeploymentStatus, ProcessState
 from supervisor.errors import BadRequestError, ControlError
 from supervisor.eventlog import log
-from supervisor.plan.spec import Plan, ProcessSpec, Role
+from supervisor.plan.spec import Plan, ProcessSpec
 
 P = ProcessState
-#: The frontend's name for each worker role in its model-ready answer (``worker_types``).
-FRONTEND_WORKER_TYPE = {Role.AGG: "aggregated", Role.DECODE: "decode", Role.PREFILL: "prefill"}
 REGISTER_POLL_S = 0.1
 
 
@@ -130,7 +128,7 @@ async def wait_registered(
     runner: Rollable, spec: ProcessSpec, client: httpx.AsyncClient, *, timeout_s: float
 ) -> None:
     """Until the frontend counts at least as many workers of ``spec``'s type as are healthy."""
-    kind = FRONTEND_WORKER_TYPE.get(spec.role)
+    kind = spec.role.frontend_type
     if kind is None or not runner.plan.deployment.ready_url:
         return
     same_role = [s.name for s in runner.plan.processes if s.role is spec.role]

@@ -471,19 +471,21 @@ class Runner:
             await slot.finished.wait()
 
     async def _lifecycle(self, slot: _Slot) -> None:
-        spec, policy = slot.spec, slot.spec.restart
         while True:
+            # Re-read every round: a reload may have swapped in a new spec for the next start (a
+            # rolling reload restarts the running child through its kick).
+            spec, policy = slot.spec, slot.spec.restart
             if not self._deps_met(spec):
                 self._set(
                     slot,
                     P.WAITING,
                     "waiting for " + ", ".join(f"{d.name} {d.condition.value}" for d in spec.depends_on),
                 )
-                await self._until(lambda: self._deps_met(spec))
+                await self._until(lambda: self._deps_met(slot.spec))
             held = self._gpu_hold(spec)
             if held is not None:
                 self._set(slot, P.WAITING, held)
-                await self._until(lambda: self._gpu_hold(spec) is None)
+                await self._until(lambda: self._gpu_hold(slot.spec) is None)
                 continue  # its dependencies may have changed meanwhile
             await self._gpu_clear(slot)
             slot.kick = anyio.Event()
@@ -704,13 +706,13 @@ class Runner:
             generation = self._gate.generation
             result = ProbeResult(ok=True, latency_s=0.0)
             if dep.ready_url:
-                # The first time, remember how many workers per type the frontend counts; later
+                # Remember how many workers per type the frontend may count (see _baseline); later
                 # gates (after restarts) wait until stale registrations are gone again.
                 result, counts = await deployment_ready(
                     dep.ready_url, client=self._client, max_workers=self._gate.worker_baseline
                 )
-                if result.ok and self._gate.worker_baseline is None:
-                    self._gate.worker_baseline = counts
+                if result.ok:
+                    self._gate.worker_baseline = self._baseline(counts)
             if result.ok and dep.smoke is not None:
                 result = await smoke(dep.base_url, dep.served_model_name, dep.smoke, client=self._client)
             if result.ok and self._required_running() and self._gate.pass_(generation):
@@ -727,6 +729,22 @@ class Runner:
                 self._recompute(reason=f"not ready after {dep.ready_timeout_s:g} s")
             with anyio.move_on_after(FAST_PROBE_S):
                 await self._changed.wait()
+
+    def _baseline(self, counts: dict[str, int]) -> dict[str, int]:
+        """The most workers per type the frontend may count: what it counted at a passing gate, and
+        at least this node's planned replicas (with min_ready the first gate may pass before every
+        replica registered; a count above this bound is a dead worker's stale registration)."""
+        bound = dict(self._gate.worker_baseline or {})
+        for spec in self.plan.processes:
+            kind = spec.role.frontend_type
+            if kind is not None:
+                bound[kind] = bound.get(kind, 0)
+        for kind in bound:
+            planned = sum(1 for s in self.plan.processes if s.role.frontend_type == kind)
+            bound[kind] = max(bound[kind], planned)
+        for kind, n in counts.items():
+            bound[kind] = max(bound.get(kind, 0), n)
+        return bound
 
     async def _stop_child(self, slot: _Slot, reason: str) -> None:
         child = slot.child

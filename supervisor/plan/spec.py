@@ -36,6 +36,11 @@ class Role(str, enum.Enum):
     def is_cache_server(self) -> bool:
         return self in (Role.LMCACHE_SERVER, Role.LM_SERVER, Role.REDIS)
 
+    @property
+    def frontend_type(self) -> str | None:
+        """The frontend's name for this worker role in its model-ready answer (``worker_types``)."""
+        return {Role.AGG: "aggregated", Role.DECODE: "decode", Role.PREFILL: "prefill"}.get(self)
+
 
 class Condition(str, enum.Enum):
     """When a dependency counts as satisfied (docker compose's names)."""

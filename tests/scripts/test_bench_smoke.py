@@ -57,6 +57,7 @@ def test_tiny_run_reports_every_key_as_a_number() -> None:
     if result["supervisord_respawn_p50_ms"] is None:
         assert result["notes"]["supervisord"]  # a reason, not a silent gap
     assert result["script_sleep_first_request_s"] is None and "skipped" in result["notes"]["script_sleep"]
+    assert result["availability_ha_failed"] is None and "skipped" in result["notes"]["availability"]
     for key in ("rss_mb", "cpu_percent"):
         assert result[key] and all(k.isdigit() and is_number(v) for k, v in result[key].items()), result[key]
     assert set(result["rss_mb"]) == set(result["cpu_percent"])
