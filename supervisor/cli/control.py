@@ -33,13 +33,13 @@ def deployment_option(func: F) -> F:
 
 def find_deployment(deployment: str | None) -> Any:
     from supervisor import paths
-    from supervisor.control import server as control
+    from supervisor.control import client as control
 
     return control.find(paths.state_root(), deployment)
 
 
 def fetch_status(endpoint: Any) -> dict[str, Any]:
-    from supervisor.control import server as control
+    from supervisor.control import client as control
 
     return control.request(endpoint, {"op": "status"})["status"]
 
@@ -65,7 +65,7 @@ def duration(seconds: float | None) -> str:
 
 
 def _act(op: str, process: str, deployment: str | None, wait_s: float) -> dict[str, Any]:
-    from supervisor.control import server as control
+    from supervisor.control import client as control
 
     endpoint = find_deployment(deployment)
     return control.request(
@@ -115,7 +115,7 @@ def restart_command(
         raise BadRequestError("restart: name a PROCESS or a role, or pass --all (not both)")
     started = time.monotonic()
     endpoint = find_deployment(deployment)
-    from supervisor.control import server as control
+    from supervisor.control import client as control
 
     wait_s = 0.0 if no_wait else timeout_s
     message = {"op": "restart", "process": process, "all": everything, "allow_downtime": allow_downtime}
@@ -169,7 +169,7 @@ def start_command(process: str, deployment: str | None, timeout_s: float, no_wai
 def down(deployment: str | None, timeout_s: float) -> None:
     """``down``: ask over the control socket, wait for the supervisor to exit; SIGTERM if it does not answer."""
     from supervisor import paths
-    from supervisor.control import server as control
+    from supervisor.control import client as control
     from supervisor.engine import pidfile
 
     endpoint = find_deployment(deployment)

@@ -87,7 +87,7 @@ def gpus_command(ctx: click.Context, deployment: str | None, as_json: bool) -> N
     if ctx.invoked_subcommand is not None:
         ctx.obj = deployment
         return
-    from supervisor.control import server as control
+    from supervisor.control import client as control
 
     doc = control.request(find_deployment(deployment), {"op": "gpus"})["gpus"]
     if as_json:
@@ -103,7 +103,7 @@ def gpus_command(ctx: click.Context, deployment: str | None, as_json: bool) -> N
 @handles_errors
 def gpus_clear(ctx: click.Context, gpu: int, deployment: str | None) -> None:
     """End GPU N's quarantine after an operator reset it; a process held for it starts again."""
-    from supervisor.control import server as control
+    from supervisor.control import client as control
 
     answer = control.request(find_deployment(deployment or ctx.obj), {"op": "gpu-clear", "gpu": gpu})
     click.echo(answer["note"])

@@ -16,6 +16,7 @@ from typing import Any
 import anyio
 import pytest
 
+from supervisor.control import client
 from supervisor.control import server as control
 from supervisor.control.progress import Timeline
 from supervisor.engine.runner import Runner
@@ -28,7 +29,7 @@ NOBODY = 65534
 
 
 @asynccontextmanager
-async def controlled(plan: Plan) -> AsyncIterator[tuple[Runner, control.ControlServer, control.Endpoint]]:
+async def controlled(plan: Plan) -> AsyncIterator[tuple[Runner, control.ControlServer, client.Endpoint]]:
     """A runner serving ``plan`` with its control server, until the block ends (then shut down, reaped)."""
     runner = Runner(plan)
     timeline = Timeline()
@@ -50,15 +51,15 @@ async def controlled(plan: Plan) -> AsyncIterator[tuple[Runner, control.ControlS
             yield (
                 runner,
                 server,
-                control.Endpoint("test", Path(plan.deployment.state_dir), os.getpid(), server.path),
+                client.Endpoint("test", Path(plan.deployment.state_dir), os.getpid(), server.path),
             )
         finally:
             runner.request_shutdown()
 
 
-async def ask(endpoint: control.Endpoint, message: dict[str, Any], timeout_s: float = 10.0) -> dict[str, Any]:
+async def ask(endpoint: client.Endpoint, message: dict[str, Any], timeout_s: float = 10.0) -> dict[str, Any]:
     """The synchronous client, run in a thread so the server (same loop) can answer."""
-    return await anyio.to_thread.run_sync(lambda: control.request(endpoint, message, timeout_s=timeout_s))
+    return await anyio.to_thread.run_sync(lambda: client.request(endpoint, message, timeout_s=timeout_s))
 
 
 async def test_socket_is_private_answers_status_and_goes_at_shutdown(make_spec, make_plan) -> None:
@@ -174,16 +175,16 @@ async def test_a_path_too_long_for_a_unix_socket_falls_back_to_a_short_recorded_
         plan.deployment, state_dir=str(state), control_socket=str(state / "control.sock")
     )
     plan = dataclasses.replace(plan, deployment=dep)
-    assert len(dep.control_socket.encode()) > control.SUN_PATH_MAX
+    assert len(dep.control_socket.encode()) > client.SUN_PATH_MAX
     async with controlled(plan) as (_, server, endpoint):
-        assert server.path != dep.control_socket and len(server.path.encode()) <= control.SUN_PATH_MAX
-        assert control.socket_for(state) == server.path == (state / control.POINTER_FILE).read_text().strip()
+        assert server.path != dep.control_socket and len(server.path.encode()) <= client.SUN_PATH_MAX
+        assert client.socket_for(state) == server.path == (state / client.POINTER_FILE).read_text().strip()
         parent = os.stat(os.path.dirname(server.path))
         assert stat.S_IMODE(parent.st_mode) == 0o700 and parent.st_uid == os.geteuid()
         assert (await ask(endpoint, {"op": "status"}))["status"]["deployment"]["state"] == "ready"
         short = server.path
-    assert not os.path.exists(short) and not (state / control.POINTER_FILE).exists()
-    assert control.socket_path(dep.control_socket) == short  # the same short path on every run
+    assert not os.path.exists(short) and not (state / client.POINTER_FILE).exists()
+    assert client.socket_path(dep.control_socket) == short  # the same short path on every run
 
 
 def test_peer_uid_rule() -> None:

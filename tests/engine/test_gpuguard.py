@@ -294,6 +294,7 @@ async def test_gpus_and_gpu_clear_over_the_control_socket(make_spec, make_plan) 
     from rich.console import Console
 
     from supervisor.cli.gpus import render_gpus
+    from supervisor.control import client
     from supervisor.control import server as control
     from supervisor.errors import BadRequestError, ControlError
 
@@ -306,10 +307,10 @@ async def test_gpus_and_gpu_clear_over_the_control_socket(make_spec, make_plan) 
             with anyio.fail_after(5):
                 while server.path is None:
                     await anyio.sleep(0.01)
-            endpoint = control.Endpoint("test", Path(plan.deployment.state_dir), os.getpid(), server.path)
+            endpoint = client.Endpoint("test", Path(plan.deployment.state_dir), os.getpid(), server.path)
 
             async def ask(message: dict) -> dict:  # type: ignore[type-arg]
-                return await anyio.to_thread.run_sync(lambda: control.request(endpoint, message))
+                return await anyio.to_thread.run_sync(lambda: client.request(endpoint, message))
 
             doc = (await ask({"op": "gpus"}))["gpus"]
             assert [(g["index"], g["healthy"], g["assigned_to"]) for g in doc["gpus"]] == [
