@@ -33,6 +33,10 @@ FIXTURE_CHILD = str(Path(__file__).parent / "fixtures" / "child.py")
 T = TypeVar("T")
 
 
+# tests/engines/ needs the multi-GB engines venv: only `make test-engines` (which sets this) collects it.
+collect_ignore = [] if os.environ.get("LMCACHE_SUPERVISE_ENGINES_PYTHON") else ["engines"]
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     shutil.rmtree(PROBE_CACHE, ignore_errors=True)
 

@@ -296,7 +296,8 @@ def read_lmcache(env: dict[str, str]) -> dict[str, Any]:
         return {**failure(exc), "source": source}
     values: dict[str, Any] = {}
     ignored: list[str] = []
-    for var in sorted(k for k in env if k.startswith("LMCACHE_")):
+    # LMCACHE_SUPERVISE_*: the supervisor's own variables (state root, test marker), not LMCache's.
+    for var in sorted(k for k in env if k.startswith("LMCACHE_") and not k.startswith("LMCACHE_SUPERVISE_")):
         key = var.removeprefix("LMCACHE_").lower()
         key = aliases.get(key, key)
         if var in ENV_ONLY_READERS:

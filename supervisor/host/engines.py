@@ -109,6 +109,7 @@ class ConnectorVerdict:
     connector: str
     depth: int
     verdict: Verdict
+    resolved: str | None = None  # the class vLLM's factory returned, module.qualname
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,7 @@ class ProcessVerdict:
     skipped: str | None = None
     crashed: str | None = None
     args: Verdict | None = None
+    mode: str | None = None  # the disaggregation mode Dynamo's parser resolved
     connectors: tuple[ConnectorVerdict, ...] = ()
     engine_config: Verdict | None = None
     lmcache: Verdict | None = None
@@ -143,9 +145,13 @@ class ProcessVerdict:
             skipped=data.get("skipped"),
             crashed=data.get("crashed"),
             args=Verdict.from_json(data.get("args")),
+            mode=(data.get("args") or {}).get("disaggregation_mode"),
             connectors=tuple(
                 ConnectorVerdict(
-                    c["connector"], int(c.get("depth", 0)), Verdict.from_json(c) or Verdict(False)
+                    c["connector"],
+                    int(c.get("depth", 0)),
+                    Verdict.from_json(c) or Verdict(False),
+                    c.get("class"),
                 )
                 for c in data.get("connectors", [])
             ),

@@ -11,7 +11,7 @@ message names the process, the flag, connector or variable, and the installed ve
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Sequence
 
 from supervisor.host.engines import EngineFacts, LMCacheRead, ProcessVerdict
 from supervisor.host.facts import HostFacts
@@ -142,7 +142,7 @@ def _process_findings(verdict: ProcessVerdict, facts: EngineFacts) -> list[Findi
     return found
 
 
-def _summary(facts: EngineFacts, judged: Iterable[ProcessVerdict]) -> str:
+def _summary(facts: EngineFacts, judged: Sequence[ProcessVerdict]) -> str:
     parts = []
     for verdict in judged:
         chain = "+".join(c.connector for c in verdict.connectors) or "no connector"
@@ -151,7 +151,11 @@ def _summary(facts: EngineFacts, judged: Iterable[ProcessVerdict]) -> str:
         )
         parts.append(f"{verdict.name} ({chain}{reads})")
     how = "cached verdict" if facts.cached else f"asked in {facts.seconds:.0f} s"
-    return f"the installed engines accept {'; '.join(parts)} [{facts.versions_text()}; {how}]"
+    skipped = next(
+        (v.engine_config.skipped for v in judged if v.engine_config and v.engine_config.skipped), None
+    )
+    model = f"; vLLM's engine-config validation not run ({skipped})" if skipped else ""
+    return f"the installed engines accept {'; '.join(parts)} [{facts.versions_text()}; {how}]{model}"
 
 
 def check_engine(plan: Plan, facts: HostFacts) -> list[Finding]:

@@ -54,6 +54,9 @@ BOOLEAN_KEYS = frozenset(
     }
 )
 BOOLEAN_SPELLINGS = {"true": "true", "false": "false", "1": "true", "0": "false"}
+# Read outside LMCache's config class, by plain text comparison: LMCache 0.5.6 turns usage tracking
+# off only for LMCACHE_TRACK_USAGE == "false", so "0" or "False" leave it on (found by the engine tier).
+EXACT_TEXTS = {"track_usage": ("true", "false")}
 NUMBER_KEYS = frozenset(
     {
         "chunk_size",
@@ -76,6 +79,8 @@ def remote_backend(url: str) -> str | None:
 def check_env_value(key: str, value: str) -> str | None:
     """Why ``LMCACHE_<KEY>=value`` would be misread by LMCache, or None when it is fine."""
     name = key.removeprefix("LMCACHE_").lower()
+    if name in EXACT_TEXTS and value not in EXACT_TEXTS[name]:
+        return f"expected exactly {' or '.join(EXACT_TEXTS[name])} (LMCache compares the text as it is)"
     if name in BOOLEAN_KEYS and value.strip().lower() not in BOOLEAN_SPELLINGS:
         return f"expected true or false (LMCache would silently read {value!r} as false)"
     if name in NUMBER_KEYS:

@@ -78,6 +78,13 @@ CASES = [
         "workers.decode.env.LMCACHE_LOCAL_CPU: expected true or false (LMCache would silently read 'on' as false)",
     ),
     (
+        # LMCache 0.5.6 turns usage tracking off only for the exact text "false" (tests/engines/)
+        "lmcache-env-track-usage-zero",
+        DEMO_EXTENDS + '[workers.decode.env]\nLMCACHE_TRACK_USAGE = "0"\n',
+        [],
+        "workers.decode.env.LMCACHE_TRACK_USAGE: expected exactly true or false",
+    ),
+    (
         "lmcache-extra-bool",
         DEMO_EXTENDS + '[lmcache.extra]\nsave_unfull_chunk = "yes"\n',
         [],
