@@ -199,6 +199,22 @@ def runtime_imports(name: str, extra: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+def unread_extra_keys(cls: Any, extra: dict[str, Any]) -> list[str]:
+    """``kv_connector_extra_config`` keys that no module of the connector's class hierarchy names as a
+    string literal: the connector never reads them (vLLM ignores unknown keys, so a misspelt
+    ``lmcache.mp.port`` would silently leave the default)."""
+    import inspect
+
+    sources = []
+    for klass in cls.__mro__:
+        try:
+            sources.append(inspect.getsource(sys.modules[klass.__module__]))
+        except (KeyError, TypeError, OSError):
+            continue
+    text = "\n".join(sources)
+    return [k for k in extra if f'"{k}"' not in text and f"'{k}'" not in text]
+
+
 def resolve_connector(config: Any, depth: int = 0) -> list[dict[str, Any]]:
     """``config`` (a KVTransferConfig) resolved the way vLLM creates it, then its nested connectors."""
     from vllm.config import KVTransferConfig
@@ -218,6 +234,7 @@ def resolve_connector(config: Any, depth: int = 0) -> list[dict[str, Any]]:
         entry.update(failure(exc))
         return [entry]
     entry["class"] = f"{cls.__module__}.{cls.__qualname__}"
+    entry["unread_extra"] = unread_extra_keys(cls, extra)
     problem = runtime_imports(name, extra)
     if problem:
         entry.update(problem)

@@ -6,8 +6,8 @@ of every vLLM worker on stdin, and reads back what Dynamo's parser, vLLM's conne
 LMCache's config loader made of them. Judging that answer is preflight's job (pure); this module only
 runs the probe and records the answer as data, never raising for what it finds.
 
-That run costs 10-25 s (importing vLLM, measured on a 2-core machine), so the answer is cached in the
-deployment's state directory, keyed by everything it depends on: the interpreter, the installed
+That run costs 10-25 s (importing vLLM, measured on a 2-core machine), so the answer is kept in the
+probe cache (:mod:`supervisor.host.cache`, kind ``engines``), keyed by everything it depends on: the interpreter, the installed
 versions of the engines (read by a run of the probe that imports none of them, ~0.1 s), the probe
 itself, the requests (argv, env, cwd) and the bytes of the files the engines read (an
 ``LMCACHE_CONFIG_FILE``, the model's ``config.json``). Any change there is a new key: a stale verdict
@@ -24,6 +24,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from supervisor.host.cache import ProbeCache
 
 PROBE = Path(__file__).with_name("engine_probe.py")
 MARKER = "@@lmcache-supervise-engine-probe@@"  # the same constant as in engine_probe.py
@@ -110,6 +112,7 @@ class ConnectorVerdict:
     depth: int
     verdict: Verdict
     resolved: str | None = None  # the class vLLM's factory returned, module.qualname
+    unread_extra: tuple[str, ...] = ()  # kv_connector_extra_config keys its code never names
 
 
 @dataclass(frozen=True)
@@ -152,6 +155,7 @@ class ProcessVerdict:
                     int(c.get("depth", 0)),
                     Verdict.from_json(c) or Verdict(False),
                     c.get("class"),
+                    tuple(c.get("unread_extra") or ()),
                 )
                 for c in data.get("connectors", [])
             ),
@@ -275,38 +279,22 @@ def _from_answer(interpreter: str, answer: dict[str, Any], *, cached: bool, seco
     )
 
 
-def engine_facts(req: EngineRequest, *, cache_dir: Path | None, timeout: float) -> EngineFacts:
-    """The probe's answer for ``req``: from ``cache_dir`` when the key matches, else a fresh run
-    (stored there when ``cache_dir`` is given)."""
+def engine_facts(req: EngineRequest, *, cache: ProbeCache | None, timeout: float) -> EngineFacts:
+    """The probe's answer for ``req``: from ``cache`` when an answer for the same key is there, else a
+    fresh run (then stored in ``cache``)."""
     start = time.monotonic()
     cwd = next((p.cwd for p in req.processes if p.cwd), None)
     payload = req.payload()
     head, problem = _run_probe(req.interpreter, payload, ["--versions"], cwd, VERSIONS_TIMEOUT_S)
     if head is None:
         return EngineFacts(req.interpreter, problem)
-    path = cache_dir / f"{cache_key(req, head)}.json" if cache_dir is not None else None
-    if path is not None:
-        try:
-            answer = json.loads(path.read_text())
-            return _from_answer(req.interpreter, answer, cached=True, seconds=time.monotonic() - start)
-        except (OSError, ValueError):
-            pass  # no verdict for this key yet (or a torn one): probe afresh
+    key = {"engines": cache_key(req, head)}
+    stored = cache.get(key) if cache is not None else None
+    if isinstance(stored, dict):
+        return _from_answer(req.interpreter, stored, cached=True, seconds=time.monotonic() - start)
     answer, problem = _run_probe(req.interpreter, payload, [], cwd, timeout)
     if answer is None:
         return EngineFacts(req.interpreter, problem, tuple((d, head["versions"].get(d)) for d in PACKAGES))
-    if path is not None:
-        _store(path, answer)
+    if cache is not None:
+        cache.put(key, answer, [req.interpreter, os.path.realpath(req.interpreter)])
     return _from_answer(req.interpreter, answer, cached=False, seconds=time.monotonic() - start)
-
-
-def _store(path: Path, answer: dict[str, Any]) -> None:
-    """Write atomically, private (the answer quotes LMCACHE_* values, a remote URL's password too)."""
-    try:
-        path.parent.mkdir(mode=0o700, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as out:
-            json.dump(answer, out)
-        os.replace(tmp, path)
-    except OSError:
-        pass  # a cache that cannot be written only costs the next run its probe

@@ -24,7 +24,6 @@ from typing import Any
 
 import psutil
 
-from supervisor.errors import StateDirError
 from supervisor.host import ports
 from supervisor.host.cache import ProbeCache, cache_root
 from supervisor.host.engines import EngineFacts, EngineRequest, engine_facts
@@ -40,7 +39,6 @@ from supervisor.host.software import (
     executable_facts,
     software_facts,
 )
-from supervisor.paths import secure_state_dir
 
 __all__ = [
     "EndpointFacts",
@@ -90,9 +88,8 @@ class FactsRequest:
     etcd: tuple[str, ...] = ()
     network_timeout_s: float = 2.0
     interpreter_timeout_s: float = 180.0
-    # The vLLM workers, judged by the engines themselves (host.engines); verdicts cached in this dir.
+    # The vLLM workers, judged by the engines themselves (host.engines).
     engines: tuple[EngineRequest, ...] = ()
-    engine_cache_dir: str | None = None
     # Trust the probe cache for interpreters whose packages did not change (``check --fresh``: probe again).
     cached: bool = True
 
@@ -351,6 +348,7 @@ def gather(request: FactsRequest, *, nvml: Any | None = None, arch: str | None =
     """Probe what ``request`` lists. ``nvml`` (a pynvml-like object) and ``arch`` replace the real ones."""
     timeout = request.network_timeout_s
     cache = ProbeCache(cache_root(), "software", read=request.cached) if request.interpreters else None
+    engines = ProbeCache(cache_root(), "engines", read=request.cached) if request.engines else None
     return HostFacts(
         arch=arch if arch is not None else platform.machine(),
         memory=memory_facts(),
@@ -364,21 +362,6 @@ def gather(request: FactsRequest, *, nvml: Any | None = None, arch: str | None =
         model=model_facts(request.model) if request.model else None,
         etcd=tuple(etcd_facts(e, timeout) for e in dict.fromkeys(request.etcd)),
         engines=tuple(
-            engine_facts(
-                e, cache_dir=_engine_cache(request.engine_cache_dir), timeout=request.interpreter_timeout_s
-            )
-            for e in request.engines
+            engine_facts(e, cache=engines, timeout=request.interpreter_timeout_s) for e in request.engines
         ),
     )
-
-
-def _engine_cache(path: str | None) -> Path | None:
-    """The verdict cache directory inside the deployment's state directory (created private), or
-    None when that directory is not ours to use: then the engines are asked every time."""
-    if path is None:
-        return None
-    try:
-        secure_state_dir(Path(path).parent)
-    except (StateDirError, OSError):
-        return None
-    return Path(path)

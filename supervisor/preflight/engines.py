@@ -102,6 +102,14 @@ def _process_findings(verdict: ProcessVerdict, facts: EngineFacts) -> list[Findi
             )
         )
     for conn in verdict.connectors:
+        for key in conn.unread_extra:
+            found.append(
+                warn(
+                    CHECK,
+                    f"{name}: {conn.connector} never reads kv_connector_extra_config key {key!r}; it is "
+                    f"ignored ({versions})",
+                )
+            )
         if conn.verdict.ok:
             continue
         package = conn.verdict.package

@@ -37,8 +37,6 @@ RUNTIME_RESERVE_DEFAULT_GB = 2.0
 HOST_MEMORY_MARGIN = 0.10
 # vLLM's default --gpu-memory-utilization, used when a process states no fraction.
 VLLM_DEFAULT_GPU_FRACTION = 0.9
-# Inside a deployment's state directory: the engines' verdicts, keyed by what they depend on.
-ENGINE_CACHE_DIR = "engine-verdicts"
 
 
 @dataclass(frozen=True)
@@ -357,9 +355,4 @@ def facts_request(
         network_timeout_s=network_timeout_s,
         interpreter_timeout_s=interpreter_timeout_s,
         engines=engines,
-        engine_cache_dir=(
-            os.path.join(plan.deployment.state_dir, ENGINE_CACHE_DIR)
-            if plan.deployment.state_dir and engines
-            else None
-        ),
     )

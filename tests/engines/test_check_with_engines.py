@@ -12,8 +12,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from enginekit import VLLM_PROFILES
 from proctools import CLI
-from tier import VLLM_PROFILES
 
 
 def check(tmp_path: Path, python: str, profile: str, *sets: str) -> tuple[int, list[dict[str, str]], str]:

@@ -12,9 +12,9 @@ import dataclasses
 import json
 
 import pytest
+from enginekit import TIER_PLANS, VLLM_PROFILES, ask, disagreements, judge, render
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tier import VLLM_PROFILES, ask, disagreements, judge, render
 
 from supervisor.errors import SupervisorError
 from supervisor.preflight.findings import Status
@@ -24,11 +24,11 @@ from supervisor.preflight.findings import Status
 
 @pytest.fixture(scope="module")
 def builtin(engines_python: str):
-    plans = {name: render(name, engines_python) for name in VLLM_PROFILES}
+    plans = {key: render(name, engines_python, sets) for key, (name, sets) in TIER_PLANS.items()}
     return plans, ask(plans, engines_python)
 
 
-@pytest.mark.parametrize("name", VLLM_PROFILES)
+@pytest.mark.parametrize("name", TIER_PLANS)
 def test_builtin_profile_is_read_as_planned(builtin, name: str) -> None:
     plans, answers = builtin
     plan, facts = plans[name], answers[name]
@@ -180,3 +180,22 @@ def test_what_the_schema_refuses_is_what_the_released_lmcache_misreads(engines_p
     for var, (text, _) in MISREADS.items():
         found = [f for f in judge(plans[var], answers[var]) if f.status is Status.FAIL]
         assert len(found) == 1 and f"{var}={text!r} is not read as meant" in found[0].message, (var, found)
+
+
+def test_kvbm_refuses_the_cache_servers_connector_inside_pdconnector(engines_python: str) -> None:
+    """kvbm 1.6.1's PdConnector takes only DynamoConnector, LMCacheConnectorV1 or FlexKVConnectorV1
+    first; with a multiprocess cache server the prefill worker's first connector is LMCacheMPConnector,
+    which its constructor would refuse at start (a TypeError after the model load). ``check`` says so."""
+    plan = render("disagg", engines_python, ["lmcache.server={l1_size_gb=0.5}"])
+    facts = ask({"disagg-mp": plan}, engines_python)["disagg-mp"]
+    prefill = facts.process("prefill")
+    assert prefill is not None and [c.connector for c in prefill.connectors] == [
+        "PdConnector",
+        "LMCacheMPConnector",
+        "NixlConnector",
+    ]
+    assert prefill.connectors[0].verdict.error == (
+        "PdConnector's first connector must be LMCache, KVBM or FlexKV, not LMCacheMPConnector"
+    )
+    (failure,) = [f for f in judge(plan, facts) if f.status is Status.FAIL]
+    assert failure.message.startswith("prefill: PdConnector refused: PdConnector's first connector must be")

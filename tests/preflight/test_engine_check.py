@@ -147,3 +147,15 @@ def test_verdicts_round_trip_from_the_probe_json() -> None:
     assert verdict.lmcache_reads[0] == read("LMCACHE_CHUNK_SIZE", "256", 256)
     assert dataclasses.replace(verdict, lmcache_ignored=()).lmcache_ignored == ()
     assert verdict.lmcache_ignored == ("LMCACHE_X",)
+
+
+def test_an_extra_config_key_the_connector_never_reads_warns() -> None:
+    conn = ConnectorVerdict(
+        "LMCacheMPConnector", 0, Verdict(True), "x.LMCacheMPConnector", ("lmcache.mp.prot",)
+    )
+    worker = ProcessVerdict("worker", args=Verdict(True), connectors=(conn,))
+    found = engine_findings("agg", worker)
+    assert [f.status for f in found] == [Status.WARN, Status.OK]
+    assert (
+        "LMCacheMPConnector never reads kv_connector_extra_config key 'lmcache.mp.prot'" in found[0].message
+    )

@@ -178,7 +178,6 @@ def test_vllm_plan_requests_gpus_and_engine_modules_per_interpreter() -> None:
     assert req.model is not None and not req.model.local
     (engines,) = req.engines
     assert engines.interpreter == PY and [p.name for p in engines.processes] == ["decode", "prefill"]
-    assert req.engine_cache_dir is not None and req.engine_cache_dir.endswith("/disagg/engine-verdicts")
 
 
 def test_remote_url_is_probed_unless_the_plan_serves_it() -> None:

@@ -1,7 +1,6 @@
-"""Helpers of the engine tier: render profiles for the engines venv, ask the engines about many plans in
-one probe run (importing vLLM costs ~10 s, each further worker well under a second), and compare
-each answer with what the plan meant. ``scripts/engines_drift.py`` runs the same against other
-releases."""
+"""The engine tier's harness, shared by tests/engines/ and scripts/engines_drift.py: render profiles
+for an engines venv, ask the engines about many plans in one probe run (importing vLLM costs ~10 s,
+each further worker well under a second), and compare each answer with what the plan meant."""
 
 from __future__ import annotations
 
@@ -18,10 +17,16 @@ from supervisor.preflight.findings import Finding
 from supervisor.preflight.needs import engine_requests, is_vllm_worker, kv_connectors
 from supervisor.profile import load as profiles
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 # A llama-style config.json (no weights): vLLM's engine-config validation reads only this file.
 MODEL_DIR = str(ROOT / "profiles" / "demo-model")
 VLLM_PROFILES = ("agg", "disagg", "agg-nolmcache", "disagg-nolmcache")
+# The plans the tier must see read as planned: the built-ins, and each worker mode they do not cover
+# (LMCache's multiprocess cache server: the workers' LMCacheMPConnector).
+TIER_PLANS: dict[str, tuple[str, tuple[str, ...]]] = {
+    **{name: (name, ()) for name in VLLM_PROFILES},
+    "agg-mp": ("agg", ("lmcache.server={l1_size_gb=0.5}",)),
+}
 STATE = Path("/tmp/lmcache-supervise-engine-tier")
 # LMCACHE_* variables LMCache reads outside its config class, or not at all as a setting.
 NOT_SETTINGS = ("LMCACHE_CONFIG_FILE",)
@@ -39,7 +44,7 @@ def ask(plans: Mapping[str, Plan], python: str, timeout: float = 600) -> dict[st
         for req in engine_requests(plan):
             assert req.interpreter == python, req.interpreter
             processes.extend(dataclasses.replace(p, name=f"{key}/{p.name}") for p in req.processes)
-    facts = engine_facts(EngineRequest(python, tuple(processes)), cache_dir=None, timeout=timeout)
+    facts = engine_facts(EngineRequest(python, tuple(processes)), cache=None, timeout=timeout)
     assert facts.problem is None, facts.problem
     out = {}
     for key in plans:
