@@ -4,8 +4,8 @@ Events are JSON lines without a terminal (journald, files, CI) and go to ``up``'
 merged stdout/stderr goes to ``<state_dir>/logs/<name>.log``, rotated by size with a few backups,
 and in the foreground also to our stdout as ``name | line``.
 
-Nothing here may stop supervision: a full or unwritable log directory costs log lines, not
-children. The first failure is reported as one error event, later ones are counted silently, and
+Nothing here may stop supervision: a full, unwritable or stalled log directory costs log lines,
+not children. Files are written by one thread off the event loop (:mod:`supervisor.engine.logwriter`). The first failure is reported as one error event, later ones are counted silently, and
 writing is retried after a pause. Terminal echo goes through one bounded queue and one writer
 thread, so a stalled terminal (or a pipe nobody reads) drops lines instead of blocking the loop.
 """
@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import TextIO
 
+from supervisor.engine.logwriter import WRITER, Writer
 from supervisor.eventlog import configure, log  # noqa: F401  (re-exported: where words go)
 
 _RETRY_AFTER_S = 30.0
@@ -153,16 +154,38 @@ class TerminalEcho:
 
 
 class ChildOutput:
-    """The sink for one child's output: its rotated file and, optionally, the terminal."""
+    """The sink for one child's output: its rotated file (written by the log writer thread, off
+    the event loop) and, optionally, the terminal. ``dropped_bytes`` counts what a stalled disk cost."""
 
-    def __init__(self, name: str, path: str, options: LogOptions, echo: TerminalEcho | None) -> None:
+    def __init__(
+        self, name: str, path: str, options: LogOptions, echo: TerminalEcho | None, *, writer: Writer = WRITER
+    ) -> None:
         self.name = name
         self.file = RotatingFile(path, max_bytes=options.max_bytes, backups=options.backups, owner=name)
+        self.dropped_bytes = 0
+        self._writer = writer
+        self._dropping = 0  # bytes dropped in the current spell (0: not dropping)
         self._echo = echo
         self._partial = b""
 
     def __call__(self, data: bytes) -> None:
-        self.file.write(data)
+        # Once dropping, keep dropping until the queue is half empty: one report per spell, not
+        # one per chunk that happens to fit.
+        resuming = not self._dropping or self._writer.queued_bytes <= self._writer.capacity // 2
+        if resuming and self._writer.put(self.file, data):
+            if self._dropping:
+                log.warning("child log writing caught up", process=self.name, dropped_bytes=self._dropping)
+                self._dropping = 0
+        else:
+            if not self._dropping:
+                log.error(
+                    "child log writes stalled; output dropped, supervision continues",
+                    process=self.name,
+                    path=self.file.path,
+                    queued_bytes=self._writer.queued_bytes,
+                )
+            self._dropping += len(data)
+            self.dropped_bytes += len(data)
         if self._echo is None:
             return
         lines = (self._partial + data).split(b"\n")
@@ -174,4 +197,14 @@ class ChildOutput:
             self._echo.line(self.name, raw[:_ECHO_LINE_MAX].decode("utf-8", "replace").rstrip("\r"))
 
     def close(self) -> None:
-        self.file.close()
+        """Close the file after what is queued for it (returns at once)."""
+        self._writer.close(self.file)
+
+    def flush(self, timeout_s: float = 10.0) -> bool:
+        """Wait (blocking: not on the event loop) until what was queued is on disk."""
+        return self._writer.flush(timeout_s)
+
+
+def flush_all(timeout_s: float) -> bool:
+    """Wait until every queued child log chunk is on disk (at shutdown; bounded: a stalled disk)."""
+    return WRITER.flush(timeout_s)

@@ -30,7 +30,7 @@ import httpx
 
 from supervisor.engine import discovery
 from supervisor.engine.gate import DeploymentFacts, Gate, decide_deployment
-from supervisor.engine.logs import ChildOutput, LogOptions, TerminalEcho
+from supervisor.engine.logs import ChildOutput, LogOptions, TerminalEcho, flush_all
 from supervisor.engine.probes import FAST_PROBE_S, deployment_ready, smoke, watch_health
 from supervisor.engine.process import Child, Guardian, spawn
 from supervisor.engine.proctree import task_state
@@ -62,6 +62,7 @@ from supervisor.plan.spec import Condition, Plan, ProcessSpec
 P, D = ProcessState, DeploymentState
 
 GPU_CLEAR_TIMEOUT_S = 60.0
+LOG_FLUSH_S = 2.0
 #: A ``started`` dependency holds once its process was spawned (or ran and exited cleanly).
 STARTED_STATES = (ProcessState.STARTING, ProcessState.RUNNING, ProcessState.NOT_READY, ProcessState.EXITED)
 Observer = Callable[[RunnerEvent], None]
@@ -312,6 +313,7 @@ class Runner:
                 if slot.spec.multiproc_dir:
                     shutil.rmtree(slot.spec.multiproc_dir, ignore_errors=True)
             self._guardian.close()  # EOF: it SIGKILLs whatever is still registered
+            flush_all(LOG_FLUSH_S)  # the last lines on disk before we return (bounded: a stalled disk)
         return self._exit_code
 
     # ---- state ------------------------------------------------------------------------------

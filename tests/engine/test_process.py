@@ -133,6 +133,7 @@ async def test_hundred_megabytes_of_output_neither_blocks_nor_fills_the_disk(
             await child.watch(output)
             tg.cancel_scope.cancel()
     output.close()
+    assert output.flush(30) and output.dropped_bytes == 0  # written off the loop, nothing dropped
     logs = sorted(Path(spec.log_file).parent.glob("flood.log*"))
     total = sum(p.stat().st_size for p in logs)
     assert child.exit is not None and child.exit.clean

@@ -74,7 +74,9 @@ async def test_a_process_surviving_sigkill_is_reported_and_supervision_goes_on(
             and status.last_exit.describe() == "survived SIGKILL (uninterruptible)"
         )
         assert alive(old) and old not in unregistered  # the guardian still has its group
-        found = hints.scan(Path(spec.log_file).read_text().splitlines())
+        log_file = Path(spec.log_file)  # written by the log thread: wait for the line
+        wait_for(lambda: log_file.exists() and "survived SIGKILL" in log_file.read_text(), 5, what="the line")
+        found = hints.scan(log_file.read_text().splitlines())
         assert [h.kind for h in found] == ["unkillable"]
         await runner.start("a")  # supervision goes on
         new = (await until(runner, lambda s: s.process("a").state is P.RUNNING)).process("a").pid
