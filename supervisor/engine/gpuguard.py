@@ -143,9 +143,12 @@ class GpuGuard:
             next_view = 0.0
             while True:
                 faults = await anyio.to_thread.run_sync(watcher.faults, WAIT_S, abandon_on_cancel=True)
-                for fault in faults:
-                    await self._handle(runner, fault)
-                await self._rehome(runner)
+                try:
+                    for fault in faults:
+                        await self._handle(runner, fault)
+                    await self._rehome(runner)
+                except Exception:  # a bug here must cost one fault's handling, never supervision
+                    log.exception("GPU guard failed to act on a fault; the spawn gate still holds")
                 if time.monotonic() >= next_view:
                     next_view = time.monotonic() + VIEW_REFRESH_S
                     runner.update_gpus(await anyio.to_thread.run_sync(self.view, runner.status()))
@@ -222,7 +225,10 @@ class GpuGuard:
                 gpus=list(spec.gpus),
                 spares=list(plan.deployment.spare_gpus),
             )
-            proc = runner.status().process(spec.name)
+            try:
+                proc = runner.status().process(spec.name)
+            except KeyError:  # a reload removed it meanwhile
+                return False
             if proc.state.is_live:
                 await runner.restart(spec.name)  # stopped now; the spawn gate holds it
             return False
