@@ -53,7 +53,7 @@ from supervisor.control import status as statusview
 from supervisor.control.client import POINTER_FILE, SOCKET_NAME, socket_path
 from supervisor.control.progress import Timeline
 from supervisor.engine.states import DeploymentState, DeploymentStatus, ProcessState
-from supervisor.errors import BadRequestError, ControlError, SupervisorError
+from supervisor.errors import BadRequestError, ControlError, GpuError, SupervisorError
 from supervisor.eventlog import log
 from supervisor.plan.spec import Plan
 
@@ -214,7 +214,10 @@ class ControlServer:
             index = request.get("gpu")
             if not isinstance(index, int) or isinstance(index, bool) or index < 0:
                 return _error("gpu must be a GPU index (an integer >= 0)", bad_input=True)
-            note = await runner.clear_gpu(index)
+            try:
+                note = await runner.clear_gpu(index)
+            except GpuError as exc:  # a GPU not watched or not quarantined: the operator's input
+                return _error(str(exc), bad_input=True)
             return {"ok": True, "note": note, "gpus": gpus.gpus_document(runner.status())}
         if op not in ("restart", "stop", "start"):
             return _error(

@@ -99,6 +99,17 @@ def test_bad_input_and_a_missing_deployment_are_one_line(up: Deployment, tmp_pat
     )
 
 
+def test_gpus_on_a_deployment_without_gpus(up: Deployment) -> None:
+    table = up.cli("gpus")
+    assert table.returncode == 0 and "no GPU is watched" in table.stdout, table.stderr
+    doc = up.cli("gpus", "--json")
+    assert doc.returncode == 0 and json.loads(doc.stdout) == {"schema": 1, "deployment": "demo", "gpus": []}
+    assert status(up)["gpus"] == []
+    clear = up.cli("gpus", "clear", "0")
+    assert clear.returncode == 2 and clear.stdout == ""
+    assert clear.stderr == "lmcache-supervise: no GPU is watched in deployment 'demo'\n"
+
+
 def test_supervisor_metrics_and_the_file_sd_targets(up: Deployment) -> None:
     dep = status(up)["deployment"]
     assert dep["metrics_url"] == f"http://127.0.0.1:{up.base + 90}/metrics"

@@ -296,7 +296,7 @@ async def test_gpus_and_gpu_clear_over_the_control_socket(make_spec, make_plan) 
     from supervisor.cli.gpus import render_gpus
     from supervisor.control import client
     from supervisor.control import server as control
-    from supervisor.errors import BadRequestError, ControlError
+    from supervisor.errors import BadRequestError
 
     nvml = FakeNvml(count=1)
     plan = make_plan(worker(make_spec, "decode", 0))
@@ -321,9 +321,9 @@ async def test_gpus_and_gpu_clear_over_the_control_socket(make_spec, make_plan) 
             assert status_doc["gpus"][0]["uuid"] == "GPU-fake-0000"
             with pytest.raises(BadRequestError, match="gpu must be a GPU index"):
                 await ask({"op": "gpu-clear", "gpu": "0"})
-            with pytest.raises(ControlError, match="GPU 0 is not quarantined"):
+            with pytest.raises(BadRequestError, match="GPU 0 is not quarantined"):
                 await ask({"op": "gpu-clear", "gpu": 0})
-            with pytest.raises(ControlError, match="GPU 5 is not watched"):
+            with pytest.raises(BadRequestError, match="GPU 5 is not watched"):
                 await ask({"op": "gpu-clear", "gpu": 5})
 
             nvml.xid(0, 79)
