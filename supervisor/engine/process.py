@@ -44,6 +44,7 @@ import psutil
 from supervisor.engine.proctree import descendants
 from supervisor.engine.states import ExitInfo
 from supervisor.errors import StartError
+from supervisor.eventlog import log
 from supervisor.plan.spec import ProcessSpec
 
 #: Variables of ours that must not leak into children: systemd's notify/watchdog and socket
@@ -108,6 +109,10 @@ class Guardian:
         )
         assert self._proc.stdin is not None
         self._fd = self._proc.stdin.fileno()
+        # Never block the event loop on a guardian that stopped reading (frozen, swapped out): a
+        # full pipe (64 KiB, thousands of lines) costs that registration, said once, not the loop.
+        os.set_blocking(self._fd, False)
+        self.lost = 0
 
     @property
     def pid(self) -> int:
@@ -115,7 +120,11 @@ class Guardian:
 
     def _send(self, line: str) -> None:
         try:
-            os.write(self._fd, line.encode())
+            os.write(self._fd, line.encode())  # one short line: written whole or not at all
+        except BlockingIOError:
+            if not self.lost:
+                log.error("guardian not reading; a process group registration was lost", line=line.strip())
+            self.lost += 1
         except OSError:
             pass  # guardian gone: PDEATHSIG still covers direct children
 

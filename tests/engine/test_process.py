@@ -220,3 +220,18 @@ async def test_guardian_also_kills_a_stray_group_it_was_told_of(make_spec, tmp_p
         wait_for(lambda: not alive(grandchild), 5, what="stray killed by the guardian")
         await child.stop()
     guardian._proc.wait(timeout=5)
+
+
+def test_a_guardian_that_stopped_reading_never_blocks_a_registration() -> None:
+    """Its pipe full (the guardian SIGSTOPped), registering returns at once and says so, once."""
+    guardian = Guardian()
+    try:
+        os.kill(guardian.pid, signal.SIGSTOP)
+        started = time.monotonic()
+        for pgid in range(100_000, 110_000):  # ~80 KiB of lines: more than a pipe holds
+            guardian.register(pgid)
+        assert time.monotonic() - started < 2.0
+        assert guardian.lost > 0
+    finally:
+        os.kill(guardian.pid, signal.SIGCONT)
+        guardian.close()
