@@ -14,7 +14,8 @@ its ``sleep 20``, and with a curl loop instead) for the demo. Definitions are in
 JSON keys (milliseconds unless named otherwise): detect_p50_ms, detect_p99_ms, respawn_p50_ms,
 respawn_p99_ms, supervisord_respawn_p50_ms, gate_p50_ms, gate_p99_ms, demo_first_request_s,
 script_sleep_first_request_s, script_poll_first_request_s, rss_mb and cpu_percent (objects keyed by
-the number of children), down_overhead_ms; more beside them (breakdowns, machine, load, sizes).
+the number of children), down_overhead_ms, check_demo_ms and first_spawn_ms (medians of warm runs:
+``scripts/benchkit/startup.py``); more beside them (breakdowns, machine, load, sizes, cold runs).
 Only ``supervisord_respawn_p50_ms`` (pip could not install supervisor, e.g. offline) and
 ``script_sleep_first_request_s`` (skipped by --quick and --tiny) and the ``availability_*`` keys
 (skipped by --tiny) may be null; ``notes`` says why. Availability (scripts/soakkit/ha.py, the same as
@@ -38,7 +39,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from benchkit import crash, demo, gate, overhead, report
+from benchkit import crash, demo, gate, overhead, report, startup
 from benchkit.common import BenchError, Reaper, percentile, workdir
 from soakkit import ha
 
@@ -59,6 +60,7 @@ class Sizes:
     stop_repeats: int
     ha_kills: int = 0  # availability (soakkit/ha.py): SIGKILLs of demo-ha replicas; 0 skips it
     ha_requests: int = 0
+    startup_repeats: int = 9
 
 
 FULL = Sizes(
@@ -89,6 +91,7 @@ QUICK = Sizes(
     stop_repeats=2,
     ha_kills=4,
     ha_requests=300,
+    startup_repeats=3,
 )
 # For the smoke test: every key, the least time (the figures are not meant to be read).
 TINY = Sizes(
@@ -102,6 +105,7 @@ TINY = Sizes(
     idle_settle_s=0.2,
     stop_children=3,
     stop_repeats=1,
+    startup_repeats=1,
 )
 
 
@@ -171,6 +175,16 @@ def run(sizes: Sizes, tmp: Path) -> dict[str, Any]:
         gate_probe_p50_ms=gated["probe"]["p50"],
         gate_engine_p50_ms=gated["engine"]["p50"],
     )
+
+    progress(f"startup: check demo, and up demo to its first spawn, {sizes.startup_repeats} times each")
+    started = startup.measure(sizes.startup_repeats, workdir(tmp, "startup"))
+    result.update(started)
+
+    # The demo runs below share one probe cache, warmed here: their figure is a start like every start
+    # but the first after an install (startup.measure above reports the cold one as *_cold_ms).
+    warm = workdir(tmp, "probe-warm")
+    os.environ["LMCACHE_SUPERVISE_CACHE_DIR"] = str(warm / "cache")
+    startup.check_once(warm)
 
     ups, polls, sleeps, rss, spawns = [], [], [], [], []
     for i in range(sizes.demo_repeats):

@@ -95,7 +95,6 @@ def up(
     your own to read it as well); ``events`` takes every supervisor event instead of stderr (JSON lines).
     """
     from supervisor.control import metrics, progress, reload
-    from supervisor.control import server as control
     from supervisor.engine import foreground, logs
     from supervisor.engine.gpuguard import GpuGuard
 
@@ -112,7 +111,7 @@ def up(
         observers=[*observers, bridge, timeline, stages, exported],
         services=[
             bridge.serve,
-            control.ControlServer(plan, timeline).serve,
+            _control_service(plan, timeline),
             exported.serve,
             stages.serve,
             GpuGuard(plan).serve,  # GPU faults: quarantine, move to a spare (nothing without GPUs)
@@ -121,6 +120,18 @@ def up(
         reload=reloader,
         echo=echo,
     )
+
+
+def _control_service(plan: Plan, timeline: Timeline) -> Service:
+    """The control socket, imported when its service starts: after the first spawn (the server's
+    module brings httpx, psutil views and the hints: a tenth of a second of start-up on a busy host)."""
+
+    async def serve(runner: Any) -> None:
+        from supervisor.control import server as control
+
+        await control.ControlServer(plan, timeline).serve(runner)
+
+    return serve
 
 
 def systemd_bridge() -> SystemdBridge:

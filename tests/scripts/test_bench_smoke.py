@@ -29,6 +29,10 @@ NUMBERS = (
     "demo_first_request_s",
     "script_poll_first_request_s",
     "down_overhead_ms",
+    "check_demo_ms",
+    "first_spawn_ms",
+    "check_demo_cold_ms",
+    "first_spawn_cold_ms",
 )
 # Documented as nullable: supervisord when pip cannot install it (offline); the sleep-20 script
 # is skipped below the full run.
