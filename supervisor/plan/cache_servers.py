@@ -151,6 +151,19 @@ def cache_server_processes(
             "workers that use [lmcache.server] reach storage through that server, not lmcache.remote; "
             "give the server an L2 adapter (lmcache.server.l2_adapters) or drop [lmcache.server]",
         )
+    if lm.server is not None and profile.engine == "vllm":
+        from supervisor.profile.lmcache import worker_loads_lmcache
+
+        for name, worker in profile.workers.items():
+            if worker.role == "prefill" and worker_loads_lmcache(worker, lm):
+                # Seen with the released engines (the `engine` check): kvbm 1.6.1 refuses it.
+                raise PlanError(
+                    src,
+                    "lmcache.server",
+                    f"prefill worker {name!r} would need LMCacheMPConnector inside PdConnector, which kvbm "
+                    "1.6.1 refuses (its first connector must be LMCache, KVBM or FlexKV); use [lmcache.server] "
+                    "with agg workers, or set workers.<prefill>.lmcache = false",
+                )
     if lm.server is not None:
         server = lm.server
         error = _managed_flag_error(server.args, src)

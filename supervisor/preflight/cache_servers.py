@@ -31,11 +31,16 @@ def _size(n: int | None) -> str:
     return gib(n) if n >= GIB else f"{n / 2**20:g} MiB"
 
 
+def uses_mp_server(spec: ProcessSpec) -> bool:
+    """A worker whose LMCache is the multiprocess server's client: its CPU cache lives in the server."""
+    return any("LMCacheMPConnector" in arg for arg in spec.argv)
+
+
 def pinned_gb(spec: ProcessSpec) -> float:
     """The host memory one process asks LMCache to pin on a GPU host (GB)."""
     if spec.role is Role.LMCACHE_SERVER:
         return spec.memory_gb
-    if spec.loads_lmcache:
+    if spec.loads_lmcache and not uses_mp_server(spec):
         cpu, _ = float_env(spec, "LMCACHE_MAX_LOCAL_CPU_SIZE")
         return LMCACHE_DEFAULT_CPU_GB if cpu is None else cpu
     return 0.0

@@ -76,7 +76,7 @@ def check_host_memory(plan: Plan, facts: HostFacts) -> list[Finding]:
         tp = spec.tensor_parallel_size
         need_gb += tp * reserve
         text = f"{spec.name}: {tp} x {reserve:g} GB runtime"
-        if spec.loads_lmcache:
+        if spec.loads_lmcache and not cache_servers.uses_mp_server(spec):
             # LMCache allocates its CPU buffer per tensor-parallel rank whatever local_cpu says (the buffer
             # also stages disk and remote transfers) and never caps it at free memory.
             cpu, problem = float_env(spec, "LMCACHE_MAX_LOCAL_CPU_SIZE")

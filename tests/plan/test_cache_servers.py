@@ -69,14 +69,16 @@ def test_vllm_workers_get_the_mp_connector_pointed_at_the_server_and_no_lmcache_
     assert not any(k.startswith("LMCACHE_") for k in worker.env) and plan.deployment.lmcache == {}
 
 
-def test_disagg_prefill_puts_the_mp_connector_first_in_pd_connector() -> None:
-    plan = render("disagg", "lmcache.server={}")
-    prefill = json.loads(flag(plan.process("prefill").argv, "--kv-transfer-config"))
-    first, second = prefill["kv_connector_extra_config"]["connectors"]
-    assert first["kv_connector"] == "LMCacheMPConnector" and second["kv_connector"] == "NixlConnector"
-    decode = plan.process("decode")
-    assert json.loads(flag(decode.argv, "--kv-transfer-config"))["kv_connector"] == "NixlConnector"
-    assert Dependency("lmcache-server", Condition.HEALTHY) not in decode.depends_on
+def test_disagg_prefill_with_the_mp_server_is_refused_as_kvbm_refuses_it() -> None:
+    # kvbm 1.6.1's PdConnector: "first connector must be LMCache, KVBM or FlexKV, not LMCacheMPConnector"
+    # (the engine check against the released engines, docs/lmcache-servers.md).
+    with pytest.raises(PlanError) as caught:
+        render("disagg", "lmcache.server={}")
+    assert caught.value.key == "lmcache.server" and "kvbm 1.6.1 refuses" in caught.value.problem
+    plan = render("disagg", "lmcache.server={}", "workers.prefill.lmcache=false")
+    assert "LMCacheMPConnector" not in " ".join(plan.process("prefill").argv)
+    # The mocker loads no connector: a disaggregated demo may still run the server beside it.
+    assert [p.name for p in render("demo", "lmcache.server={}").processes][0] == "lmcache-server"
 
 
 def test_l2_adapters_pass_through_as_json() -> None:

@@ -751,3 +751,9 @@ def test_gpu_health_checks_the_spares_too() -> None:
     assert [f.message.split(":")[0] for f in bad if f.status is Status.FAIL] == ["GPU 1 (spare)"]
     missing = render("disagg", "spare_gpus=[7]")
     assert "spare GPU 7 does not exist" in only(check(missing, healthy(missing)), "gpu-health")[0].message
+
+
+def test_workers_of_the_mp_server_hold_no_lmcache_cpu_buffer_of_their_own() -> None:
+    plan = render("agg", "lmcache.server={l1_size_gb=20.0}")
+    (f,) = only(check(plan, healthy(plan)), "host-memory")
+    assert "LMCache CPU" not in f.message and "lmcache-server: 20 GB L1" in f.message
