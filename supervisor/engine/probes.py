@@ -46,6 +46,9 @@ FAST_WINDOW_S = 120.0
 OWNER_RECHECK_S = 30.0
 _MISSING = object()
 _owner_verified: dict[tuple[int, int], float] = {}
+#: How long a stranger's name for a port is reused (one probe tick's worth of staleness, and more).
+STRANGER_CACHE_S = 1.0
+_stranger_seen: dict[int, tuple[float, str]] = {}
 
 
 @dataclass(frozen=True)
@@ -87,11 +90,22 @@ def port_owned_by_tree(port: int, pid: int) -> tuple[bool, str | None]:
 
 
 def _stranger(port: int) -> str:
-    """Best-effort name of whoever listens on ``port`` (only for the error message)."""
+    """Best-effort name of whoever listens on ``port`` (only for the error message). The host's
+    socket table is read at most once per :data:`STRANGER_CACHE_S` per port: a worker whose port is
+    taken is probed every 0.1 s while it starts, and the answer changes rarely."""
+    now = time.monotonic()
+    cached = _stranger_seen.get(port)
+    if cached is not None and now - cached[0] < STRANGER_CACHE_S:
+        return cached[1]
     held = ports.holder(port)
     if held is None:
-        return "nobody listens there"
-    return f"held by pid {held.pid}" if held.pid else "held by another user's process"
+        text = "nobody listens there"
+    else:
+        text = f"held by pid {held.pid}" if held.pid else "held by another user's process"
+    if len(_stranger_seen) > 1024:
+        _stranger_seen.clear()
+    _stranger_seen[port] = (now, text)
+    return text
 
 
 def _json_field(payload: Any, dotted: str) -> Any:
@@ -196,7 +210,8 @@ async def run_check(
         # (costly: it reads the tree's fds) check is repeated only every OWNER_RECHECK_S.
         key, now = (owner_pid, owned_port), time.monotonic()
         if now - _owner_verified.get(key, -OWNER_RECHECK_S) >= OWNER_RECHECK_S:
-            owned, why = port_owned_by_tree(owned_port, owner_pid)
+            # /proc reads (the tree's fds, the host's socket table for a stranger): off the loop.
+            owned, why = await anyio.to_thread.run_sync(port_owned_by_tree, owned_port, owner_pid)
             if owned:
                 if len(_owner_verified) > 4096:  # pids of long-gone children
                     _owner_verified.clear()
