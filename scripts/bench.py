@@ -12,7 +12,9 @@ its ``sleep 20``, and with a curl loop instead) for the demo. Definitions are in
 ``scripts/benchkit/*.py`` and in ``docs/benchmarks.md``. Progress goes to stderr.
 
 JSON keys (milliseconds unless named otherwise): detect_p50_ms, detect_p99_ms, respawn_p50_ms,
-respawn_p99_ms, supervisord_respawn_p50_ms, gate_p50_ms, gate_p99_ms, demo_first_request_s,
+respawn_p99_ms, respawn_p50_under_log_flood_ms, respawn_p99_under_log_flood_ms (and detect_*,
+respawn_max_* of the same; the *_log_stalled_ms ones with every log file stalled),
+supervisord_respawn_p50_ms, gate_p50_ms, gate_p99_ms, demo_first_request_s,
 script_sleep_first_request_s, script_poll_first_request_s, rss_mb and cpu_percent (objects keyed by
 the number of children), down_overhead_ms, check_demo_ms and first_spawn_ms (medians of warm runs:
 ``scripts/benchkit/startup.py``); more beside them (breakdowns, machine, load, sizes, cold runs).
@@ -109,6 +111,11 @@ TINY = Sizes(
 )
 
 
+#: The log-flood crash figures: the victim and this many more children, each writing FLOOD_MB MB/s.
+FLOODERS = 2
+FLOOD_MB = 50.0
+
+
 def progress(message: str) -> None:
     print(f"bench: {message}", file=sys.stderr, flush=True)
 
@@ -138,10 +145,9 @@ class LoadSampler:
         return {"before": self.samples[0], "after": self.samples[-1], "max": max(self.samples)}
 
 
-def run(sizes: Sizes, tmp: Path) -> dict[str, Any]:
+def run_crash(sizes: Sizes, tmp: Path) -> dict[str, Any]:
+    """Crash detection and respawn: idle, under a log flood, and with every log file stalled."""
     result: dict[str, Any] = {}
-    notes: dict[str, str] = {}
-
     progress(f"crash: SIGKILL the child {sizes.kills} times")
     ours = crash.ours(sizes.kills, workdir(tmp, "crash"))
     result.update(
@@ -152,6 +158,31 @@ def run(sizes: Sizes, tmp: Path) -> dict[str, Any]:
         spawned_p50_ms=ours["spawned"]["p50"],
         spawned_p99_ms=ours["spawned"]["p99"],
     )
+
+    # The same kills while every child (the victim and FLOODERS more) writes FLOOD_MB MB/s of output,
+    # then with every log file stalled (a FIFO nobody reads: the log writer blocks in its open).
+    for key, stalled in (("under_log_flood", False), ("log_stalled", True)):
+        progress(f"crash: {sizes.kills} kills, {FLOODERS + 1} children at {FLOOD_MB:g} MB/s each, {key}")
+        flooded = crash.ours(
+            sizes.kills, workdir(tmp, f"crash-{key}"), flooders=FLOODERS, rate_mb=FLOOD_MB, stalled=stalled
+        )
+        result.update(
+            {
+                f"detect_p50_{key}_ms": flooded["detect"]["p50"],
+                f"detect_p99_{key}_ms": flooded["detect"]["p99"],
+                f"respawn_p50_{key}_ms": flooded["running"]["p50"],
+                f"respawn_p99_{key}_ms": flooded["running"]["p99"],
+                f"respawn_max_{key}_ms": flooded["running"]["max"],
+            }
+        )
+    result.update(log_flood_children=FLOODERS + 1, log_flood_mb_per_s_each=FLOOD_MB)
+
+    return result
+
+
+def run(sizes: Sizes, tmp: Path) -> dict[str, Any]:
+    notes: dict[str, str] = {}
+    result = run_crash(sizes, tmp)
 
     progress(f"crash: the same under supervisord, {sizes.supervisord_kills} times")
     theirs = crash.supervisord(sizes.supervisord_kills, workdir(tmp, "supervisord"))
@@ -268,6 +299,11 @@ def main() -> int:
     parser.add_argument("--out", type=Path, help="also write the JSON object to this file")
     parser.add_argument("--svg", type=Path, help="also write the overhead plot (SVG) to this file")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs) and say where")
+    parser.add_argument(
+        "--crash-only",
+        action="store_true",
+        help="only the crash figures (idle, under a log flood, log directory stalled); implies --json",
+    )
     args = parser.parse_args()
     sizes, name = (TINY, "tiny") if args.tiny else (QUICK, "quick") if args.quick else (FULL, "full")
 
@@ -277,7 +313,7 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="lmcs-bench-"))
     started, load = time.monotonic(), LoadSampler()
     try:
-        result = run(sizes, tmp)
+        result = run_crash(sizes, tmp) if args.crash_only else run(sizes, tmp)
     except BenchError as exc:
         print(f"bench: failed: {exc}", file=sys.stderr)
         return 1
@@ -303,7 +339,7 @@ def main() -> int:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
     if args.svg:
         args.svg.write_text(report.svg(result))
-    print(json.dumps(result, indent=2) if args.json else report.table(result))
+    print(json.dumps(result, indent=2) if args.json or args.crash_only else report.table(result))
     return 0
 
 

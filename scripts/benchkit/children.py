@@ -3,6 +3,7 @@
     children.py gate --port P --fifo F       /health 503 until SIGUSR1, then 200; /live always 200
     children.py slowstop --delay S --fifo F  exits S seconds after SIGTERM
     children.py health --port P              /health 200 {"status": "ready"} and /live 200, always
+    children.py flood --rate-mb R            R MB/s of log lines on stdout, for ever
 
 Markers are one line each, ``TAG PID WALL [MORE]`` with wall-clock times (see common.py on clocks):
 ``up`` once the child can take its signal (handler installed, server listening), ``flip`` when the
@@ -92,6 +93,21 @@ def slowstop(delay_s: float, fifo: str) -> None:
         signal.pause()
 
 
+def flood(rate_mb: float) -> None:
+    """Write ``rate_mb`` MB/s of log lines to stdout, paced every 10 ms, for ever."""
+    line = b"x" * 1023 + b"\n"
+    per_tick = max(1, int(rate_mb * 1_000_000 / 100 / len(line)))
+    chunk = line * per_tick
+    out = os.fdopen(1, "wb", buffering=0)
+    next_tick = time.monotonic()
+    while True:
+        out.write(chunk)
+        next_tick += 0.01
+        delay = next_tick - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+
+
 def health(port: int) -> None:
     _serve(port, _Health)
     while True:
@@ -100,13 +116,16 @@ def health(port: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=("gate", "slowstop", "health"))
+    parser.add_argument("mode", choices=("gate", "slowstop", "health", "flood"))
+    parser.add_argument("--rate-mb", type=float, default=50.0)
     parser.add_argument("--port", type=int)
     parser.add_argument("--fifo")
     parser.add_argument("--delay", type=float, default=0.0)
     args = parser.parse_args()
     if args.mode == "gate":
         gate(args.port, args.fifo)
+    elif args.mode == "flood":
+        flood(args.rate_mb)
     elif args.mode == "slowstop":
         slowstop(args.delay, args.fifo)
     else:

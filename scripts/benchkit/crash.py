@@ -26,6 +26,8 @@ from typing import Any
 
 from benchkit.common import MARKER_SH, ROOT, BenchError, Driver, MarkerFifo, stop_group, summary_ms
 
+CHILDREN = Path(__file__).with_name("children.py")
+
 #: Where the throwaway supervisord venv lives (ignored by git), reused between runs.
 SUPERVISORD_VENV = ROOT / ".bench" / "supervisord-venv"
 NO_LIMIT = {"backoff_initial_s": 0.0, "jitter": 0.0, "limit_starts": 1_000_000}
@@ -36,19 +38,29 @@ def _settle() -> None:
     time.sleep(random.uniform(0.01, 0.03))
 
 
-def ours(n: int, workdir: Path) -> dict[str, Any]:
+def ours(
+    n: int, workdir: Path, *, flooders: int = 0, rate_mb: float = 0.0, stalled: bool = False
+) -> dict[str, Any]:
+    """``flooders`` more children and the victim itself write ``rate_mb`` MB/s of output each;
+    ``stalled``: every log file is a FIFO nobody reads, so the log writer blocks in its first open
+    (as on a hung NFS or FUSE mount) and all output is dropped."""
     fifo = MarkerFifo(workdir)
-    scenario = {
-        "state_dir": str(workdir / "state"),
-        "processes": [
-            {
-                "name": "victim",
-                "argv": ["bash", str(MARKER_SH), str(fifo.path), "start"],
-                "restart": NO_LIMIT,
-                "stop_timeout_s": 5.0,
-            }
-        ],
-    }
+    flood = [sys.executable, str(CHILDREN), "flood", "--rate-mb", str(rate_mb)] if rate_mb else []
+    processes: list[dict[str, Any]] = [
+        {
+            "name": "victim",
+            "argv": ["bash", str(MARKER_SH), str(fifo.path), "start", *flood],
+            "restart": NO_LIMIT,
+            "stop_timeout_s": 5.0,
+        }
+    ]
+    processes += [{"name": f"flood{i}", "argv": flood, "stop_timeout_s": 5.0} for i in range(flooders)]
+    scenario = {"state_dir": str(workdir / "state"), "processes": processes}
+    if stalled:
+        logs = workdir / "state" / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        for proc in processes:
+            os.mkfifo(logs / f"{proc['name']}.log")
     driver = Driver(scenario, workdir)
     detect, spawned, running = [], [], []
     try:
