@@ -10,6 +10,8 @@ operator converts from; 1.6.1's own templates no longer write it.
 
 What changes on the way to Kubernetes, and why:
 * etcd / nats-server processes are not exported: the operator's platform provides discovery.
+* LMCache's servers (lmcache-server, lm-server, redis) are not exported either: a note says so, since
+  the workers' loopback address of them must then point at what LMCache's operator runs.
 * Host plumbing is dropped, because the operator injects its own per pod: bind addresses
   (``DYN_*_HOST``), ``DYN_SYSTEM_PORT`` (it probes its own port), discovery and plane variables,
   ``CUDA_VISIBLE_DEVICES`` (the device plugin picks GPUs), NIXL side-channel host/port (one pod, one
@@ -197,6 +199,13 @@ def export(
         notes.append(
             f"the model is a path on this host ({dep.model}): make it exist at that path in the image "
             "or a mounted volume, or export with --model <HF id>"
+        )
+    cache = [spec.name for spec in plan.processes if spec.role.is_cache_server]
+    if cache:
+        notes.append(
+            f"{', '.join(cache)} not exported: on Kubernetes LMCache's own operator runs its servers (a "
+            "DaemonSet per node); point the workers' lmcache.mp.host or remote URL at it, since the "
+            "127.0.0.1 in this plan is this host's"
         )
     if secrets.keys:
         keys = " ".join(f"--from-literal={k}=..." for k in secrets.keys)

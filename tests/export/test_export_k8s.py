@@ -259,3 +259,11 @@ def test_cli_bad_input_is_one_line_exit_2() -> None:
     assert result.stderr.strip().splitlines() == [
         "lmcache-supervise: --set: ports.base: expected an integer, got True"
     ]
+
+
+def test_lmcache_servers_are_not_exported_and_a_note_says_where_they_go() -> None:
+    result = export("demo-lmcache")
+    names = [c["name"] for c in result.manifest["spec"]["components"]]
+    assert names == ["Frontend", "worker"]
+    (note,) = [n for n in result.notes if "lmcache-server" in n]
+    assert "not exported" in note and "lmcache.mp.host" in note
