@@ -76,6 +76,7 @@ from gpu_analysis import (
     restart_timeline,
 )
 
+from supervisor.engine import core as core_mod
 from supervisor.engine import runner as runner_mod
 from supervisor.engine.states import ProcessEvent, ProcessState, RunnerEvent
 from supervisor.host import nvml as gpu
@@ -565,7 +566,7 @@ def one_restart(ctx: dict[str, Any], expect: Expectations, variant: str, extra: 
         "worker_gib": ctx["worker_gib"],
         "argv": list(spec.argv),
         "env_cuda_visible_devices": spec.env.get("CUDA_VISIBLE_DEVICES"),
-        "gpu_clear_timeout_s": runner_mod.GPU_CLEAR_TIMEOUT_S,
+        "gpu_clear_timeout_s": core_mod.GPU_CLEAR_TIMEOUT_S,
     }
     port = spec.ports["system"]
 

@@ -16,7 +16,7 @@ import pytest
 from conftest import alive
 from test_runner import Recorder, supervising, until
 
-from supervisor.engine import runner as runner_module
+from supervisor.engine import lifecycle as lifecycle_module
 from supervisor.engine.runner import Runner
 from supervisor.engine.states import PROCESS_TRANSITIONS, DeploymentState, ProcessState
 from supervisor.errors import StartError
@@ -139,14 +139,14 @@ async def test_a_bug_in_one_lifecycle_fails_that_process_not_the_supervisor(
 ) -> None:
     """The safety net: an unexpected exception inside a lifecycle marks that process failed."""
     runner = Runner(make_plan(make_spec("a"), make_spec("b", required=False)))
-    real_spawn = runner_module.spawn
+    real_spawn = lifecycle_module.spawn
 
     def spawn(spec, **kwargs):  # type: ignore[no-untyped-def]
         if spec.name == "b":
             raise RuntimeError("a bug")
         return real_spawn(spec, **kwargs)
 
-    monkeypatch.setattr(runner_module, "spawn", spawn)
+    monkeypatch.setattr(lifecycle_module, "spawn", spawn)  # the lifecycle is what spawns
     async with supervising(runner):
         status = await until(
             runner, lambda s: s.process("b").state is P.FAILED and s.process("a").state is P.RUNNING
