@@ -29,23 +29,20 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import anyio
+import httpx
+import psutil
 
-import anyio  # noqa: E402
-import httpx  # noqa: E402
-import psutil  # noqa: E402
-
-from supervisor.control import gpus as gpuview  # noqa: E402
-from supervisor.control import notify  # noqa: E402
-from supervisor.control.metrics import SupervisorMetrics  # noqa: E402
-from supervisor.control.progress import Timeline  # noqa: E402
-from supervisor.engine.gpuguard import GpuGuard  # noqa: E402
-from supervisor.engine.runner import Runner  # noqa: E402
-from supervisor.engine.states import DeploymentState, ProcessState  # noqa: E402
-from supervisor.host.gpuhealth import EVENT_XID  # noqa: E402
-from supervisor.host.gpuwatch import GpuWatcher  # noqa: E402
-from supervisor.plan.spec import (  # noqa: E402
+from supervisor.control import gpus as gpuview
+from supervisor.control import notify
+from supervisor.control.metrics import SupervisorMetrics
+from supervisor.control.progress import Timeline
+from supervisor.engine.gpuguard import GpuGuard
+from supervisor.engine.runner import Runner
+from supervisor.engine.states import DeploymentState, ProcessState
+from supervisor.host.gpuhealth import EVENT_XID
+from supervisor.host.gpuwatch import GpuWatcher
+from supervisor.plan.spec import (
     DeploymentSpec,
     HttpCheck,
     Plan,
@@ -55,6 +52,9 @@ from supervisor.plan.spec import (  # noqa: E402
     RestartPolicy,
     Role,
 )
+
+# Run as `PYTHONPATH=. python scripts/<this>.py` (docs/gpu-validation.md): no sys.path edits.
+ROOT = Path(__file__).resolve().parents[1]
 
 WORKER = str(ROOT / "scripts" / "gpu_worker.py")
 D, P = DeploymentState, ProcessState

@@ -35,11 +35,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from supervisor.host.gpuhealth import EVENT_XID, WATCHED_EVENTS, read_counters
+from supervisor.host.gpuwatch import GpuWatcher
 
-from supervisor.host.gpuhealth import EVENT_XID, WATCHED_EVENTS, read_counters  # noqa: E402
-from supervisor.host.gpuwatch import GpuWatcher  # noqa: E402
+# Run as `PYTHONPATH=. python scripts/<this>.py` (docs/gpu-validation.md): no sys.path edits.
+ROOT = Path(__file__).resolve().parents[1]
 
 LOAD = """
 import sys, time, torch

@@ -32,11 +32,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from proctools import free_port
 
 
 def wait_port(port: int, timeout_s: float = 60) -> float:

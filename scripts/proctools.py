@@ -12,8 +12,9 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TypeVar
 
 import psutil
 
@@ -21,6 +22,31 @@ import psutil
 CLI = str(Path(sys.executable).parent / "lmcache-supervise")
 
 SYSTEM_PORT_MAX = 32767  # Dynamo reads DYN_SYSTEM_PORT as a signed 16-bit number
+
+
+T = TypeVar("T")
+
+
+def free_port(below: int = 65536) -> int:
+    """One port free on loopback now; ``below`` leaves room above it (Redis Cluster's bus is port + 10000)."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port < below:
+            return port
+
+
+def wait_for(predicate: Callable[[], T], timeout: float, *, interval: float = 0.01, what: str = "") -> T:
+    """Poll ``predicate`` until it returns something truthy; TimeoutError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what or predicate}")
+        time.sleep(interval)
 
 
 def free_port_base(offsets: Iterable[int], *, low: int = 20000, tries: int = 500) -> int:

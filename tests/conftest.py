@@ -11,7 +11,6 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -47,14 +46,10 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def wait_for(predicate: Callable[[], T], timeout: float, *, interval: float = 0.01, what: str = "") -> T:
     """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            pytest.fail(f"timed out after {timeout:g} s waiting for {what or predicate}")
-        time.sleep(interval)
+    try:
+        return proctools.wait_for(predicate, timeout, interval=interval, what=what)
+    except TimeoutError as exc:
+        pytest.fail(str(exc))
 
 
 def free_port_base(count: int = 20) -> int:

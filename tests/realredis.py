@@ -9,32 +9,11 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-
-def free_port(below: int = 65536) -> int:
-    """A port free now; ``below`` leaves room for Redis Cluster's bus port (port + 10000)."""
-    while True:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = int(sock.getsockname()[1])
-        if port < below:
-            return port
-
-
-def wait_until(predicate, what: str, timeout: float = 10.0):
-    """Poll ``predicate`` until truthy; fail after ``timeout`` seconds (monotonic clock)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+from proctools import free_port, wait_for
 
 
 class Redis:
@@ -68,7 +47,7 @@ class Redis:
             ]
         with self.log.open("wb") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-        wait_until(self._answers, f"redis on port {self.port}")
+        wait_for(self._answers, 10.0, what=f"redis on port {self.port}")
 
     def _answers(self) -> bool:
         if self.proc.poll() is not None:

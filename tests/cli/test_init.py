@@ -9,12 +9,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import tomllib
 from click.testing import CliRunner
+from conftest import CLI
 from fakenvml import FakeGpu, FakeNvml
 
 from supervisor.cli import main
@@ -27,7 +27,6 @@ from supervisor.preflight import checks as preflight
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = {p.name: p for p in (ROOT / "tests" / "fixtures" / "models").iterdir() if p.is_dir()}
 MODELS["demo-model"] = ROOT / "profiles" / "demo-model"
-CLI = str(Path(sys.executable).parent / "lmcache-supervise")
 # What cannot fit a whole number of 141 GB H200s at 90 %: the 131 GiB of a bf16 Llama 70B on one GPU.
 DOES_NOT_FIT = {("llama-3.1-70b-instruct", 1)}
 SERVER_RAM = MemoryFacts(total_bytes=1024 * 2**30, available_bytes=980 * 2**30)

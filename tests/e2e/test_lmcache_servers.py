@@ -21,7 +21,7 @@ import pytest
 import redis
 from conftest import wait_for
 from harness import Deployment
-from realredis import free_port
+from proctools import free_port
 
 pytestmark = pytest.mark.e2e
 

@@ -13,17 +13,15 @@ import os
 import re
 import shlex
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import wait_for
+from conftest import CLI, wait_for
 from harness import free_port_base
 
 pytestmark = pytest.mark.e2e
-CLI = str(Path(sys.executable).parent / "lmcache-supervise")
 HEADER = ("process", "state", "pid", "uptime", "restarts", "last exit", "gpus", "ports", "probe")
 
 

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from realredis import free_port
+from proctools import free_port
 
 from supervisor.engine.probe_protocols import LM_KEY_LENGTH, LM_REQUEST
 from supervisor.engine.probes import run_check

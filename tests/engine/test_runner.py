@@ -13,7 +13,7 @@ from pathlib import Path
 
 import anyio
 import pytest
-from conftest import alive, free_port_base
+from conftest import CLI, alive, free_port_base
 
 from supervisor.engine.runner import Runner
 from supervisor.engine.states import (
@@ -389,9 +389,8 @@ def test_pid_file_is_exclusive_and_found_by_down(tmp_path: Path) -> None:
 
 def test_down_without_a_running_deployment_says_so(tmp_path: Path) -> None:
     import subprocess
-    import sys
 
-    cli = str(Path(sys.executable).parent / "lmcache-supervise")
+    cli = CLI
     env = {**os.environ, "LMCACHE_SUPERVISE_STATE_ROOT": str(tmp_path)}
     done = subprocess.run([cli, "down"], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 1

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-from realredis import free_port, wait_until
+from conftest import wait_for
+from proctools import free_port
 
 from supervisor.host import facts as host
 from supervisor.host.facts import FactsRequest, InterpreterRequest, ModelRequest
@@ -88,7 +89,7 @@ def test_cluster_node_must_report_cluster_state_ok(redis_factory, tmp_path: Path
     before = probe_remote(target(url), TIMEOUT)
     assert not before.reachable and "cluster_state:fail" in (before.problem or "")
     node.cli("CLUSTER", "ADDSLOTSRANGE", "0", "16383")
-    wait_until(lambda: "cluster_state:ok" in node.cli("CLUSTER", "INFO"), "cluster_state:ok")
+    wait_for(lambda: "cluster_state:ok" in node.cli("CLUSTER", "INFO"), 10, what="cluster_state:ok")
     after = probe_remote(target(url), TIMEOUT)
     assert after.reachable and after.detail.endswith("cluster_state:ok")
 
