@@ -13,12 +13,16 @@ from pathlib import Path
 
 import pytest
 from enginekit import VLLM_PROFILES
-from proctools import CLI
+from proctools import CLI, free_port_base
 
 
 def check(tmp_path: Path, python: str, profile: str, *sets: str) -> tuple[int, list[dict[str, str]], str]:
     env = {**os.environ, "LMCACHE_SUPERVISE_STATE_ROOT": str(tmp_path / "state")}
     argv = [CLI, "check", profile, "--json", "--skip-check", "gpu", "--set", f"python={json.dumps(python)}"]
+    argv += [
+        "--set",
+        f"ports.base={free_port_base(range(300))}",
+    ]  # the built-ins' 8000s may be someone else's
     for item in sets:
         argv += ["--set", item]
     done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)

@@ -118,9 +118,10 @@ def valid_overrides(draw: st.DrawFn) -> tuple[str, list[str]]:
                 f"lmcache.max_local_disk_size={draw(st.sampled_from([1, 50.5]))}",
             ]
         if draw(st.booleans()):
-            sets.append(
-                f"lmcache.remote={{url={toml(draw(REMOTES))}, serde={toml(draw(st.sampled_from(['naive', 'cachegen'])))}}}"
-            )
+            url = draw(REMOTES)
+            serde = toml(draw(st.sampled_from(["naive", "cachegen"])))
+            master = ', service_name="mymaster"' if url.startswith("redis-sentinel") else ""
+            sets.append(f"lmcache.remote={{url={toml(url)}, serde={serde}{master}}}")
         extra = draw(EXTRA)
         if extra:
             sets.append("lmcache.extra={" + ", ".join(f"{k}={toml(v)}" for k, v in extra.items()) + "}")
@@ -137,7 +138,7 @@ def valid_overrides(draw: st.DrawFn) -> tuple[str, list[str]]:
     return base, sets
 
 
-@settings(max_examples=3, deadline=None, suppress_health_check=list(HealthCheck), derandomize=False)
+@settings(max_examples=2, deadline=None, suppress_health_check=list(HealthCheck), derandomize=False)
 @given(batch=st.lists(valid_overrides(), min_size=6, max_size=6))
 def test_generated_valid_profiles_are_read_as_planned(engines_python: str, batch) -> None:
     plans = {}
