@@ -34,6 +34,16 @@ from supervisor.eventlog import LEVELS, WARNING
 
 P = ProcessState
 REFRESH_S = 0.25
+# Info events worth a line above the panel: they change what runs, and no state line says why.
+NEWS = frozenset(
+    {
+        "reload",
+        "control request",
+        "removed stale discovery entries",
+        "reaped orphaned processes",
+        "shutdown requested",
+    }
+)
 # Transitions worth a line of their own; the panel shows every other state as it happens.
 _WORDS = {
     P.STARTING: "starting",
@@ -111,17 +121,19 @@ class TerminalUp:
         return Text(f"[{self.elapsed():7.1f} s] ", style="dim")
 
     def event(self, record: dict[str, Any]) -> None:
-        """The event log's sink: warnings and errors are news; info events are what the panel shows."""
+        """The event log's sink: warnings, errors and the few info events that are news (a reload, an
+        operator's request from another terminal); the other info events are what the panel shows."""
         level = LEVELS.get(str(record.get("level")), 20)
-        if level < WARNING:
+        if level < WARNING and record.get("event") not in NEWS:
             return
         fields = " ".join(
             f"{k}={v}" for k, v in record.items() if k not in ("event", "level", "timestamp", "exception")
         )
-        style = "bold red" if level > WARNING else "yellow"
+        style = "bold red" if level > WARNING else "yellow" if level == WARNING else "cyan"
+        label = f"{record.get('level')}: " if level >= WARNING else ""
         self._say(
             self._stamp()
-            + Text(f"{record.get('level')}: {record.get('event')}", style=style)
+            + Text(f"{label}{record.get('event')}", style=style)
             + Text(f"  {fields}" if fields else "", style="dim")
         )
 

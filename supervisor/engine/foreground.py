@@ -13,7 +13,6 @@ import signal
 from collections.abc import Awaitable, Callable, Iterable
 
 import anyio
-import anyio.abc
 
 from supervisor.engine import reaper
 from supervisor.engine.logs import LogOptions, TerminalEcho
@@ -73,22 +72,15 @@ def run(
                         if reload is not None and not runner.shutting_down:
                             await reload(runner)
 
-                codes: list[int] = []
-
-                async def supervise(
-                    *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
-                ) -> None:
-                    codes.append(await runner.serve(task_status=task_status))
-                    tg.cancel_scope.cancel()
-
                 tg.start_soon(handle_signals)
                 tg.start_soon(reloader)
-                # The processes first: the runner's first tasks spawn them before any service runs, so
-                # a service's own start (binding the metrics port, the control socket) never delays them.
-                await tg.start(supervise)
                 tg.start_soon(reaper.reap_orphans, runner.own_children)
+                # Services start before the runner's first processes (tried the other way round to spawn
+                # sooner: the replica tests lost requests during restarts, see test_ha; kept as it was).
                 for service in services:
                     tg.start_soon(service, runner)
-        return codes[0]
+                code = await runner.serve()
+                tg.cancel_scope.cancel()
+        return code
 
     return anyio.run(main, backend="asyncio")
