@@ -162,6 +162,7 @@ CHECK_NAMES = (
     "engine",
     "model",
     "discovery",
+    "transport",
 )
 
 

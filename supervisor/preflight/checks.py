@@ -18,6 +18,7 @@ from dataclasses import replace
 
 from supervisor.errors import PreflightError, ProfileError
 from supervisor.host.facts import HostFacts
+from supervisor.plan.addresses import is_loopback
 from supervisor.plan.spec import Plan, Role
 from supervisor.preflight import cache_servers
 from supervisor.preflight.cache import check_lmcache_config, check_remote_cache
@@ -287,6 +288,27 @@ def check_discovery(plan: Plan, facts: HostFacts) -> list[Finding]:
     return out or [ok("discovery", f"etcd healthy at {', '.join(endpoints)}")]
 
 
+def check_transport(plan: Plan, facts: HostFacts) -> list[Finding]:
+    """etcd and nats-server started beyond loopback accept anyone who reaches them: Dynamo 1.6.1 can
+    authenticate (ETCD_AUTH_*, NATS_AUTH_*), but the supervisor does not set that up yet. Said as a
+    warning on every check/up of such a head, with what to do meanwhile."""
+    exposed = [
+        f"{spec.name} on {spec.bind_host}:{spec.ports.get('client', '?')}"
+        for spec in plan.processes
+        if spec.role in (Role.ETCD, Role.NATS) and not is_loopback(spec.bind_host)
+    ]
+    if not exposed:
+        return [ok("transport", "no cluster server (etcd, nats-server) listens beyond loopback")]
+    return [
+        warn(
+            "transport",
+            f"{' and '.join(exposed)} accept any client without authentication: a host on that "
+            "network can register a worker or rewrite discovery",
+            'allow only your nodes to reach these ports with a firewall rule (README, "Several machines")',
+        )
+    ]
+
+
 CHECKS: dict[str, Callable[[Plan, HostFacts], list[Finding]]] = {
     "arch": check_arch,
     "gpu": check_gpu,
@@ -302,6 +324,7 @@ CHECKS: dict[str, Callable[[Plan, HostFacts], list[Finding]]] = {
     "engine": check_engine,
     "model": check_model,
     "discovery": check_discovery,
+    "transport": check_transport,
 }
 
 

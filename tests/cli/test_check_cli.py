@@ -60,6 +60,7 @@ def test_demo_passes_on_this_machine_in_both_forms(tmp_path: Path) -> None:
         "engine",
         "model",
         "discovery",
+        "transport",
     ]
     assert {r["status"] for r in rows} == {"ok"}
 

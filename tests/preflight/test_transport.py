@@ -1,0 +1,42 @@
+"""A head whose etcd / nats-server listen beyond loopback is told, at every check and up, that they
+take any client (no authentication yet) and to firewall them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from supervisor.host.facts import HostFacts
+from supervisor.plan import render as planmod
+from supervisor.preflight.checks import check_transport
+from supervisor.preflight.findings import Status
+from supervisor.profile import load as profiles
+
+BINARIES = {"etcd": "/opt/etcd/bin/etcd", "nats-server": "/opt/nats/bin/nats-server"}
+
+
+def _plan(*overrides: str, role: str = "all", advertise: str | None = None):
+    loaded = profiles.load("demo", overrides=overrides)
+    return planmod.render(
+        loaded,
+        state_root=Path("/srv/state"),
+        python="/opt/py/bin/python",
+        node_role=role,
+        head=None,
+        advertise=advertise,
+        binaries=BINARIES,
+    )
+
+
+def test_a_head_on_the_network_is_warned_about_its_open_etcd_and_nats() -> None:
+    plan = _plan(
+        'discovery.backend="etcd"', 'discovery.event_plane="nats"', role="head", advertise="10.9.0.1"
+    )
+    [found] = check_transport(plan, HostFacts.__new__(HostFacts))
+    assert found.status is Status.WARN
+    assert "etcd on 10.9.0.1:" in found.message and "nats on " in found.message
+    assert "without authentication" in found.message and "firewall" in found.hint
+
+
+def test_one_machine_is_not_warned() -> None:
+    [found] = check_transport(_plan(), HostFacts.__new__(HostFacts))
+    assert found.status is Status.OK
