@@ -155,8 +155,17 @@ def run_single(workdir: Path, *, kills: int, clients: int, settle_s: float) -> d
     }
 
 
-def run_ha(workdir: Path, *, kills: int, clients: int, min_requests: int, settle_s: float) -> dict[str, Any]:
-    """demo-ha under load: SIGKILLs, restart --all, a reload of every worker, then a frontend restart."""
+def run_ha(
+    workdir: Path,
+    *,
+    kills: int,
+    clients: int,
+    min_requests: int,
+    settle_s: float,
+    targets: tuple[str, ...] = HA_WORKERS,
+) -> dict[str, Any]:
+    """demo-ha under load: SIGKILLs of ``targets`` in turn, restart --all, a reload of every worker,
+    then a frontend restart."""
     workdir.mkdir(parents=True, exist_ok=True)
     profile = ha_profile(workdir / "ha-soak.toml", mark="a")
     windows: list[Window] = []
@@ -173,11 +182,16 @@ def run_ha(workdir: Path, *, kills: int, clients: int, min_requests: int, settle
         time.sleep(settle_s)  # fixed warm-up traffic
         start = time.monotonic()
 
+        kill_windows: list[Window] = []
+
         def kill_all() -> list[float]:
             recoveries = []
             for i in range(kills):
-                recoveries.append(_kill_and_recover(dep, HA_WORKERS[i % len(HA_WORKERS)]))
+                name = targets[i % len(targets)]
+                at = time.monotonic()
+                recoveries.append(_kill_and_recover(dep, name))
                 time.sleep(settle_s)  # fixed gap: the next fault comes once the last one healed
+                kill_windows.append(Window(name, at, time.monotonic()))
             return recoveries
 
         recoveries = _phase(windows, "sigkill", kill_all)
@@ -218,6 +232,10 @@ def run_ha(workdir: Path, *, kills: int, clients: int, min_requests: int, settle
             w.name: {**summary(in_window(outcomes, w)), "seconds": round(w.end - w.start, 1)} for w in windows
         },
         "recovery_s_max": round(max(recoveries, default=0.0), 2),
+        "per_kill": [
+            {"target": w.name, "at_s": round(w.start - start, 1), **summary(in_window(outcomes, w))}
+            for w in kill_windows
+        ],
         "restart_all": {
             "seconds": round(restart_s, 1),
             "exit": restarted.returncode,

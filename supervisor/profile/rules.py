@@ -205,6 +205,41 @@ def _replica_errors(
     return errors
 
 
+#: Dynamo 1.6.1's default DYN_GRACEFUL_SHUTDOWN_GRACE_PERIOD_SECS: after SIGTERM a worker unregisters,
+#: waits this long (for the frontend to stop routing to it), then drains its requests.
+GRACE_PERIOD_S = 5.0
+
+
+def _stop_errors(profile: Profile, name: str, worker: Worker) -> list[ProfileError]:
+    """A vLLM worker's stop timeout must outlast Dynamo's grace period, or every planned stop (a
+    rolling restart, a reload) ends in SIGKILL before the worker drained a single request."""
+    if profile.engine != "vllm":
+        return []  # the mocker exits within a second of SIGTERM (measured): no grace period to wait
+    raw = worker.env.get("DYN_GRACEFUL_SHUTDOWN_GRACE_PERIOD_SECS") or profile.env.get(
+        "DYN_GRACEFUL_SHUTDOWN_GRACE_PERIOD_SECS"
+    )
+    try:
+        grace = float(raw) if raw else GRACE_PERIOD_S
+    except ValueError:
+        return [
+            ProfileError(
+                profile.source,
+                f"workers.{name}.env.DYN_GRACEFUL_SHUTDOWN_GRACE_PERIOD_SECS",
+                f"expected a number of seconds, got {raw!r}",
+            )
+        ]
+    if worker.stop_timeout_s <= grace:
+        return [
+            ProfileError(
+                profile.source,
+                f"workers.{name}.stop_timeout_s",
+                f"is {worker.stop_timeout_s:g} s, but Dynamo waits its {grace:g} s grace period before it "
+                f"drains requests: use more than {grace:g} s plus your longest request (default 30)",
+            )
+        ]
+    return []
+
+
 def _graph_errors(profile: Profile) -> list[ProfileError]:
     src = profile.source
     errors = []
@@ -227,6 +262,7 @@ def _graph_errors(profile: Profile) -> list[ProfileError]:
     for name, worker in profile.workers.items():
         key = f"workers.{name}"
         errors += _replica_errors(profile, name, worker, owners)
+        errors += _stop_errors(profile, name, worker)
         errors += _flag_errors(profile, key, worker.args, "worker")
         errors += _env_errors(profile, key, worker.env)
     if len(set(profile.spare_gpus)) != len(profile.spare_gpus):

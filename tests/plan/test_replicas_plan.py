@@ -123,6 +123,10 @@ def test_many_replicas_get_system_ports_past_the_metrics_port() -> None:
             "workers.prefill.gpus: GPU 1 is already given to worker 'decode' (set shared_gpus = true on both to share it)",
         ),
         (
+            ("workers.decode.stop_timeout_s=4",),
+            "workers.decode.stop_timeout_s: is 4 s, but Dynamo waits its 5 s grace period before it drains",
+        ),
+        (
             ("workers.decode.min_ready=2",),
             "workers.decode.min_ready: is 2, but the worker has only 1 replica",
         ),
