@@ -253,6 +253,11 @@ class ControlServer:
         allow = bool(request.get("allow_downtime"))
         if runner.status().state in (D.STOPPING, D.STOPPED):
             return _error(f"deployment {self.plan.deployment.name!r} is shutting down")
+        if wait_s == 0 and len(names) > 1:
+            return _error(
+                f"--no-wait restarts one process; {', '.join(names)} restart one at a time, each waited for",
+                bad_input=True,
+            )
         if self._rolling.locked():
             return _error("another restart is in progress; try again when it is done")
         async with self._rolling:

@@ -90,6 +90,10 @@ async def test_all_means_every_worker_and_single_replicas_need_allow_downtime(ma
             ):
                 await ask(endpoint, {"op": "restart", "wait_s": 10, **request})
         assert {p.name: p.pid for p in runner.status().processes} == before  # refused: nothing touched
+        with pytest.raises(
+            BadRequestError, match="--no-wait restarts one process; w-0, w-1 restart one at a time"
+        ):
+            await ask(endpoint, {"op": "restart", "process": "w", "wait_s": 0})
         with pytest.raises(BadRequestError, match="no process 'nope' .*; roles: w\\)"):
             await ask(endpoint, {"op": "restart", "process": "nope"})
         answer = await ask(
