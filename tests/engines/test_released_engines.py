@@ -185,17 +185,29 @@ def test_what_the_schema_refuses_is_what_the_released_lmcache_misreads(engines_p
 
 def test_kvbm_refuses_the_cache_servers_connector_inside_pdconnector(engines_python: str) -> None:
     """kvbm 1.6.1's PdConnector takes only DynamoConnector, LMCacheConnectorV1 or FlexKVConnectorV1
-    first; with a multiprocess cache server the prefill worker's first connector is LMCacheMPConnector,
-    which its constructor would refuse at start (a TypeError after the model load). ``check`` says so."""
-    plan = render("disagg", engines_python, ["lmcache.server={l1_size_gb=0.5}"])
+    first, so the plan refuses a prefill worker beside a multiprocess cache server (whose connector
+    is LMCacheMPConnector). Written past that rule, the released kvbm refuses it indeed."""
+    with pytest.raises(SupervisorError, match="LMCacheMPConnector inside PdConnector"):
+        render("disagg", engines_python, ["lmcache.server={l1_size_gb=0.5}"])
+    plan = render("disagg", engines_python)
+    prefill = next(p for p in plan.processes if p.name == "prefill")
+    argv = list(prefill.argv)
+    at = argv.index("--kv-transfer-config") + 1
+    config = json.loads(argv[at])
+    mp = {
+        "kv_connector": "LMCacheMPConnector",
+        "kv_role": "kv_both",
+        "kv_connector_extra_config": {"lmcache.mp.host": "tcp://127.0.0.1", "lmcache.mp.port": 8555},
+    }
+    config["kv_connector_extra_config"]["connectors"][0] = mp
+    argv[at] = json.dumps(config)
+    bad = dataclasses.replace(prefill, argv=tuple(argv))
+    plan = dataclasses.replace(plan, processes=tuple(bad if p is prefill else p for p in plan.processes))
     facts = ask({"disagg-mp": plan}, engines_python)["disagg-mp"]
-    prefill = facts.process("prefill")
-    assert prefill is not None and [c.connector for c in prefill.connectors] == [
-        "PdConnector",
-        "LMCacheMPConnector",
-        "NixlConnector",
-    ]
-    assert prefill.connectors[0].verdict.error == (
+    verdict = facts.process("prefill")
+    assert verdict is not None
+    assert [c.connector for c in verdict.connectors] == ["PdConnector", "LMCacheMPConnector", "NixlConnector"]
+    assert verdict.connectors[0].verdict.error == (
         "PdConnector's first connector must be LMCache, KVBM or FlexKV, not LMCacheMPConnector"
     )
     (failure,) = [f for f in judge(plan, facts) if f.status is Status.FAIL]
