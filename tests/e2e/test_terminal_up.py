@@ -46,7 +46,27 @@ class Screen:
         # The shell stays after the command so its exit code and last frame can be read.
         command = f"{shlex.join(words)}; echo EXIT=$?; sleep 60"
         subprocess.run(
-            ["tmux", "-L", self.socket, "new-session", "-d", "-x", "160", "-y", "50", command],
+            # A deep history: with --logs the children's lines scroll the ready line out of the
+            # default 2,000 lines when the box is slow to read the screen.
+            [
+                "tmux",
+                "-L",
+                self.socket,
+                "start-server",
+                ";",
+                "set-option",
+                "-g",
+                "history-limit",
+                "100000",
+                ";",
+                "new-session",
+                "-d",
+                "-x",
+                "160",
+                "-y",
+                "50",
+                command,
+            ],
             check=True,
             timeout=20,
             env={**os.environ, "TERM": "xterm-256color"},
