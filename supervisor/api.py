@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from supervisor.control.progress import Timeline
     from supervisor.engine.logs import TerminalEcho
     from supervisor.engine.runner import Observer, Service
-    from supervisor.plan.nodes import NodeRole
+    from supervisor.plan.infra import NodeRole
     from supervisor.plan.spec import Plan
     from supervisor.preflight.findings import Finding
     from supervisor.profile.schema import Profile
@@ -94,11 +94,12 @@ def up(
     stop, 1 when a required process failed for good. ``timeline`` is the one clock of start-up (pass
     your own to read it as well); ``events`` takes every supervisor event instead of stderr (JSON lines).
     """
+    from supervisor import eventlog
     from supervisor.control import metrics, progress, reload
-    from supervisor.engine import foreground, logs
+    from supervisor.engine import foreground
     from supervisor.engine.gpuguard import GpuGuard
 
-    logs.configure(sink=events)
+    eventlog.configure(sink=events)
     bridge = systemd or systemd_bridge()
     timeline = timeline or progress.Timeline()
     stages = progress.Progress(timeline, sink=progress_sink)

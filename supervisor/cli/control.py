@@ -41,7 +41,8 @@ def find_deployment(deployment: str | None) -> Any:
 def fetch_status(endpoint: Any) -> dict[str, Any]:
     from supervisor.control import client as control
 
-    return control.request(endpoint, {"op": "status"})["status"]
+    status: dict[str, Any] = control.request(endpoint, {"op": "status"})["status"]
+    return status
 
 
 def make_console() -> Any:

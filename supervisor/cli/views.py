@@ -16,7 +16,7 @@ from supervisor.redact import redact_argv, redact_env
 
 
 def process_view(spec: ProcessSpec) -> dict[str, Any]:
-    view = to_jsonable(spec)
+    view: dict[str, Any] = to_jsonable(spec)
     view["argv"] = redact_argv(spec.argv)
     view["env"] = redact_env(dict(sorted(spec.env.items())))
     return view

@@ -128,6 +128,10 @@ def request(
     if not answer.get("ok"):
         error = BadRequestError if answer.get("bad_input") else ControlError
         raise error(str(answer.get("error", "request failed")))
+    if not isinstance(answer, dict):
+        raise ControlError(
+            f"deployment {endpoint.deployment!r} answered with something that is not an object"
+        )
     return answer
 
 

@@ -30,7 +30,7 @@ SWEEP_S = 1.0
 def become_subreaper() -> bool:
     """Make this process the reaper of its descendants' orphans; False where the kernel refuses."""
     libc = ctypes.CDLL(None, use_errno=True)
-    return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    return bool(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
 
 
 def zombie_children() -> set[int]:

@@ -176,7 +176,7 @@ def failed_retry_delay(policy: RestartPolicy, retries: int) -> float:
     """
     if policy.failed_retry_s <= 0:
         return 0.0
-    return min(policy.failed_retry_max_s, policy.failed_retry_s * 2 ** max(retries, 0))
+    return float(min(policy.failed_retry_max_s, policy.failed_retry_s * 2 ** max(retries, 0)))
 
 
 def backoff_delay(policy: RestartPolicy, attempt: int, rand: float) -> float:

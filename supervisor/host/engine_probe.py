@@ -38,6 +38,7 @@ import os
 import re
 import sys
 import traceback
+from collections.abc import Iterator
 from typing import Any
 
 MARKER = "@@lmcache-supervise-engine-probe@@"
@@ -87,7 +88,7 @@ def version_of(dist: str) -> str | None:
 
 
 @contextlib.contextmanager
-def process_environment(env: dict[str, str], cwd: str | None):
+def process_environment(env: dict[str, str], cwd: str | None) -> Iterator[None]:
     """The process's own env and cwd for the duration: Dynamo's parsers read DYN_* defaults from the
     env, LMCache reads LMCACHE_*, and a relative LMCACHE_CONFIG_FILE is relative to the cwd."""
     saved_env, saved_cwd = dict(os.environ), os.getcwd()
