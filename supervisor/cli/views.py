@@ -44,6 +44,12 @@ def print_plan_table(plan: Plan, console: Console | None = None) -> None:
         f"  OpenAI API {d.base_url}/v1   state {d.state_dir}   discovery {d.discovery}",
         soft_wrap=True,
     )
+    if d.credentials_file:  # the path only: the secrets never leave that 0600 file
+        console.print(
+            f"  cluster credentials {d.credentials_file} (etcd and nats-server require them; "
+            "copy the head's file to this path on each worker node)",
+            soft_wrap=True,
+        )
     table = Table()
     for column in ("#", "process", "role", "gpus", "ports", "after", "lmcache"):
         table.add_column(column)

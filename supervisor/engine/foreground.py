@@ -19,6 +19,7 @@ from supervisor.engine.logs import LogOptions, TerminalEcho
 from supervisor.engine.pidfile import PidFile
 from supervisor.engine.runner import Observer, Runner, Service
 from supervisor.eventlog import log
+from supervisor.host import credentials
 from supervisor.plan.spec import Plan
 
 
@@ -51,6 +52,7 @@ def run(
             PidFile(plan.deployment.state_dir, plan.deployment.name),
             anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals,
         ):
+            credentials.prepare(plan)  # in the 0700 state directory, before etcd/nats or a worker starts
             async with anyio.create_task_group() as tg:
                 reloads, reload_requests = anyio.create_memory_object_stream[None](1)
 

@@ -23,7 +23,7 @@ import anyio
 import httpx
 import psutil
 
-from supervisor.engine import probe_http, probe_protocols
+from supervisor.engine import etcd_auth, probe_http, probe_protocols
 from supervisor.engine.proctree import descendants
 from supervisor.engine.states import ProbeResult
 from supervisor.host import ports
@@ -193,6 +193,8 @@ async def run_check(
             error = await _http(check, client, timeout_s)
         elif isinstance(check, TcpCheck):
             error = await _tcp(check, timeout_s)
+        elif isinstance(check, ProtocolCheck) and check.protocol == "etcd-auth":
+            error = await etcd_auth.ensure(check, client, timeout_s)
         elif isinstance(check, ProtocolCheck):
             error = await probe_protocols.exchange(check, timeout_s)
         else:

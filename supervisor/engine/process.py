@@ -43,8 +43,9 @@ import psutil
 
 from supervisor.engine.proctree import descendants
 from supervisor.engine.states import ExitInfo
-from supervisor.errors import StartError
+from supervisor.errors import StartError, StateDirError
 from supervisor.eventlog import log
+from supervisor.host import credentials
 from supervisor.plan.spec import ProcessSpec
 
 #: Variables of ours that must not leak into children: systemd's notify/watchdog and socket
@@ -149,6 +150,8 @@ def child_env(spec: ProcessSpec, base: Mapping[str, str] | None = None) -> dict[
     """Our environment minus what must not leak, plus the spec's, plus its metrics directory."""
     env = {k: v for k, v in (os.environ if base is None else base).items() if k not in STRIPPED_ENV}
     env.update(spec.env)
+    if spec.credentials_file:  # the cluster secrets: never in the plan, only in the child's env
+        env.update(credentials.read(spec.credentials_file))
     if spec.multiproc_dir:
         env["PROMETHEUS_MULTIPROC_DIR"] = spec.multiproc_dir
     return env
@@ -393,6 +396,10 @@ def spawn(spec: ProcessSpec, *, guardian: Guardian | None, env: Mapping[str, str
     except OSError as exc:  # a full or read-only disk: this start fails, the supervisor does not
         raise _start_error(spec, f"PROMETHEUS_MULTIPROC_DIR {spec.multiproc_dir}", exc) from exc
     try:
+        environ = child_env(spec) if env is None else dict(env)
+    except StateDirError as exc:  # the cluster credentials file went missing or bad
+        raise StartError(spec.name, str(exc)) from exc
+    try:
         read_fd, write_fd = os.pipe()
     except OSError as exc:
         raise _start_error(spec, "its output pipe", exc) from exc
@@ -402,7 +409,7 @@ def spawn(spec: ProcessSpec, *, guardian: Guardian | None, env: Mapping[str, str
             stdin=subprocess.DEVNULL,
             stdout=write_fd,
             stderr=write_fd,
-            env=child_env(spec) if env is None else dict(env),
+            env=environ,
             cwd=spec.cwd,
             start_new_session=True,
             close_fds=True,

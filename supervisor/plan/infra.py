@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from supervisor.errors import PlanError
-from supervisor.plan.addresses import http_url, is_wildcard, reachable, url_host
+from supervisor.plan.addresses import http_url, is_loopback, is_wildcard, reachable, url_host
 from supervisor.plan.policies import INFRA_STARTUP_BUDGET_S, probes, restart_policy
-from supervisor.plan.spec import Condition, Dependency, HttpCheck, ProcessSpec, Role
+from supervisor.plan.spec import Condition, Dependency, HttpCheck, ProcessSpec, ProtocolCheck, Role
 
 if TYPE_CHECKING:
     from supervisor.profile.schema import Profile
@@ -160,6 +160,35 @@ def nats_server(profile: Profile, here: Node) -> str | None:
     return f"nats://{url_host(host)}:{port}"
 
 
+CREDENTIALS_FILE = "cluster-credentials"  # host/credentials.py writes and reads it
+NATS_AUTH_CONFIG = "nats-auth.conf"
+
+
+def authenticated(profile: Profile, here: Node) -> bool:
+    """Whether the cluster servers the head runs require the cluster credentials: when they listen
+    beyond loopback (any head/worker deployment, or one machine bound to a network address) and the
+    profile does not say ``discovery.insecure = true``. Servers named in the profile
+    (``etcd_endpoints``, ``nats_server``) are the operator's to secure: their ``env`` can carry the
+    ``ETCD_AUTH_*``/``NATS_AUTH_*`` variables."""
+    disc = profile.discovery
+    ours = (disc.backend == "etcd" and not disc.etcd_endpoints) or (
+        uses_nats(profile) and disc.nats_server is None
+    )
+    if disc.insecure or not ours:
+        return False
+    hosts = (
+        [here.head or ""]
+        if here.role == "worker"
+        else [here.local, *([here.advertise] if here.advertise else [])]
+    )
+    return any(not is_loopback(h) for h in hosts)
+
+
+def credentials_file(profile: Profile, here: Node, state: Path) -> str:
+    """The cluster credentials file of this deployment, or "" when its transport is not authenticated."""
+    return str(state / CREDENTIALS_FILE) if authenticated(profile, here) else ""
+
+
 def discovery_env(profile: Profile, here: Node, discovery_dir: str | None) -> dict[str, str]:
     """Environment every Dynamo process of this node gets for discovery and the planes."""
     disc = profile.discovery
@@ -234,7 +263,16 @@ def infra_processes(
                 ports={"client": client, "peer": peer},
                 probes=probes(
                     etcd.health,
-                    HttpCheck(
+                    # With credentials: ready once auth is on (turned on by the check itself) and they log in.
+                    ProtocolCheck(
+                        protocol="etcd-auth",
+                        host=reachable(here.local),
+                        port=client,
+                        owned_port=client,
+                        credentials_file=secret,
+                    )
+                    if (secret := credentials_file(profile, here, state))
+                    else HttpCheck(
                         url=f"{probe_url}/health", json_field="health", json_value="true", owned_port=client
                     ),
                     HttpCheck(url=f"{probe_url}/version", owned_port=client),
@@ -269,6 +307,8 @@ def infra_processes(
                     "--jetstream",
                     "--store_dir",
                     str(state / "nats"),
+                    # The token from a 0600 file the supervisor writes (on the command line `ps` shows it).
+                    *(("--config", str(state / NATS_AUTH_CONFIG)) if authenticated(profile, here) else ()),
                     *nats.args,
                 ),
                 env={},

@@ -153,6 +153,7 @@ def render(
         "DYN_SYSTEM_HOST": host,
     }
     discovery_dir = str(state / "discovery") if profile.discovery.backend == "file" else None
+    secret = plan_infra.credentials_file(profile, here, state)  # the secrets join at spawn, not here
     common_env |= plan_infra.discovery_env(profile, here, discovery_dir)
     common_env |= profile.env
     infra = plan_infra.infra_processes(profile, here, state=state, claim=ports.claim, binaries=binaries or {})
@@ -190,6 +191,7 @@ def render(
             *fe.args,
         ),
         env={**common_env, **fe.env},
+        credentials_file=secret,
         gpus=(),
         ports={"http": fe_port},
         depends_on=plan_infra.infra_dependencies(infra),
@@ -236,6 +238,7 @@ def render(
                 plane_host=here.plane_host,
                 frontend=here.runs_frontend,
                 cache_deps=cache_servers.cache_dependencies(cache),
+                credentials_file=secret,
             )
         )
 
@@ -269,6 +272,7 @@ def render(
         spare_gpus=tuple(profile.spare_gpus),
         head=here.head,
         advertise=here.advertise,
+        credentials_file=secret,
     )
     return Plan(deployment=deployment, processes=tuple(processes))
 
@@ -289,6 +293,7 @@ def _worker(
     plane_host: str,
     frontend: bool,
     cache_deps: tuple[Dependency, ...] = (),
+    credentials_file: str = "",
 ) -> ProcessSpec:
     src, base, host = profile.source, profile.ports.base, profile.ports.host
     name, key = replica.name, f"workers.{replica.group}"
@@ -424,5 +429,6 @@ def _worker(
         bind_host=host,
         group=replica.group,
         min_ready=worker.min_ready or 1,
+        credentials_file=credentials_file,
         **paths,
     )

@@ -82,14 +82,17 @@ class TcpCheck:
 @dataclass(frozen=True)
 class ProtocolCheck:
     """One request/answer exchange over TCP, in the server's own protocol, where a connect alone proves
-    too little: ``redis-ping`` (``PING`` -> ``+PONG``) and ``lm-health`` (LMCache's ``HEALTH`` command
-    to ``lmcache_server`` -> return code 200)."""
+    too little: ``redis-ping`` (``PING`` -> ``+PONG``), ``lm-health`` (LMCache's ``HEALTH`` command
+    to ``lmcache_server`` -> return code 200) and ``etcd-auth`` (etcd's auth is on and the cluster
+    credentials log in; the check turns it on first, idempotently: engine/etcd_auth.py)."""
 
-    protocol: Literal["redis-ping", "lm-health"]
+    protocol: Literal["redis-ping", "lm-health", "etcd-auth"]
     host: str
     port: int
     owned_port: int | None = None
     kind: Literal["protocol"] = "protocol"
+    # etcd-auth: the credentials file whose root user the check sets up (once) and logs in as.
+    credentials_file: str = ""
 
 
 @dataclass(frozen=True)
@@ -192,6 +195,9 @@ class ProcessSpec:
     # Host memory the process is planned to hold beyond its runtime (an LMCache server's L1, a Redis
     # maxmemory), in GB: preflight adds it to what the workers need.
     memory_gb: float = 0.0
+    # The cluster credentials file (host/credentials.py) whose values the process gets in its
+    # environment at spawn: the secrets stay out of the plan, its output and its comparisons.
+    credentials_file: str = ""
 
     def __post_init__(self) -> None:
         if not self.group:
@@ -240,6 +246,9 @@ class DeploymentSpec:
     spare_gpus: tuple[int, ...] = ()  # a worker whose GPU is quarantined moves to one of these
     head: str | None = None
     advertise: str | None = None
+    # Set when the head's etcd/nats-server listen beyond loopback (and the profile is not insecure):
+    # the cluster credentials file (host/credentials.py) the head creates and a worker node must have.
+    credentials_file: str = ""
 
 
 @dataclass(frozen=True)

@@ -289,9 +289,9 @@ def check_discovery(plan: Plan, facts: HostFacts) -> list[Finding]:
 
 
 def check_transport(plan: Plan, facts: HostFacts) -> list[Finding]:
-    """etcd and nats-server started beyond loopback accept anyone who reaches them: Dynamo 1.6.1 can
-    authenticate (ETCD_AUTH_*, NATS_AUTH_*), but the supervisor does not set that up yet. Said as a
-    warning on every check/up of such a head, with what to do meanwhile."""
+    """etcd and nats-server started beyond loopback require the cluster credentials (Dynamo 1.6.1
+    reads ETCD_AUTH_*, NATS_AUTH_*: host/credentials.py); a profile with ``discovery.insecure = true``
+    leaves them open, said as a warning on every check/up of such a head, with what to do then."""
     exposed = [
         f"{spec.name} on {spec.bind_host}:{spec.ports.get('client', '?')}"
         for spec in plan.processes
@@ -299,12 +299,21 @@ def check_transport(plan: Plan, facts: HostFacts) -> list[Finding]:
     ]
     if not exposed:
         return [ok("transport", "no cluster server (etcd, nats-server) listens beyond loopback")]
+    if plan.deployment.credentials_file:
+        return [
+            ok(
+                "transport",
+                f"{' and '.join(exposed)} require the cluster credentials in "
+                f"{plan.deployment.credentials_file} (copy it to each worker node's state directory)",
+            )
+        ]
     return [
         warn(
             "transport",
-            f"{' and '.join(exposed)} accept any client without authentication: a host on that "
-            "network can register a worker or rewrite discovery",
-            'allow only your nodes to reach these ports with a firewall rule (README, "Several machines")',
+            f"{' and '.join(exposed)} accept any client without authentication "
+            "(discovery.insecure = true): a host on that network can register a worker or rewrite discovery",
+            'allow only your nodes to reach these ports with a firewall rule (README, "Several machines"), '
+            "or drop discovery.insecure to require credentials",
         )
     ]
 

@@ -154,6 +154,9 @@ class Discovery(_Model):
     event_plane: Literal["zmq", "nats"] = "zmq"  # DYN_EVENT_PLANE
     # ETCD_LEASE_TTL: a SIGKILLed worker's registration outlives it by this long (Dynamo's default ~30 s).
     lease_ttl_s: Annotated[int, Field(ge=2, le=600)] = 10
+    # The head's etcd/nats-server beyond loopback require the cluster credentials (README, "Several
+    # machines"); true keeps them open to anyone who reaches them (firewall them then).
+    insecure: bool = False
 
 
 class _Server(_Model):

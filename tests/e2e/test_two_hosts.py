@@ -6,6 +6,10 @@ the head's frontend from inside the head namespace. Killing the worker node's su
 its guardian takes the workers with it, nothing deregisters) must make the head drop the model once
 the etcd leases expire; starting the worker node again must make the model ready again.
 
+The cluster transport is authenticated: the head generates the cluster credentials, the test hands
+them to the worker node as the README says (a copy into its state directory, 0600), and an
+anonymous etcd or NATS client from the worker namespace is refused.
+
 Needs root and iproute2 (CI runs as root; `make system-deps` installs iproute2). Where namespaces
 cannot be made, the test is skipped with the reason; it never passes silently without running.
 """
@@ -17,6 +21,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 import uuid
@@ -76,6 +81,9 @@ class NetnsClient:
         finally:
             os.close(fd)
 
+    def post(self, url: str, body: dict, timeout: float = 5.0) -> tuple[int, str]:
+        return self._pool.submit(self._request, "POST", url, body, timeout).result()
+
     @staticmethod
     def _request(method: str, url: str, body: dict | None, timeout: float) -> tuple[int, str]:
         try:
@@ -93,6 +101,18 @@ class NetnsClient:
         return self._pool.submit(
             self._request, "POST", f"http://127.0.0.1:{BASE}/v1/chat/completions", body, 30.0
         ).result()
+
+    def nats_hello(self, host: str, port: int) -> str:
+        """What a NATS server answers a client that connects with no credentials and pings."""
+
+        def hello() -> str:
+            with socket.create_connection((host, port), timeout=5) as conn:
+                conn.settimeout(5)
+                conn.recv(4096)  # INFO
+                conn.sendall(b'CONNECT {"verbose":false}\r\nPING\r\n')
+                return conn.recv(4096).decode(errors="replace")
+
+        return self._pool.submit(hello).result()
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -207,6 +227,34 @@ class Node:
         assert not leaked, f"{self.netns}: processes left behind: {leaked}"
 
 
+def hand_over_credentials(head: Node, worker: Node) -> dict[str, str]:
+    """The documented step: copy the head's cluster-credentials into the worker node's state
+    directory, 0600. Returns the secret values (to prove they are never shown)."""
+    source = head.tmp / "state" / "demo" / "cluster-credentials"
+    assert oct(source.stat().st_mode & 0o777) == "0o600"
+    assert oct(source.parent.stat().st_mode & 0o777) == "0o700"
+    target = worker.tmp / "state" / "demo"
+    target.mkdir(parents=True, mode=0o700, exist_ok=True)
+    shutil.copyfile(source, target / "cluster-credentials")
+    (target / "cluster-credentials").chmod(0o600)
+    values = dict(line.split("=", 1) for line in source.read_text().splitlines())
+    return {k: v for k, v in values.items() if k != "ETCD_AUTH_USERNAME"}
+
+
+def assert_never_shown(secrets: dict[str, str], *nodes: Node) -> None:
+    """No secret in what `up` printed, in the state directories' logs, or on any command line."""
+    texts = []
+    for node in nodes:
+        texts += [p.read_text(errors="replace") for p in node.tmp.glob("up*.*")]
+        texts += [p.read_text(errors="replace") for p in (node.tmp / "state").rglob("*.log")]
+    cmdlines = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdlines.append(" ".join(proc.info["cmdline"] or ()))
+    for name, value in secrets.items():
+        assert not any(value in text for text in texts), f"{name} shown in output or logs"
+        assert not any(value in line for line in cmdlines), f"{name} on a command line"
+
+
 NATS_PLANES = ("--set", "discovery.request_plane=nats", "--set", "discovery.event_plane=nats")
 
 
@@ -257,6 +305,25 @@ def test_worker_node_joins_leaves_and_rejoins_the_head(
         assert at_head.get(READY_URL)[0] != 200  # no workers anywhere yet
         status, body = at_worker.get(f"http://{HEAD_IP}:{BASE + 379}/health")  # across the veth
         assert status == 200 and json.loads(body)["health"] == "true"
+        # Before the hand-over a worker node refuses to start: bad environment, one line, nothing run.
+        bare = subprocess.run(
+            ["ip", "netns", "exec", netns_pair.worker, CLI, "up", *worker.args, "--skip-check", "engine"],
+            check=False,
+            capture_output=True,
+            text=True,
+            env=worker.env(),
+            timeout=120,
+        )
+        assert bare.returncode == 2 and "cluster-credentials is missing: copy the head's" in bare.stderr, (
+            bare.stderr
+        )
+        secrets = hand_over_credentials(head, worker)
+        # Anonymous clients on the network are refused: etcd's auth is on, nats-server wants the token.
+        put = {"key": "a2V5", "value": "dmFsdWU="}
+        refused = at_worker.post(f"http://{HEAD_IP}:{BASE + 379}/v3/kv/put", put)
+        assert refused[0] != 200 and "user name is empty" in refused[1], refused
+        if planes:
+            assert "Authorization Violation" in at_worker.nats_hello(HEAD_IP, BASE + 422)
         up = subprocess.run(check, check=False, capture_output=True, text=True, env=worker.env(), timeout=120)
         found = {f["check"]: f for f in json.loads(up.stdout)}
         assert found["discovery"]["status"] == "ok", found["discovery"]
@@ -300,6 +367,7 @@ def test_worker_node_joins_leaves_and_rejoins_the_head(
         again_s = time.monotonic() - rejoined
         status, text = at_head.chat()
         assert status == 200, text
+        assert_never_shown(secrets, head, worker)
         print(
             f"two hosts ({'nats' if planes else 'tcp/zmq'} planes): worker node ready at the head in {ready_s:.1f} s; killed worker node dropped in "
             f"{dropped_s:.1f} s (lease {LEASE_TTL_S} s); ready again in {again_s:.1f} s; "

@@ -57,7 +57,20 @@ def test_head_runs_etcd_first_and_gates_the_frontend_on_it() -> None:
     assert flag(etcd.argv, "--advertise-client-urls") == f"http://{HEAD}:18379"
     assert flag(etcd.argv, "--listen-peer-urls") == "http://127.0.0.1:18380"
     assert flag(etcd.argv, "--initial-cluster") == f"{flag(etcd.argv, '--name')}=http://127.0.0.1:18380"
+    # Beyond loopback: ready once its auth is on and the cluster credentials log in.
     check = etcd.probes.startup.check
+    assert (check.protocol, check.host, check.port, check.owned_port, check.credentials_file) == (
+        "etcd-auth",
+        "127.0.0.1",
+        18379,
+        18379,
+        f"{STATE}/demo/cluster-credentials",
+    )
+    check = (
+        render(*ETCD, "discovery.insecure=true", role="head", advertise=HEAD)
+        .process("etcd")
+        .probes.startup.check
+    )
     assert (check.url, check.json_field, check.json_value, check.owned_port) == (
         "http://127.0.0.1:18379/health",
         "health",
@@ -165,6 +178,37 @@ def test_nats_plane_runs_nats_server_on_the_head() -> None:
     assert all(p.env["NATS_SERVER"] == f"nats://{HEAD}:18422" for p in worker.processes)
     alone = render(*ETCD, 'discovery.event_plane="nats"')
     assert flag(alone.process("nats").argv, "--addr") == "127.0.0.1"
+
+
+def test_cluster_credentials_beyond_loopback_join_at_spawn_never_in_the_plan() -> None:
+    nats = ('discovery.event_plane="nats"',)
+    secret = f"{STATE}/demo/cluster-credentials"
+    head = render(*ETCD, *nats, role="head", advertise=HEAD)
+    worker = render(*ETCD, *nats, role="worker", head=HEAD, advertise=WORKER)
+    assert head.deployment.credentials_file == worker.deployment.credentials_file == secret
+    dynamo = [p for p in (*head.processes, *worker.processes) if p.role not in (Role.ETCD, Role.NATS)]
+    assert [p.name for p in dynamo] == ["frontend", "decode", "prefill"]
+    assert all(p.credentials_file == secret for p in dynamo)
+    # Only the file's path is in the plan: no value, no auth variable (they are added at spawn).
+    assert not any(k.startswith(("ETCD_AUTH", "NATS_AUTH")) for p in dynamo for k in p.env)
+    # nats-server reads its token from a 0600 config file, never from its command line.
+    argv = head.process("nats").argv
+    assert flag(argv, "--config") == f"{STATE}/demo/nats-auth.conf"
+    assert not {"--auth", "--user", "--pass"} & set(argv)
+    assert head.process("etcd").credentials_file == head.process("nats").credentials_file == ""
+    # Open as before: insecure, one machine on loopback, or servers the operator runs.
+    for plan in (
+        render(*ETCD, *nats, "discovery.insecure=true", role="head", advertise=HEAD),
+        render(*ETCD, *nats),
+        render(
+            'discovery.backend="etcd"',
+            'discovery.etcd_endpoints=["http://etcd:2379"]',
+            role="head",
+            advertise=HEAD,
+        ),
+    ):
+        assert plan.deployment.credentials_file == ""
+        assert all(p.credentials_file == "" and "--config" not in p.argv for p in plan.processes)
 
 
 def test_ipv6_addresses_are_bracketed_in_urls() -> None:

@@ -1,5 +1,6 @@
-"""A head whose etcd / nats-server listen beyond loopback is told, at every check and up, that they
-take any client (no authentication yet) and to firewall them."""
+"""A head whose etcd / nats-server listen beyond loopback requires the cluster credentials; one whose
+profile says ``discovery.insecure = true`` is told, at every check and up, that they take any client
+and to firewall them."""
 
 from __future__ import annotations
 
@@ -27,9 +28,23 @@ def _plan(*overrides: str, role: str = "all", advertise: str | None = None):
     )
 
 
-def test_a_head_on_the_network_is_warned_about_its_open_etcd_and_nats() -> None:
+def test_a_head_on_the_network_requires_the_cluster_credentials() -> None:
     plan = _plan(
         'discovery.backend="etcd"', 'discovery.event_plane="nats"', role="head", advertise="10.9.0.1"
+    )
+    [found] = check_transport(plan, HostFacts.__new__(HostFacts))
+    assert found.status is Status.OK
+    assert "etcd on 10.9.0.1:" in found.message and "nats on " in found.message
+    assert "/srv/state/demo/cluster-credentials" in found.message
+
+
+def test_an_insecure_head_on_the_network_is_warned_about_its_open_etcd_and_nats() -> None:
+    plan = _plan(
+        'discovery.backend="etcd"',
+        'discovery.event_plane="nats"',
+        "discovery.insecure=true",
+        role="head",
+        advertise="10.9.0.1",
     )
     [found] = check_transport(plan, HostFacts.__new__(HostFacts))
     assert found.status is Status.WARN
