@@ -38,7 +38,9 @@ from supervisor.redact import redact_text
 
 OUTCOME_FILE = "reload.json"
 #: Deployment fields a reload cannot change in place: they name the deployment and its state.
-FIXED_FIELDS = ("name", "state_dir")
+# credentials_file: turning the cluster's authentication on or off changes etcd's data (its auth is
+# kept there) and every node's credentials at once: a stop and a start, never a reload.
+FIXED_FIELDS = ("name", "state_dir", "credentials_file")
 
 
 @dataclass(frozen=True)

@@ -90,6 +90,15 @@ def read(path: str | os.PathLike[str]) -> dict[str, str]:
     return values
 
 
+def problem(path: str | os.PathLike[str]) -> str | None:
+    """Why ``read(path)`` would fail, as the error's line (for preflight), or None."""
+    try:
+        read(path)
+    except StateDirError as exc:
+        return str(exc)
+    return None
+
+
 def write_nats_config(credentials: str | os.PathLike[str], config: str | os.PathLike[str]) -> None:
     """nats-server's config file holding the token (its command line would show it in ``ps``)."""
     token = read(credentials)["NATS_AUTH_TOKEN"]

@@ -24,7 +24,7 @@ from typing import Any
 
 import psutil
 
-from supervisor.host import ports
+from supervisor.host import credentials, ports
 from supervisor.host.cache import ProbeCache, cache_root
 from supervisor.host.engines import EngineFacts, EngineRequest, engine_facts
 from supervisor.host.gpu import GpuFacts, gpu_facts
@@ -86,6 +86,8 @@ class FactsRequest:
     lmcache_files: tuple[LMCacheFileFacts, ...] = ()
     model: ModelRequest | None = None
     etcd: tuple[str, ...] = ()
+    # A worker node's copy of the head's cluster credentials (host/credentials.py), to be read.
+    credentials_file: str = ""
     network_timeout_s: float = 2.0
     interpreter_timeout_s: float = 180.0
     # The vLLM workers, judged by the engines themselves (host.engines).
@@ -173,6 +175,8 @@ class HostFacts:
     model: ModelFacts | None = None
     etcd: tuple[EndpointFacts, ...] = ()
     engines: tuple[EngineFacts, ...] = ()
+    # Why the requested credentials file cannot be used (None: it can, or none was requested).
+    credentials_problem: str | None = None
 
     def path(self, path: str) -> PathFacts | None:
         return next((p for p in self.paths if p.path == path), None)
@@ -364,4 +368,7 @@ def gather(request: FactsRequest, *, nvml: Any | None = None, arch: str | None =
         engines=tuple(
             engine_facts(e, cache=engines, timeout=request.interpreter_timeout_s) for e in request.engines
         ),
+        credentials_problem=credentials.problem(request.credentials_file)
+        if request.credentials_file
+        else None,
     )

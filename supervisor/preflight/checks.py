@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
+from pathlib import Path
 
 from supervisor.errors import PreflightError, ProfileError
 from supervisor.host.facts import HostFacts
@@ -297,9 +298,20 @@ def check_transport(plan: Plan, facts: HostFacts) -> list[Finding]:
         for spec in plan.processes
         if spec.role in (Role.ETCD, Role.NATS) and not is_loopback(spec.bind_host)
     ]
+    secret = plan.deployment.credentials_file
+    if plan.deployment.node_role == "worker" and secret:
+        if facts.credentials_problem:
+            return [
+                fail(
+                    "transport",
+                    facts.credentials_problem,
+                    f"copy {Path(secret).name} from the head's state directory to {secret}, mode 0600",
+                )
+            ]
+        return [ok("transport", f"the head's cluster credentials are in {secret}")]
     if not exposed:
         return [ok("transport", "no cluster server (etcd, nats-server) listens beyond loopback")]
-    if plan.deployment.credentials_file:
+    if secret:
         return [
             ok(
                 "transport",

@@ -352,6 +352,8 @@ def facts_request(
         lmcache_files=lmcache_files,
         model=model_request(plan),
         etcd=etcd_endpoints(plan),
+        # The head creates its own at `up`; a worker node must already hold the head's copy.
+        credentials_file=plan.deployment.credentials_file if plan.deployment.node_role == "worker" else "",
         network_timeout_s=network_timeout_s,
         interpreter_timeout_s=interpreter_timeout_s,
         engines=engines,

@@ -211,3 +211,12 @@ async def test_shutdown_during_apply_starts_nothing_new_and_leaves_nothing(make_
     final = runner.status()
     assert all(p.pid is None for p in final.processes), final
     assert old_pid is not None and not alive(old_pid)
+
+
+def test_turning_cluster_authentication_on_or_off_is_refused() -> None:
+    secure = demo('discovery.backend="etcd"', 'ports.host="0.0.0.0"')
+    insecure = demo('discovery.backend="etcd"', 'ports.host="0.0.0.0"', "discovery.insecure=true")
+    assert secure.deployment.credentials_file.endswith("/demo/cluster-credentials")
+    for old, new in ((secure, insecure), (insecure, secure)):
+        why = reload.refusal(old, new)
+        assert why is not None and "credentials_file" in why and "stop it and start it again" in why

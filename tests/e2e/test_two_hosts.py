@@ -292,6 +292,8 @@ def test_worker_node_joins_leaves_and_rejoins_the_head(
         found = {f["check"]: f for f in json.loads(down.stdout)}
         assert down.returncode == 3 and found["discovery"]["status"] == "fail", down.stdout
         assert f"http://{HEAD_IP}:{BASE + 379}" in found["discovery"]["message"]
+        assert found["transport"]["status"] == "fail"  # no copy of the head's credentials yet
+        assert "cluster-credentials is missing" in found["transport"]["message"]
 
         head.start()
         wait_for(
@@ -305,7 +307,8 @@ def test_worker_node_joins_leaves_and_rejoins_the_head(
         assert at_head.get(READY_URL)[0] != 200  # no workers anywhere yet
         status, body = at_worker.get(f"http://{HEAD_IP}:{BASE + 379}/health")  # across the veth
         assert status == 200 and json.loads(body)["health"] == "true"
-        # Before the hand-over a worker node refuses to start: bad environment, one line, nothing run.
+        # Before the hand-over a worker node refuses to start: preflight fails (exit 3), nothing runs
+        # (past `--skip-check transport`, `up` itself refuses: exit 2, see tests/engine/test_etcd_auth.py).
         bare = subprocess.run(
             ["ip", "netns", "exec", netns_pair.worker, CLI, "up", *worker.args, "--skip-check", "engine"],
             check=False,
@@ -314,7 +317,7 @@ def test_worker_node_joins_leaves_and_rejoins_the_head(
             env=worker.env(),
             timeout=120,
         )
-        assert bare.returncode == 2 and "cluster-credentials is missing: copy the head's" in bare.stderr, (
+        assert bare.returncode == 3 and "cluster-credentials is missing: copy the head's" in bare.stderr, (
             bare.stderr
         )
         secrets = hand_over_credentials(head, worker)
@@ -327,6 +330,7 @@ def test_worker_node_joins_leaves_and_rejoins_the_head(
         up = subprocess.run(check, check=False, capture_output=True, text=True, env=worker.env(), timeout=120)
         found = {f["check"]: f for f in json.loads(up.stdout)}
         assert found["discovery"]["status"] == "ok", found["discovery"]
+        assert found["transport"]["status"] == "ok", found["transport"]
 
         joined = time.monotonic()
         worker.start()

@@ -115,3 +115,28 @@ def test_a_missing_or_open_credentials_file_is_one_clear_error(tmp_path: Path) -
     with pytest.raises(StateDirError, match="line 2") as error:
         credentials.read(path)
     assert "x y" not in str(error.value)
+
+
+def test_prepare_creates_the_heads_files_and_refuses_a_worker_node_without_a_copy(tmp_path: Path) -> None:
+    from supervisor.errors import StateDirError
+    from supervisor.plan import render as planmod
+    from supervisor.profile import load as profiles
+
+    loaded = profiles.load("demo", overrides=('discovery.backend="etcd"', 'discovery.event_plane="nats"'))
+    head = planmod.render(loaded, state_root=tmp_path / "h", node_role="head", advertise="10.9.0.1")
+    worker = planmod.render(
+        loaded, state_root=tmp_path / "w", node_role="worker", head="10.9.0.1", advertise="10.9.0.2"
+    )
+    for plan in (head, worker):
+        Path(plan.deployment.state_dir).mkdir(parents=True, mode=0o700)
+    with pytest.raises(StateDirError, match="cluster-credentials is missing") as refused:
+        credentials.prepare(worker)
+    assert refused.value.exit_code == 2
+    credentials.prepare(head)
+    state = Path(head.deployment.state_dir)
+    values = credentials.read(state / "cluster-credentials")
+    config = state / "nats-auth.conf"
+    assert oct(config.stat().st_mode & 0o777) == "0o600"
+    assert f'token: "{values["NATS_AUTH_TOKEN"]}"' in config.read_text()
+    credentials.prepare(head)  # a second up keeps the same secrets
+    assert credentials.read(state / "cluster-credentials") == values

@@ -15,14 +15,14 @@ from supervisor.profile import load as profiles
 BINARIES = {"etcd": "/opt/etcd/bin/etcd", "nats-server": "/opt/nats/bin/nats-server"}
 
 
-def _plan(*overrides: str, role: str = "all", advertise: str | None = None):
+def _plan(*overrides: str, role: str = "all", advertise: str | None = None, head: str | None = None):
     loaded = profiles.load("demo", overrides=overrides)
     return planmod.render(
         loaded,
         state_root=Path("/srv/state"),
         python="/opt/py/bin/python",
         node_role=role,
-        head=None,
+        head=head,
         advertise=advertise,
         binaries=BINARIES,
     )
@@ -55,3 +55,25 @@ def test_an_insecure_head_on_the_network_is_warned_about_its_open_etcd_and_nats(
 def test_one_machine_is_not_warned() -> None:
     [found] = check_transport(_plan(), HostFacts.__new__(HostFacts))
     assert found.status is Status.OK
+
+
+def test_a_worker_node_without_the_heads_credentials_fails_the_check(tmp_path: Path) -> None:
+    from supervisor.host import credentials
+
+    loaded = profiles.load("demo", overrides=('discovery.backend="etcd"',))
+    plan = planmod.render(
+        loaded, state_root=tmp_path, node_role="worker", head="10.9.0.1", advertise="10.9.0.2"
+    )
+    secret = plan.deployment.credentials_file
+    assert secret == str(tmp_path / "demo" / "cluster-credentials")
+    missing = HostFacts.__new__(HostFacts)
+    object.__setattr__(missing, "credentials_problem", credentials.problem(secret))
+    [found] = check_transport(plan, missing)
+    assert found.status is Status.FAIL and "cluster-credentials is missing" in found.message
+    assert f"to {secret}, mode 0600" in found.hint
+    (tmp_path / "demo").mkdir(mode=0o700)
+    credentials.generate(secret)
+    present = HostFacts.__new__(HostFacts)
+    object.__setattr__(present, "credentials_problem", credentials.problem(secret))
+    [found] = check_transport(plan, present)
+    assert found.status is Status.OK and secret in found.message
