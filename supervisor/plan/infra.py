@@ -18,14 +18,22 @@ etcd client +379, etcd peer +380, NATS client +422, NATS monitoring +822.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from supervisor.errors import PlanError
 from supervisor.plan.addresses import http_url, is_loopback, is_wildcard, reachable, url_host
 from supervisor.plan.policies import INFRA_STARTUP_BUDGET_S, probes, restart_policy
-from supervisor.plan.spec import Condition, Dependency, HttpCheck, ProcessSpec, ProtocolCheck, Role
+from supervisor.plan.spec import (
+    Condition,
+    Dependency,
+    HttpCheck,
+    Probes,
+    ProcessSpec,
+    ProtocolCheck,
+    Role,
+)
 
 if TYPE_CHECKING:
     from supervisor.profile.schema import Profile
@@ -215,6 +223,30 @@ def _binary(name: str, binaries: Mapping[str, str]) -> str:
     return name if "/" in name else binaries.get(name, name)
 
 
+def _etcd_probes(profile: Profile, here: Node, state: Path, client: int) -> Probes:
+    """/health and /version; with the cluster credentials the startup probe is the ``etcd-auth``
+    check instead: etcd counts as started once its auth is on (the check turns it on) and the
+    credentials log in, so no Dynamo process meets it open. Only at startup: a login costs etcd a
+    bcrypt hash, not worth paying every readiness period."""
+    url = http_url(here.local, client)
+    health = HttpCheck(url=f"{url}/health", json_field="health", json_value="true", owned_port=client)
+    etcd = profile.infra.etcd
+    plain = probes(
+        etcd.health, health, HttpCheck(url=f"{url}/version", owned_port=client), INFRA_STARTUP_BUDGET_S
+    )
+    secret = credentials_file(profile, here, state)
+    if not secret or plain.startup is None:
+        return plain
+    auth = ProtocolCheck(
+        "etcd-auth", reachable(here.local), client, owned_port=client, credentials_file=secret
+    )
+    # Several requests, two of them bcrypt: the probe's normal timeout, not the fast startup one.
+    startup = replace(
+        plain.startup, check=auth, timeout_s=max(plain.startup.timeout_s, etcd.health.timeout_s)
+    )
+    return replace(plain, startup=startup)
+
+
 def infra_processes(
     profile: Profile, here: Node, *, state: Path, claim: Claim, binaries: Mapping[str, str]
 ) -> list[ProcessSpec]:
@@ -235,7 +267,6 @@ def infra_processes(
         # One member, peering with nobody: its peer URL never needs to leave loopback.
         peer_url = f"http://127.0.0.1:{peer}"
         name = f"lmcs-{profile.name}"
-        probe_url = http_url(here.local, client)
         out.append(
             ProcessSpec(
                 name="etcd",
@@ -261,23 +292,7 @@ def infra_processes(
                 env={},
                 gpus=(),
                 ports={"client": client, "peer": peer},
-                probes=probes(
-                    etcd.health,
-                    # With credentials: ready once auth is on (turned on by the check itself) and they log in.
-                    ProtocolCheck(
-                        protocol="etcd-auth",
-                        host=reachable(here.local),
-                        port=client,
-                        owned_port=client,
-                        credentials_file=secret,
-                    )
-                    if (secret := credentials_file(profile, here, state))
-                    else HttpCheck(
-                        url=f"{probe_url}/health", json_field="health", json_value="true", owned_port=client
-                    ),
-                    HttpCheck(url=f"{probe_url}/version", owned_port=client),
-                    INFRA_STARTUP_BUDGET_S,
-                ),
+                probes=_etcd_probes(profile, here, state, client),
                 restart=restart_policy(etcd.restart),
                 stop_timeout_s=etcd.stop_timeout_s,
                 bind_host=binds[-1],

@@ -66,6 +66,7 @@ def test_head_runs_etcd_first_and_gates_the_frontend_on_it() -> None:
         18379,
         f"{STATE}/demo/cluster-credentials",
     )
+    assert etcd.probes.readiness.check.url == "http://127.0.0.1:18379/health"  # no login every period
     check = (
         render(*ETCD, "discovery.insecure=true", role="head", advertise=HEAD)
         .process("etcd")
