@@ -31,6 +31,7 @@ from typing import Any
 
 import anyio
 import httpx
+import proctools
 import psutil
 
 from supervisor.control import gpus as gpuview
@@ -43,7 +44,6 @@ from supervisor.engine.states import DeploymentState, ProcessState
 from supervisor.host.gpuhealth import EVENT_XID
 from supervisor.host.gpuwatch import GpuWatcher
 from supervisor.plan.spec import (
-    DeploymentSpec,
     HttpCheck,
     Plan,
     Probe,
@@ -104,26 +104,8 @@ def build_plan(tmp: Path, port: int, gib: float) -> Plan:
         restart=RestartPolicy(backoff_initial_s=0.5, jitter=0.0),
         stop_timeout_s=10.0,
     )
-    dep = DeploymentSpec(
-        name="gpu-quarantine",
-        profile="gpu-quarantine",
-        engine="vllm",
-        model="m",
-        served_model_name="m",
-        state_dir=str(tmp),
-        base_url="http://127.0.0.1:1",
-        ready_url="",
-        smoke=None,
-        ready_timeout_s=300.0,
-        discovery="file",
-        discovery_dir=None,
-        etcd_endpoints=(),
-        python=sys.executable,
-        metrics_host="127.0.0.1",
-        metrics_port=None,
-        control_socket=str(tmp / "control.sock"),
-        targets_file=str(tmp / "targets.json"),
-        spare_gpus=(1,),
+    dep = proctools.fixture_deployment(
+        "gpu-quarantine", tmp, engine="vllm", ready_timeout_s=300.0, spare_gpus=(1,)
     )
     return Plan(deployment=dep, processes=(decode,))
 

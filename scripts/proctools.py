@@ -14,9 +14,12 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import psutil
+
+if TYPE_CHECKING:
+    from supervisor.plan.spec import DeploymentSpec
 
 #: The ``lmcache-supervise`` command of the interpreter running the harness (its venv's entry point).
 CLI = str(Path(sys.executable).parent / "lmcache-supervise")
@@ -104,3 +107,32 @@ def reap_marked(variable: str, value: str, timeout_s: float = 5.0) -> list[str]:
         except psutil.Error:
             pass
     return leaked
+
+
+def fixture_deployment(name: str, state_dir: str | os.PathLike[str], **overrides: Any) -> DeploymentSpec:
+    """The deployment of a plan of fixture children (tests, the bench's engine figures, the GPU scripts):
+    no ready URL, no smoke request, no metrics port, state under ``state_dir``; ``overrides`` win."""
+    from supervisor.plan.spec import DeploymentSpec
+
+    state = Path(state_dir)
+    fields: dict[str, Any] = dict(
+        name=name,
+        profile=name,
+        engine="fixture",
+        model="m",
+        served_model_name="m",
+        state_dir=str(state),
+        base_url="http://127.0.0.1:1",
+        ready_url="",
+        smoke=None,
+        ready_timeout_s=30.0,
+        discovery="file",
+        discovery_dir=None,
+        etcd_endpoints=(),
+        python=sys.executable,
+        metrics_host="127.0.0.1",
+        metrics_port=None,
+        control_socket=str(state / "control.sock"),
+        targets_file=str(state / "targets.json"),
+    )
+    return DeploymentSpec(**{**fields, **overrides})

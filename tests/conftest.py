@@ -143,7 +143,7 @@ def make_spec(tmp_path: Path) -> Callable[..., object]:
 @pytest.fixture
 def make_plan(tmp_path: Path) -> Callable[..., object]:
     """Build a Plan around ``processes``; no ready URL and no smoke request unless given."""
-    from supervisor.plan.spec import DeploymentSpec, Plan
+    from supervisor.plan.spec import Plan
 
     def make(
         *processes: object,
@@ -152,25 +152,13 @@ def make_plan(tmp_path: Path) -> Callable[..., object]:
         ready_timeout_s: float = 30.0,
         base_url: str = "http://127.0.0.1:1",
     ) -> Plan:
-        dep = DeploymentSpec(
-            name="test",
-            profile="test",
-            engine="fixture",
-            model="m",
-            served_model_name="m",
-            state_dir=str(tmp_path),
+        dep = proctools.fixture_deployment(
+            "test",
+            tmp_path,
             base_url=base_url,
             ready_url=ready_url,
-            smoke=smoke,  # type: ignore[arg-type]
+            smoke=smoke,
             ready_timeout_s=ready_timeout_s,
-            discovery="file",
-            discovery_dir=None,
-            etcd_endpoints=(),
-            python=sys.executable,
-            metrics_host="127.0.0.1",
-            metrics_port=None,
-            control_socket=str(tmp_path / "control.sock"),
-            targets_file=str(tmp_path / "targets.json"),
         )
         return Plan(deployment=dep, processes=tuple(processes))  # type: ignore[arg-type]
 

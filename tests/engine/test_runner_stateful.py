@@ -31,6 +31,7 @@ from concurrent.futures import Future
 from typing import Any
 
 import anyio
+import proctools
 import psutil
 import pytest
 from anyio.from_thread import start_blocking_portal
@@ -42,7 +43,6 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from supervisor.engine.runner import Runner
 from supervisor.engine.states import PROCESS_TRANSITIONS, ProcessEvent, ProcessState, RunnerEvent
 from supervisor.plan.spec import (
-    DeploymentSpec,
     HttpCheck,
     Plan,
     Probe,
@@ -86,26 +86,7 @@ def _plan(root: str, port: int, generation: int = 0) -> Plan:
             **extra,
         )
 
-    dep = DeploymentSpec(
-        name="stateful",
-        profile="test",
-        engine="fixture",
-        model="m",
-        served_model_name="m",
-        state_dir=root,
-        base_url="http://127.0.0.1:1",
-        ready_url="",
-        smoke=None,
-        ready_timeout_s=30.0,
-        discovery="file",
-        discovery_dir=None,
-        etcd_endpoints=(),
-        python=sys.executable,
-        metrics_host="127.0.0.1",
-        metrics_port=None,
-        control_socket=os.path.join(root, "control.sock"),
-        targets_file=os.path.join(root, "targets.json"),
-    )
+    dep = proctools.fixture_deployment("stateful", root, profile="test")
     # ``b`` ignores SIGTERM, so each stop of it takes its stop timeout and a SIGKILL: a slow stop,
     # as a Dynamo worker's (it drains for 5 s), during which other commands arrive.
     return Plan(
