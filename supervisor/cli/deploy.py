@@ -1,6 +1,6 @@
 """Commands that write a deployment out for another system: systemd units and Kubernetes manifests.
 
-Presentation only, like :mod:`supervisor.cli`: the units come from :mod:`supervisor.systemd`, the
+Presentation only, like the rest of :mod:`supervisor.cli`: the units come from :mod:`supervisor.export.systemd`, the
 manifests from :mod:`supervisor.k8s`.
 """
 

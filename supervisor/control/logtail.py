@@ -1,4 +1,4 @@
-"""Reading a child's log file the way ``tail -n N -F`` does, across the rotations of :mod:`supervisor.logs`.
+"""Reading a child's log file the way ``tail -n N -F`` does, across the rotations of :mod:`supervisor.engine.logs`.
 
 The runner writes ``<state_dir>/logs/<name>.log`` and rotates it by renaming it to ``.1`` and
 opening a new file. :func:`follow` keeps its descriptor on the old file until that is drained,

@@ -6,7 +6,7 @@ to ``<state_dir>/reload.json``.
 
 The steps: re-load and re-render the same profile with the same ``--set``/``--model`` overrides
 ``up`` was given; refuse, changing nothing, a profile that no longer validates or that renames the
-deployment; otherwise compare the plans process by process (a :class:`~supervisor.spec.ProcessSpec`
+deployment; otherwise compare the plans process by process (a :class:`~supervisor.plan.spec.ProcessSpec`
 is a frozen value: any difference in argv, env, probes, restart policy, ... is a change), stop the
 removed processes, restart the changed ones, start the added ones, and leave every other process
 running untouched. Preflight is not run again: the running deployment holds its own ports and GPUs.

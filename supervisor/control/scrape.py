@@ -1,6 +1,6 @@
 """Reading the supervised processes' own ``/metrics``: the ``metrics`` summary and the smoke test's deltas.
 
-The endpoints come from the deployment's file_sd targets file (:mod:`supervisor.metrics`); every
+The endpoints come from the deployment's file_sd targets file (:mod:`supervisor.control.metrics`); every
 scrape is parsed with prometheus_client's text parser. The series read, by where they come from:
 
 - Dynamo frontend: ``dynamo_frontend_requests_total`` (by ``status``), ``dynamo_frontend_cached_tokens``

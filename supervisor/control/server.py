@@ -63,7 +63,7 @@ P, D = ProcessState, DeploymentState
 
 
 class Supervised(Protocol):
-    """The part of :class:`~supervisor.runner.Runner` the control server uses."""
+    """The part of :class:`~supervisor.engine.runner.Runner` the control server uses."""
 
     plan: Plan
 

@@ -4,7 +4,7 @@ Each request streams (``stream_options.include_usage``) so that the time to firs
 measured from sending the request to the first chunk that carries a choice (Dynamo sends the
 assistant-role chunk together with the first generated token) or usage; the final chunk's usage
 gives ``prompt_tokens_details.cached_tokens``, the tokens the engine did not prefill again. The
-workers' cache counters (LMCache hit tokens, vLLM prefix-cache hits, see :mod:`supervisor.scrape`)
+workers' cache counters (LMCache hit tokens, vLLM prefix-cache hits, see :mod:`supervisor.control.scrape`)
 are scraped before and after each request, and their change is reported where they exist.
 
 The prompt starts with a random nonce, so the first request cannot hit what an earlier run left

@@ -1,8 +1,8 @@
 """``status --json``: the stable, documented JSON form of a deployment's status (schema 1).
 
-Built from the runner's :class:`~supervisor.states.DeploymentStatus` snapshot, the plan (GPUs,
-ports, log files) and the :class:`~supervisor.progress.Timeline`; hints come from the tail of each
-child's log (:mod:`supervisor.diagnose`). The README's "Control and observability" section
+Built from the runner's :class:`~supervisor.engine.states.DeploymentStatus` snapshot, the plan (GPUs,
+ports, log files) and the :class:`~supervisor.control.progress.Timeline`; hints come from the tail of each
+child's log (:mod:`supervisor.control.hints`). The README's "Control and observability" section
 documents every field; add fields freely, but never rename or retype one without bumping
 :data:`SCHEMA`.
 

@@ -1,4 +1,4 @@
-"""Run a :class:`~supervisor.runner.Runner` in the foreground: signals, the pid file, services, reloads.
+"""Run a :class:`~supervisor.engine.runner.Runner` in the foreground: signals, the pid file, services, reloads.
 
 The runner knows nothing of the process it lives in; this module owns what belongs to that process:
 signal handlers that only enqueue (anyio's receiver), the pid file ``down`` and ``reload`` find it

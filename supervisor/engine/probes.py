@@ -1,6 +1,6 @@
 """Health checks (http, tcp, exec) with Kubernetes thresholds, and the port-ownership test.
 
-A check returns a :class:`~supervisor.states.ProbeResult` value (ok, latency, error) and never
+A check returns a :class:`~supervisor.engine.states.ProbeResult` value (ok, latency, error) and never
 raises for an unhealthy target. :class:`Tally` applies a probe's success/failure thresholds to a
 run of results. :func:`port_owned_by_tree` answers "does the socket listening on this port belong
 to this child or its descendants?": a Dynamo worker whose health port was taken keeps running

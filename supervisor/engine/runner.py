@@ -7,10 +7,10 @@ URL, then a smoke request). Exits are seen through pidfds the moment they happen
 ``apply(new_plan)`` can swap specs one process at a time.
 
 The narrow API other features use (control socket, metrics, sd_notify) is: :meth:`Runner.status`,
-:meth:`Runner.subscribe` (synchronous observers of :data:`~supervisor.states.RunnerEvent`),
+:meth:`Runner.subscribe` (synchronous observers of :data:`~supervisor.engine.states.RunnerEvent`),
 :meth:`Runner.start` / :meth:`Runner.stop` / :meth:`Runner.restart`,
 :meth:`Runner.request_shutdown` and :meth:`Runner.wait_until`.
-:func:`supervisor.foreground.run` is the blocking entry point with signals and the pid file.
+:func:`supervisor.engine.foreground.run` is the blocking entry point with signals and the pid file.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ Service = Callable[["Runner"], Coroutine[Any, Any, None]]
 
 
 class Runner(Lifecycles):
-    """Supervises one :class:`~supervisor.spec.Plan`; run it with :meth:`serve`."""
+    """Supervises one :class:`~supervisor.plan.spec.Plan`; run it with :meth:`serve`."""
 
     def subscribe(self, observer: Observer) -> Callable[[], None]:
         """Call ``observer(event)`` on every state change, synchronously; it must not block."""

@@ -3,7 +3,7 @@
 :func:`gather` probes exactly what a :class:`FactsRequest` lists (``preflight.facts_request`` builds
 one from a plan), so a mocker-only plan never touches NVML and a plan without a remote cache pings
 nothing. Two boundaries are injectable because tests cannot have them for real here: NVML (see
-:mod:`supervisor.host_gpu`) and the CPU architecture. Everything else is real: sockets, files,
+:mod:`supervisor.host.gpu`) and the CPU architecture. Everything else is real: sockets, files,
 subprocesses. No probe raises for what it finds; problems are recorded as data for preflight to judge.
 """
 

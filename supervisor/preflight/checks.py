@@ -1,6 +1,6 @@
-"""Preflight: judge a :class:`~supervisor.host.HostFacts` snapshot against a plan, purely.
+"""Preflight: judge a :class:`~supervisor.host.facts.HostFacts` snapshot against a plan, purely.
 
-``check(plan, facts)`` does no IO: :func:`supervisor.host.gather` took the facts (only those
+``check(plan, facts)`` does no IO: :func:`supervisor.host.facts.gather` took the facts (only those
 :func:`facts_request` asked for), so every rule here is tested with hand-made facts. Each check yields
 one or more :class:`Finding` rows (ok / warn / fail, one-line message, fix hint); ``--skip-check NAME``
 turns that check's failures into warnings that say they were skipped. :func:`enforce` is what ``up``

@@ -1,6 +1,6 @@
 """The ``gpu`` preflight check: driver, indices, free memory against what the workers ask, MIG, holders.
 
-Pure over :class:`~supervisor.host_gpu.GpuFacts`. What a worker "asks" is its vLLM
+Pure over :class:`~supervisor.host.gpu.GpuFacts`. What a worker "asks" is its vLLM
 ``--gpu-memory-utilization`` times the GPU's total memory: vLLM refuses to start when free memory is
 below that, after minutes of loading, so the same arithmetic here fails in a second instead.
 """

@@ -1,8 +1,8 @@
 """What a plan asks of the host, read from the plan alone (pure): sizes, paths, ports, URLs, imports.
 
-Both halves of preflight use it: :func:`facts_request` tells :func:`supervisor.host.gather` what to
+Both halves of preflight use it: :func:`facts_request` tells :func:`supervisor.host.facts.gather` what to
 probe (and nothing more: no NVML for a mocker-only plan, no PING without a remote URL), and the checks
-in :mod:`supervisor.preflight` read the same values to judge the facts.
+in :mod:`supervisor.preflight.checks` read the same values to judge the facts.
 """
 
 from __future__ import annotations

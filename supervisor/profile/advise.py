@@ -29,7 +29,7 @@ TENSOR_PARALLEL_SIZES = (1, 2, 4, 8)  # powers of two: what NCCL rings and head 
 CONTEXT_CAP = 131072  # a longer native context is capped: few deployments serve more per request
 MIN_CONTEXT = 4096  # below this a replica is not worth serving: the model needs more GPU memory
 # Host memory. The runtime reserve per rank is the one preflight's host-memory check counts
-# (preflight_needs.RUNTIME_RESERVE_GB["vllm"]; a test keeps them equal), and so is the margin.
+# (preflight.needs.RUNTIME_RESERVE_GB["vllm"]; a test keeps them equal), and so is the margin.
 RUNTIME_RESERVE_GB = 2.0
 HOST_MEMORY_MARGIN = 0.10
 # LMCache may take at most this share of RAM: the rest is the OS, the page cache the weights load

@@ -277,7 +277,7 @@ def _graph_errors(profile: Profile) -> list[ProfileError]:
     return errors
 
 
-# Flags the plan gives the infrastructure servers (plan_infra.py); `args` may not fight them.
+# Flags the plan gives the infrastructure servers (plan/infra.py); `args` may not fight them.
 INFRA_FLAGS = {
     "etcd": (
         "--name",

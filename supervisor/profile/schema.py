@@ -1,8 +1,8 @@
 """The deployment profile's schema: pydantic models, strict, unknown keys forbidden.
 
 Strict on purpose: "10GB" is not a number and "yes" is not a boolean here, where LMCache itself
-would read both silently wrong. Loading, ``extends`` and ``--set`` live in :mod:`supervisor.profile`;
-rules that need several fields at once in :mod:`supervisor.rules`.
+would read both silently wrong. Loading, ``extends`` and ``--set`` live in :mod:`supervisor.profile.load`;
+rules that need several fields at once in :mod:`supervisor.profile.rules`.
 """
 
 from __future__ import annotations
