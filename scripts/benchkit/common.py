@@ -208,6 +208,13 @@ class Driver:
                 stderr=err,
                 start_new_session=True,
                 cwd=str(ROOT),
+                # scripts/ on the driver's path, as for every harness here: it imports proctools.
+                env={
+                    **os.environ,
+                    "PYTHONPATH": os.pathsep.join(
+                        filter(None, [str(KIT.parent), os.environ.get("PYTHONPATH")])
+                    ),
+                },
             )
         self.events: list[Event] = []
         self._cond = threading.Condition()

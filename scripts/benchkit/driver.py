@@ -20,13 +20,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import proctools
+
 from supervisor.engine import foreground, logs
 from supervisor.engine.states import DeploymentEvent, ProcessEvent, RunnerEvent
 from supervisor.plan import policies
 from supervisor.plan.spec import (
     Condition,
     Dependency,
-    DeploymentSpec,
     HttpCheck,
     Plan,
     Probes,
@@ -76,26 +77,7 @@ def build(scenario: dict[str, Any]) -> Plan:
                 stop_timeout_s=float(raw.get("stop_timeout_s", 10.0)),
             )
         )
-    deployment = DeploymentSpec(
-        name="bench",
-        profile="bench",
-        engine="fixture",
-        model="m",
-        served_model_name="m",
-        state_dir=str(state),
-        base_url="http://127.0.0.1:1",
-        ready_url="",
-        smoke=None,
-        ready_timeout_s=600.0,
-        discovery="file",
-        discovery_dir=None,
-        etcd_endpoints=(),
-        python=sys.executable,
-        metrics_host="127.0.0.1",
-        metrics_port=None,
-        control_socket=str(state / "control.sock"),
-        targets_file=str(state / "targets.json"),
-    )
+    deployment = proctools.fixture_deployment("bench", state, ready_timeout_s=600.0)
     return Plan(deployment=deployment, processes=tuple(processes))
 
 
