@@ -50,6 +50,13 @@ def print_plan_table(plan: Plan, console: Console | None = None) -> None:
             "copy the head's file to this path on each worker node)",
             soft_wrap=True,
         )
+    if d.open_listeners:  # accepted by discovery.insecure[_planes]: say so at every plan
+        console.print(
+            f"  [yellow]open to any client[/]: {'; '.join(d.open_listeners)}; allow only your nodes "
+            'with a firewall (README, "Several machines")',
+            soft_wrap=True,
+            highlight=False,
+        )
     table = Table()
     for column in ("#", "process", "role", "gpus", "ports", "after", "lmcache"):
         table.add_column(column)

@@ -15,7 +15,7 @@ from typing import Any
 from urllib.parse import quote
 
 from supervisor.errors import PlanError
-from supervisor.plan import cache_servers
+from supervisor.plan import cache_servers, exposure
 from supervisor.plan import infra as plan_infra
 from supervisor.plan.addresses import http_url, url_host
 from supervisor.plan.policies import STARTUP_BUDGET_S, probes, restart_policy
@@ -273,6 +273,7 @@ def render(
         head=here.head,
         advertise=here.advertise,
         credentials_file=secret,
+        open_listeners=exposure.gate(profile, processes, one_machine=here.role == "all"),
     )
     return Plan(deployment=deployment, processes=tuple(processes))
 

@@ -249,6 +249,9 @@ class DeploymentSpec:
     # Set when the head's etcd/nats-server listen beyond loopback (and the profile is not insecure):
     # the cluster credentials file (host/credentials.py) the head creates and a worker node must have.
     credentials_file: str = ""
+    # Listeners beyond loopback that take any client, accepted by discovery.insecure[_planes]
+    # (plan/exposure.py): `plan` and the transport check name them with the firewall rule.
+    open_listeners: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -289,7 +289,7 @@ def check_discovery(plan: Plan, facts: HostFacts) -> list[Finding]:
     return out or [ok("discovery", f"etcd healthy at {', '.join(endpoints)}")]
 
 
-def check_transport(plan: Plan, facts: HostFacts) -> list[Finding]:
+def _cluster_servers(plan: Plan, facts: HostFacts) -> Finding:
     """etcd and nats-server started beyond loopback require the cluster credentials (Dynamo 1.6.1
     reads ETCD_AUTH_*, NATS_AUTH_*: host/credentials.py); a profile with ``discovery.insecure = true``
     leaves them open, said as a warning on every check/up of such a head, with what to do then."""
@@ -301,33 +301,47 @@ def check_transport(plan: Plan, facts: HostFacts) -> list[Finding]:
     secret = plan.deployment.credentials_file
     if plan.deployment.node_role == "worker" and secret:
         if facts.credentials_problem:
-            return [
-                fail(
-                    "transport",
-                    facts.credentials_problem,
-                    f"copy {Path(secret).name} from the head's state directory to {secret}, mode 0600",
-                )
-            ]
-        return [ok("transport", f"the head's cluster credentials are in {secret}")]
-    if not exposed:
-        return [ok("transport", "no cluster server (etcd, nats-server) listens beyond loopback")]
-    if secret:
-        return [
-            ok(
+            return fail(
                 "transport",
-                f"{' and '.join(exposed)} require the cluster credentials in "
-                f"{plan.deployment.credentials_file} (copy it to each worker node's state directory)",
+                facts.credentials_problem,
+                f"copy {Path(secret).name} from the head's state directory to {secret}, mode 0600",
             )
-        ]
-    return [
-        warn(
+        return ok("transport", f"the head's cluster credentials are in {secret}")
+    if not exposed:
+        return ok("transport", "no cluster server (etcd, nats-server) listens beyond loopback")
+    if secret:
+        return ok(
             "transport",
-            f"{' and '.join(exposed)} accept any client without authentication "
-            "(discovery.insecure = true): a host on that network can register a worker or rewrite discovery",
-            'allow only your nodes to reach these ports with a firewall rule (README, "Several machines"), '
-            "or drop discovery.insecure to require credentials",
+            f"{' and '.join(exposed)} require the cluster credentials in "
+            f"{plan.deployment.credentials_file} (copy it to each worker node's state directory)",
         )
-    ]
+    return warn(
+        "transport",
+        f"{' and '.join(exposed)} accept any client without authentication "
+        "(discovery.insecure = true): a host on that network can register a worker or rewrite discovery",
+        'allow only your nodes to reach these ports with a firewall rule (README, "Several machines"), '
+        "or drop discovery.insecure to require credentials",
+    )
+
+
+def check_transport(plan: Plan, facts: HostFacts) -> list[Finding]:
+    """The cluster servers' authentication, then the listeners that cannot authenticate and that the
+    profile lets bind beyond loopback (plan/exposure.py): named, with the firewall rule, at every
+    check and up."""
+    found = [_cluster_servers(plan, facts)]
+    listeners = plan.deployment.open_listeners
+    if listeners:
+        found.append(
+            warn(
+                "transport",
+                f"{'; '.join(listeners)} accept any client without authentication "
+                "(discovery.insecure_planes): a host that reaches them can send this deployment requests, "
+                "events or engine commands",
+                "allow only your nodes to reach these addresses with a firewall rule "
+                '(README, "Several machines": nft ... ip saddr != <your nodes> drop)',
+            )
+        )
+    return found
 
 
 CHECKS: dict[str, Callable[[Plan, HostFacts], list[Finding]]] = {

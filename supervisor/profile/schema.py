@@ -155,8 +155,13 @@ class Discovery(_Model):
     # ETCD_LEASE_TTL: a SIGKILLed worker's registration outlives it by this long (Dynamo's default ~30 s).
     lease_ttl_s: Annotated[int, Field(ge=2, le=600)] = 10
     # The head's etcd/nats-server beyond loopback require the cluster credentials (README, "Several
-    # machines"); true keeps them open to anyone who reaches them (firewall them then).
+    # machines"); true keeps them open to anyone who reaches them (firewall them then), and implies
+    # insecure_planes.
     insecure: bool = False
+    # Listeners that cannot authenticate (Dynamo's TCP planes without mutual TLS, the ZMQ event plane,
+    # NIXL side channels, worker system servers: plan/exposure.py) may bind beyond loopback only when
+    # this says so; the plan is refused otherwise. Firewall them to your nodes.
+    insecure_planes: bool = False
 
 
 class _Server(_Model):

@@ -214,7 +214,7 @@ async def test_shutdown_during_apply_starts_nothing_new_and_leaves_nothing(make_
 
 
 def test_turning_cluster_authentication_on_or_off_is_refused() -> None:
-    secure = demo('discovery.backend="etcd"', 'ports.host="0.0.0.0"')
+    secure = demo('discovery.backend="etcd"', 'ports.host="0.0.0.0"', "discovery.insecure_planes=true")
     insecure = demo('discovery.backend="etcd"', 'ports.host="0.0.0.0"', "discovery.insecure=true")
     assert secure.deployment.credentials_file.endswith("/demo/cluster-credentials")
     for old, new in ((secure, insecure), (insecure, secure)):

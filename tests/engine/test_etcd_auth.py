@@ -122,7 +122,14 @@ def test_prepare_creates_the_heads_files_and_refuses_a_worker_node_without_a_cop
     from supervisor.plan import render as planmod
     from supervisor.profile import load as profiles
 
-    loaded = profiles.load("demo", overrides=('discovery.backend="etcd"', 'discovery.event_plane="nats"'))
+    loaded = profiles.load(
+        "demo",
+        overrides=(
+            'discovery.backend="etcd"',
+            'discovery.event_plane="nats"',
+            "discovery.insecure_planes=true",
+        ),
+    )
     head = planmod.render(loaded, state_root=tmp_path / "h", node_role="head", advertise="10.9.0.1")
     worker = planmod.render(
         loaded, state_root=tmp_path / "w", node_role="worker", head="10.9.0.1", advertise="10.9.0.2"

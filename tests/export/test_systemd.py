@@ -299,17 +299,18 @@ def test_install_without_permission_says_to_use_root() -> None:
     assert "/sys: permission denied" in result.output and "sudo" in result.output
 
 
+FLAGS = "--set discovery.backend=etcd --set discovery.insecure_planes=true"
+
+
 def test_a_node_of_a_several_machine_deployment_keeps_its_flags(tmp_path: Path) -> None:
-    etcd = ["--set", "discovery.backend=etcd"]
+    etcd = FLAGS.split()
     head = CliRunner().invoke(
         main, ["systemd", "render", "demo", *etcd, "--role", "head", "--advertise", "10.0.0.1"]
     )
     assert head.exit_code == 0, head.output
-    assert one(head.output, "ExecStart") == (
-        f"{EXE} up demo --set discovery.backend=etcd --role head --advertise 10.0.0.1"
-    )
+    assert one(head.output, "ExecStart") == (f"{EXE} up demo {FLAGS} --role head --advertise 10.0.0.1")
     # The head runs etcd and the frontend (the workers run elsewhere): its timeouts are that plan's.
-    loaded = profiles.load("demo", overrides=["discovery.backend=etcd"])
+    loaded = profiles.load("demo", overrides=["discovery.backend=etcd", "discovery.insecure_planes=true"])
     node = nodes.node_options(loaded, "head", advertise="10.0.0.1")
     head_plan = planmod.render(loaded, state_root=Path(systemd.SYSTEM_STATE_ROOT), **node.as_kwargs())
     assert [p.name for p in head_plan.processes] == ["etcd", "frontend"]
@@ -321,7 +322,4 @@ def test_a_node_of_a_several_machine_deployment_keeps_its_flags(tmp_path: Path) 
         main, ["systemd", "render", "demo", *etcd, "--role", "worker", "--head", "10.0.0.1"]
     )
     assert worker.exit_code == 0, worker.output
-    assert (
-        one(worker.output, "ExecStart")
-        == f"{EXE} up demo --set discovery.backend=etcd --role worker --head 10.0.0.1"
-    )
+    assert one(worker.output, "ExecStart") == f"{EXE} up demo {FLAGS} --role worker --head 10.0.0.1"
