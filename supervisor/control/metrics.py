@@ -36,10 +36,9 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from supervisor.control.progress import Timeline
 from supervisor.control.status import roles_view
@@ -47,6 +46,9 @@ from supervisor.engine.states import DeploymentState, DeploymentStatus, ProcessS
 from supervisor.eventlog import log
 from supervisor.plan.addresses import client_host
 from supervisor.plan.spec import Plan, ProcessSpec, Role
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 PREFIX = "lmcache_supervise"
 SAMPLE_S = 1.0
@@ -105,13 +107,14 @@ def write_atomically(path: str | os.PathLike[str], text: str) -> None:
         raise
 
 
-class SupervisorMetrics:
-    """Observer + service: keeps the registry in step with the runner and serves it."""
+class _Series:
+    """The metrics themselves, in a private registry. Made when the service starts: importing
+    prometheus_client (~30 ms) must not delay the first spawn."""
 
-    def __init__(self, plan: Plan, timeline: Timeline) -> None:
-        self.plan, self.timeline = plan, timeline
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
         self.registry = CollectorRegistry()
-        self.port: int | None = None
         labels = ("deployment", "process", "role")
         r = self.registry
         self.up = Gauge(f"{PREFIX}_process_up", "1 while the process is healthy", labels, registry=r)
@@ -167,12 +170,31 @@ class SupervisorMetrics:
             ("deployment", "gpu", "uuid", "class"),
             registry=r,
         )
+
+
+class SupervisorMetrics:
+    """Observer + service: keeps the registry in step with the runner and serves it."""
+
+    def __init__(self, plan: Plan, timeline: Timeline) -> None:
+        self.plan, self.timeline = plan, timeline
+        self.port: int | None = None
+        self._made: _Series | None = None
         self._gpu_faults_seen: dict[tuple[str, str, str], int] = {}
         self._source: _Source | None = None
         self._restarts_seen: dict[str, int] = {}
         self._probe_seen: dict[str, object] = {}
         self._labels: dict[str, tuple[str, str, str]] = {}
         self._targets_text: str | None = None
+
+    @property
+    def series(self) -> _Series:
+        if self._made is None:
+            self._made = _Series()
+        return self._made
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        return self.series.registry
 
     # ---- keeping the registry current -------------------------------------------------------
 
@@ -182,53 +204,53 @@ class SupervisorMetrics:
             self.refresh(self._source.status(), self._source.plan)
 
     def refresh(self, status: DeploymentStatus, plan: Plan) -> None:
-        dep = status.name
+        dep, m = status.name, self.series
         current: dict[str, tuple[str, str, str]] = {}
         for proc in status.processes:
             labels = current[proc.name] = (dep, proc.name, proc.role)
             word = proc.state.summary
-            self.up.labels(*labels).set(1 if proc.state is ProcessState.RUNNING else 0)
+            m.up.labels(*labels).set(1 if proc.state is ProcessState.RUNNING else 0)
             for state in PROCESS_STATES:
-                self.state.labels(*labels, state).set(1 if state == word else 0)
+                m.state.labels(*labels, state).set(1 if state == word else 0)
             seen = self._restarts_seen.get(proc.name, 0)
-            self.restarts.labels(*labels).inc(max(0, proc.restarts - seen))
+            m.restarts.labels(*labels).inc(max(0, proc.restarts - seen))
             self._restarts_seen[proc.name] = max(seen, proc.restarts)
             if proc.last_exit is not None:
                 info = proc.last_exit
-                self.last_exit.labels(*labels).set(
+                m.last_exit.labels(*labels).set(
                     128 + info.signal if info.signal is not None else info.returncode or 0
                 )
             if proc.started_wall is not None:
-                self.start_time.labels(*labels).set(proc.started_wall)
+                m.start_time.labels(*labels).set(proc.started_wall)
             probe = proc.last_probe
             if probe is not None and self._probe_seen.get(proc.name) is not probe:
                 self._probe_seen[proc.name] = probe
-                self.probe.labels(*labels).observe(probe.latency_s)
+                m.probe.labels(*labels).observe(probe.latency_s)
         for name, labels in self._labels.items():
             if name not in current:  # a reload removed it: its series go too
-                for metric in (self.up, self.restarts, self.last_exit, self.start_time, self.probe):
+                for metric in (m.up, m.restarts, m.last_exit, m.start_time, m.probe):
                     with contextlib.suppress(KeyError):
                         metric.remove(*labels)
                 for state in PROCESS_STATES:
                     with contextlib.suppress(KeyError):
-                        self.state.remove(*labels, state)
+                        m.state.remove(*labels, state)
                 self._restarts_seen.pop(name, None)
         self._labels = current
         for role in roles_view(status, plan):  # a reload may add roles; removed ones keep their last value
-            self.role_healthy.labels(dep, role["role"]).set(role["healthy"])
-            self.role_replicas.labels(dep, role["role"]).set(role["replicas"])
-            self.role_min_ready.labels(dep, role["role"]).set(role["min_ready"])
+            m.role_healthy.labels(dep, role["role"]).set(role["healthy"])
+            m.role_replicas.labels(dep, role["role"]).set(role["replicas"])
+            m.role_min_ready.labels(dep, role["role"]).set(role["min_ready"])
         for state in DEPLOYMENT_STATES:
-            self.deployment_state.labels(dep, state).set(1 if state == status.state.value else 0)
+            m.deployment_state.labels(dep, state).set(1 if state == status.state.value else 0)
         if self.timeline.time_to_ready_s is not None:
-            self.time_to_ready.labels(dep).set(self.timeline.time_to_ready_s)
+            m.time_to_ready.labels(dep).set(self.timeline.time_to_ready_s)
         for gpu in status.gpus:
             labels = (dep, str(gpu.index), gpu.uuid)
-            self.gpu_healthy.labels(*labels).set(1 if gpu.healthy else 0)
+            m.gpu_healthy.labels(*labels).set(1 if gpu.healthy else 0)
             for cls in ("fatal", "app", "info"):
                 key = (labels[1], labels[2], cls)
                 count, seen = gpu.faults.get(cls, 0), self._gpu_faults_seen.get(key, 0)
-                self.gpu_faults.labels(*labels, cls).inc(max(0, count - seen))
+                m.gpu_faults.labels(*labels, cls).inc(max(0, count - seen))
                 self._gpu_faults_seen[key] = max(seen, count)
         self._write_targets(plan)
 
@@ -257,6 +279,8 @@ class SupervisorMetrics:
             self.refresh(runner.status(), runner.plan)
             if dep.metrics_port is not None:
                 try:
+                    from prometheus_client import start_http_server
+
                     server, _thread = start_http_server(
                         dep.metrics_port, addr=dep.metrics_host, registry=self.registry
                     )

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import anyio
-import httpx
 
 from supervisor.control import rolling
 from supervisor.engine.states import DeploymentState, DeploymentStatus, ProcessState
@@ -199,6 +198,8 @@ class Reloader:
             log.warning("reload applied, but the deployment is not ready again yet", processes=list(touched))
         message = changes.describe() + (f" (one at a time: {', '.join(rolled)})" if rolled else "")
         if rolled:
+            import httpx  # only a rolling reload needs it: kept off the start path of `up`
+
             try:
                 async with httpx.AsyncClient(trust_env=False) as client:
                     await rolling.roll(

@@ -21,16 +21,18 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import anyio
-import httpx
 
 from supervisor.engine.probes import worker_counts
 from supervisor.engine.states import DeploymentState, DeploymentStatus, ProcessState
 from supervisor.errors import BadRequestError, ControlError
 from supervisor.eventlog import log
 from supervisor.plan.spec import Plan, ProcessSpec
+
+if TYPE_CHECKING:
+    import httpx
 
 P = ProcessState
 REGISTER_POLL_S = 0.1
@@ -114,6 +116,8 @@ def healthy(status: DeploymentStatus, names: Sequence[str]) -> int:
 
 async def frontend_counts(plan: Plan, client: httpx.AsyncClient) -> dict[str, int] | None:
     """Workers per type as the frontend counts them (None: no frontend answer on this node)."""
+    import httpx
+
     url = plan.deployment.ready_url
     if not url:
         return None

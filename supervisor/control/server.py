@@ -45,7 +45,6 @@ from typing import Any, Protocol
 
 import anyio
 import anyio.abc
-import httpx
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from supervisor.control import gpus, rolling
@@ -269,6 +268,8 @@ class ControlServer:
                     )
                 return await self._act(runner, "restart", names[0], 0.0)
             log.info("control request", op="restart", processes=list(names), allow_downtime=allow)
+            import httpx  # only a rolling restart needs it: kept off the start path of `up`
+
             async with httpx.AsyncClient(trust_env=False) as client:
                 steps = await rolling.roll(
                     runner, names, allow_downtime=allow, timeout_s=float(wait_s) or 600.0, client=client

@@ -14,10 +14,10 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import anyio
 import anyio.abc
-import httpx
 
 from supervisor.engine.gate import DeploymentFacts, Gate, decide_deployment
 from supervisor.engine.logs import ChildOutput, LogOptions, TerminalEcho
@@ -40,6 +40,9 @@ from supervisor.errors import StartError
 from supervisor.eventlog import log
 from supervisor.host import nvml as gpu
 from supervisor.plan.spec import Condition, Plan, ProcessSpec
+
+if TYPE_CHECKING:
+    import httpx
 
 P, D = ProcessState, DeploymentState
 
@@ -88,10 +91,23 @@ def _needs_tls(plan: Plan) -> bool:
 class RunnerCore:
     """Process slots and state changes; see :class:`~supervisor.engine.runner.Runner` for the API."""
 
-    # Set by Runner.serve while it runs (the guardian, the probes' HTTP client, the task group).
+    # Set by Runner.serve while it runs (the guardian, the task group).
     _guardian: Guardian
-    _client: httpx.AsyncClient
     _tg: anyio.abc.TaskGroup
+    _http: httpx.AsyncClient | None = None
+
+    @property
+    def _client(self) -> httpx.AsyncClient:
+        """The HTTP client of the gate, the smoke request and HTTPS probes, made on first use.
+
+        Importing httpx costs ~50 ms that would otherwise come before the first spawn; plain-HTTP
+        health probes never need it (``probe_http``). ``Runner.serve`` closes it.
+        """
+        if self._http is None:
+            import httpx
+
+            self._http = httpx.AsyncClient(trust_env=False, verify=_needs_tls(self.plan))
+        return self._http
 
     def __init__(
         self,

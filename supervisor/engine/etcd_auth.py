@@ -12,14 +12,16 @@ restarts; a credentials file that no longer matches it is reported, never "fixed
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
-import httpx
 
 from supervisor.host import credentials
 from supervisor.plan.addresses import http_url
 from supervisor.plan.spec import ProtocolCheck
+
+if TYPE_CHECKING:
+    import httpx
 
 
 def _problem(response: httpx.Response) -> str:

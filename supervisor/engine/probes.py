@@ -17,10 +17,9 @@ import subprocess
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
-import httpx
 import psutil
 
 from supervisor.engine import etcd_auth, probe_http, probe_protocols
@@ -37,6 +36,9 @@ from supervisor.plan.spec import (
     SmokeRequest,
     TcpCheck,
 )
+
+if TYPE_CHECKING:
+    import httpx
 
 #: Probe cadence while a process is starting: a dependent starts within about this of its health.
 FAST_PROBE_S = 0.1
@@ -187,6 +189,8 @@ async def run_check(
     owner_pid: int | None = None,
 ) -> ProbeResult:
     """Run one check once. ``owner_pid``: the child whose tree must own ``check.owned_port``."""
+    import httpx  # here, not at the top: the first spawn does not wait for its import
+
     started = time.monotonic()
     try:
         if isinstance(check, HttpCheck):
@@ -258,6 +262,8 @@ async def deployment_ready(
     worker's registration lingers until removed (the runner does so for file discovery) or until
     its etcd lease lapses, and requests routed to it fail meanwhile.
     """
+    import httpx
+
     started = time.monotonic()
     counts: dict[str, int] = {}
     try:
@@ -284,6 +290,8 @@ async def smoke(
     base_url: str, model: str, request: SmokeRequest, *, client: httpx.AsyncClient
 ) -> ProbeResult:
     """Send one small OpenAI chat completion; any 200 proves the request path end to end."""
+    import httpx
+
     started = time.monotonic()
     url = base_url.rstrip("/") + request.path
     if url.endswith("/v1/v1/chat/completions"):  # base_url may already carry /v1

@@ -23,9 +23,8 @@ from typing import Any
 
 import anyio
 import anyio.abc
-import httpx
 
-from supervisor.engine.core import LOG_FLUSH_S, D, GpuPids, Observer, P, _needs_tls, _Slot
+from supervisor.engine.core import LOG_FLUSH_S, D, GpuPids, Observer, P, _Slot
 from supervisor.engine.lifecycle import Lifecycles
 from supervisor.engine.logs import ChildOutput, flush_all
 from supervisor.engine.probes import FAST_PROBE_S, deployment_ready, smoke
@@ -166,11 +165,8 @@ class Runner(Lifecycles):
         self._started_at = time.monotonic()
         self._guardian = Guardian()
         try:
-            async with (
-                httpx.AsyncClient(trust_env=False, verify=_needs_tls(self.plan)) as client,
-                anyio.create_task_group() as tg,
-            ):
-                self._client, self._tg = client, tg
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
                 for slot in self._slots.values():
                     self._launch(slot)
                 tg.start_soon(self._run_gate)
@@ -186,6 +182,10 @@ class Runner(Lifecycles):
                 if slot.spec.multiproc_dir:
                     shutil.rmtree(slot.spec.multiproc_dir, ignore_errors=True)
             self._guardian.close()  # EOF: it SIGKILLs whatever is still registered
+            if self._http is not None:
+                with anyio.CancelScope(shield=True):
+                    await self._http.aclose()
+                self._http = None
             flush_all(LOG_FLUSH_S)  # the last lines on disk before we return (bounded: a stalled disk)
         return self._exit_code
 
