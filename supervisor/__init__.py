@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["check", "enforce", "load", "render", "systemd_bridge", "up"]
+__all__ = ["check", "enforce", "load", "load_plan", "render", "systemd_bridge", "up"]
 
 
 def __getattr__(name: str) -> Any:

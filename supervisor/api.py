@@ -49,6 +49,33 @@ def render(
     return rendering.render(profile, state_root=paths.state_root(), **options.as_kwargs())  # type: ignore[arg-type]
 
 
+def load_plan(
+    profile: str,
+    *,
+    overrides: Sequence[str] = (),
+    model: str | None = None,
+    role: NodeRole = "all",
+    head: str | None = None,
+    advertise: str | None = None,
+) -> Plan:
+    """:func:`load` then :func:`render`; a single-node plan comes from the plan cache while nothing
+    it was made from changed (``host.plancache``: what is watched, and why)."""
+    from supervisor.host.plancache import PlanCache
+
+    single = role == "all" and head is None and advertise is None
+    cache = PlanCache.for_profile(profile, overrides, model) if single else None
+    if cache is not None and (plan := cache.get()) is not None:
+        return plan
+    loaded = load(profile, overrides=overrides, model=model)
+    plan = render(loaded, role=role, head=head, advertise=advertise)
+    if cache is not None:
+        from supervisor.plan import nodes
+
+        found = nodes.find_binaries(loaded).values()
+        cache.put(plan, search_path=nodes.binary_search_path(loaded), binaries=found)
+    return plan
+
+
 def check(plan: Plan, *, skip: Iterable[str] = (), fresh: bool = False) -> list[Finding]:
     """Probe the host for what ``plan`` needs (only that) and judge it: every finding, failures included.
 

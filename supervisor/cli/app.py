@@ -139,8 +139,7 @@ def load_plan(
     """Profile name or path -> validated profile -> plan (state under the state root) for this node's role."""
     from supervisor import api
 
-    loaded = api.load(profile, overrides=overrides, model=model)
-    return api.render(loaded, role=role, head=head, advertise=advertise)  # type: ignore[arg-type]
+    return api.load_plan(profile, overrides=overrides, model=model, role=role, head=head, advertise=advertise)  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------------------ preflight helpers

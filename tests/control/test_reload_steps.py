@@ -51,8 +51,7 @@ def test_a_shared_setting_changes_every_process_it_reaches() -> None:
 def test_added_and_removed_workers(tmp_path: Path) -> None:
     three = tmp_path / "three.toml"
     three.write_text(
-        f'extends = "{profiles.profiles_dir() / "demo.toml"}"\nname = "demo"\n'
-        '[workers.decode2]\nrole = "decode"\n'
+        f'extends = "{profiles.resolve("demo")}"\nname = "demo"\n[workers.decode2]\nrole = "decode"\n'
     )
     bigger = planmod.render(profiles.load(str(three)), state_root=STATE, python="/opt/py/bin/python")
     grown = reload.diff(demo(), bigger)
