@@ -52,31 +52,42 @@ def wait_for(predicate: Callable[[], T], timeout: float, *, interval: float = 0.
         time.sleep(interval)
 
 
-def free_port_base(offsets: Iterable[int], *, low: int = 20000, tries: int = 500) -> int:
-    """A base port such that ``base + offset`` is free on loopback for every offset.
+def base_is_free(base: int, offsets: Iterable[int]) -> bool:
+    """Whether ``base + offset`` is free on loopback for every offset."""
+    socks: list[socket.socket] = []
+    try:
+        for offset in offsets:
+            sock = socket.socket()
+            socks.append(sock)
+            # As the servers themselves bind: a port held only by TIME-WAIT connections (left by
+            # probes of an earlier test's server) is free for them, and must count as free here.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("127.0.0.1", base + offset))
+        return True
+    except OSError:
+        return False
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def free_port_base(
+    offsets: Iterable[int], *, low: int = 20000, tries: int = 500, prefer: int | None = None
+) -> int:
+    """A base port such that ``base + offset`` is free on loopback for every offset: ``prefer``
+    while it is, else one drawn at random.
 
     Bases are drawn at random (in steps of 10, from ``low``) so parallel harnesses rarely collide,
     and kept low enough that the highest offset stays a valid Dynamo system port.
     """
     offsets = tuple(offsets)
+    if prefer is not None and base_is_free(prefer, offsets):
+        return prefer
     choices = max(1, (SYSTEM_PORT_MAX - max(offsets, default=0) - low) // 10)
     for _ in range(tries):
         base = low + (uuid.uuid4().int % choices) * 10
-        socks: list[socket.socket] = []
-        try:
-            for offset in offsets:
-                sock = socket.socket()
-                socks.append(sock)
-                # As the servers themselves bind: a port held only by TIME-WAIT connections (left by
-                # probes of an earlier test's server) is free for them, and must count as free here.
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.bind(("127.0.0.1", base + offset))
+        if base_is_free(base, offsets):
             return base
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
     raise RuntimeError("no free port range on loopback")
 
 

@@ -69,11 +69,12 @@ def summary_ms(seconds: Sequence[float]) -> dict[str, float]:
 # ---- ports ------------------------------------------------------------------------------------
 
 
-def free_port_base(offsets: Iterable[int]) -> int:
+def free_port_base(offsets: Iterable[int], prefer: int | None = None) -> int:
     """A base port such that ``base + o`` is free on loopback for every offset (below 32767: Dynamo
-    reads ports as int16)."""
+    reads ports as int16): ``prefer`` while it is free, so that a series of runs passes the same
+    flags each time, as a user starting the same deployment again does."""
     try:
-        return proctools.free_port_base(offsets, tries=500)
+        return proctools.free_port_base(offsets, tries=500, prefer=prefer)
     except RuntimeError as exc:
         raise BenchError(str(exc)) from None
 

@@ -61,9 +61,12 @@ def first_success(url: str, proc: subprocess.Popen[Any], launched: float, *, tim
     raise BenchError(f"no successful request within {timeout_s:g} s")
 
 
-def supervised(workdir: Path) -> dict[str, Any]:
-    """``up demo`` from launch to first 200; also the supervisor's RSS while serving."""
-    base = free_port_base(harness.port_offsets())
+def supervised(workdir: Path, *, state_root: Path | None = None, base: int | None = None) -> dict[str, Any]:
+    """``up demo`` from launch to first 200; also the supervisor's RSS while serving.
+
+    ``state_root`` and ``base`` (while its ports are free): pass the same ones run after run, as a
+    user starting the same deployment again does, so that later runs find the plan cache."""
+    base = free_port_base(harness.port_offsets(), prefer=base)
     out, err = workdir / "up.out", workdir / "up.err"
     with open(out, "wb") as stdout, open(err, "wb") as stderr:
         launched, launched_wall = time.monotonic(), time.time()
@@ -72,7 +75,7 @@ def supervised(workdir: Path) -> dict[str, Any]:
             stdin=subprocess.DEVNULL,
             stdout=stdout,
             stderr=stderr,
-            env=_env(workdir / "state"),
+            env=_env(state_root or workdir / "state"),
             start_new_session=True,
         )
     try:
@@ -84,6 +87,7 @@ def supervised(workdir: Path) -> dict[str, Any]:
         stop_group(proc, timeout_s=60)  # SIGTERM: the orderly shutdown, then the group for certain
     spawned = first_spawn(err) - launched_wall
     return {
+        "base": base,
         "seconds": round(seconds, 3),
         "supervisor_rss_mb": round(rss_mb, 1),
         "first_spawn_s": round(spawned, 3),

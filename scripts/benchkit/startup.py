@@ -65,10 +65,11 @@ def _command(tree: Path | None) -> list[str]:
 CPU_S: list[float] = []  # CPU seconds (user + system, the command and its children) of each check_once
 
 
-def check_once(workdir: Path, tree: Path | None = None) -> float:
-    """Seconds of one ``check demo`` (on a free port base, so a running demo does not fail it). Its CPU
-    seconds are appended to CPU_S: on a shared, busy machine they move far less than the wall time."""
-    base = free_port_base(harness.port_offsets())
+def check_once(workdir: Path, tree: Path | None = None, base: int | None = None) -> float:
+    """Seconds of one ``check demo`` (on a free port base, so a running demo does not fail it: ``base``
+    while it is free, the same flags run after run as for a user). Its CPU seconds are appended to
+    CPU_S: on a shared, busy machine they move far less than the wall time."""
+    base = free_port_base(harness.port_offsets(), prefer=base)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.monotonic()
     done = subprocess.run(
@@ -87,9 +88,10 @@ def check_once(workdir: Path, tree: Path | None = None) -> float:
     return seconds
 
 
-def spawn_once(workdir: Path, n: int, tree: Path | None = None) -> float:
-    """Seconds from exec of ``up demo`` to its first ``process starting`` event."""
-    base = free_port_base(harness.port_offsets())
+def spawn_once(workdir: Path, n: int, tree: Path | None = None, base: int | None = None) -> float:
+    """Seconds from exec of ``up demo`` to its first ``process starting`` event (``base`` as for
+    :func:`check_once`)."""
+    base = free_port_base(harness.port_offsets(), prefer=base)
     err = workdir / f"up-{n}.err"
     with open(err, "wb") as stderr:
         launched_wall = time.time()
@@ -134,10 +136,13 @@ def measure(repeats: int, workdir: Path, tree: Path | None = None) -> dict[str, 
     check_dir, spawn_dir = workdir / "check", workdir / "spawn"
     check_dir.mkdir(parents=True, exist_ok=True)
     spawn_dir.mkdir(parents=True, exist_ok=True)
-    check_cold = check_once(check_dir, tree)
-    checks = [check_once(check_dir, tree) for _ in range(repeats)]
-    spawn_cold = spawn_once(spawn_dir, 0, tree)
-    spawns = [spawn_once(spawn_dir, i + 1, tree) for i in range(repeats)]
+    # One port base per series: a user starts the same deployment with the same flags, so the
+    # warm runs find the plan cache and the probe cache as a user's second start does.
+    base = free_port_base(harness.port_offsets())
+    check_cold = check_once(check_dir, tree, base)
+    checks = [check_once(check_dir, tree, base) for _ in range(repeats)]
+    spawn_cold = spawn_once(spawn_dir, 0, tree, base)
+    spawns = [spawn_once(spawn_dir, i + 1, tree, base) for i in range(repeats)]
     return {
         "check_demo_ms": round(percentile(checks, 50) * 1000, 1),
         "check_demo_cold_ms": round(check_cold * 1000, 1),
@@ -158,15 +163,16 @@ def compare(revision: str, repeats: int, workdir: Path) -> dict[str, Any]:
         runs: dict[str, dict[str, list[float]]] = {
             name: {"check": [], "spawn": [], "cpu": []} for name in trees
         }
-        for name, tree in trees.items():  # warm each one's probe cache and bytecode once
+        base = free_port_base(harness.port_offsets())  # one for both: the same flags every run
+        for name, tree in trees.items():  # warm each one's caches and bytecode once
             precompile(tree)
             (workdir / name).mkdir(parents=True, exist_ok=True)
-            check_once(workdir / name, tree)
+            check_once(workdir / name, tree, base)
         for i in range(repeats):
             for name, tree in trees.items():
-                runs[name]["check"].append(check_once(workdir / name, tree))
+                runs[name]["check"].append(check_once(workdir / name, tree, base))
                 runs[name]["cpu"].append(CPU_S[-1])
-                runs[name]["spawn"].append(spawn_once(workdir / name, i, tree))
+                runs[name]["spawn"].append(spawn_once(workdir / name, i, tree, base))
         return {
             name: {
                 "check_demo_ms": round(percentile(r["check"], 50) * 1000, 1),
