@@ -19,6 +19,7 @@ import os
 import shlex
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,20 @@ def supervised(workdir: Path, *, state_root: Path | None = None, base: int | Non
         "first_spawn_s": round(spawned, 3),
         "spawn_to_first_request_s": round(seconds - spawned, 3),
     }
+
+
+def supervised_series(runs: int, parent: Path) -> list[dict[str, Any]]:
+    """``runs`` starts of ``up demo`` with the same flags and state root, after one unmeasured start
+    that fills the plan and probe caches: what a user sees on every start but the first after an
+    install or a profile change (``startup.py`` reports that first one as ``*_cold_ms``)."""
+    state_root = Path(tempfile.mkdtemp(prefix="series-", dir=parent))
+    base = supervised(Path(tempfile.mkdtemp(prefix="warm-", dir=parent)), state_root=state_root)["base"]
+    measured = []
+    for _ in range(runs):
+        up = supervised(Path(tempfile.mkdtemp(prefix="up-", dir=parent)), state_root=state_root, base=base)
+        base = up["base"]
+        measured.append(up)
+    return measured
 
 
 def first_spawn(log: Path) -> float:

@@ -41,7 +41,7 @@ import harness
 from harness import CLI
 
 from benchkit.common import ROOT, BenchError, free_port_base, percentile, stop_group
-from benchkit.demo import FAST_STOP, first_spawn
+from benchkit.demo import FAST_STOP, first_spawn, supervised_series
 
 
 def _env(workdir: Path, tree: Path | None) -> dict[str, str]:
@@ -194,10 +194,21 @@ def main() -> int:
     parser = argparse.ArgumentParser(description="check demo and exec -> first spawn of up demo, in ms")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--against", metavar="REV", help="also run this git revision, interleaved")
+    parser.add_argument(
+        "--first-request",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also N starts of up demo to its first successful request (benchkit/demo.py), this tree only",
+    )
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="lmcs-startup-"))
     load = os.getloadavg()[0]
     result = compare(args.against, args.repeats, workdir) if args.against else measure(args.repeats, workdir)
+    if args.first_request:
+        ups = supervised_series(args.first_request, workdir)
+        result["demo_first_request_s"] = percentile([up["seconds"] for up in ups], 50)
+        result["demo_runs"] = ups
     print(
         json.dumps(
             {**result, "load_before": round(load, 2), "load_after": round(os.getloadavg()[0], 2)}, indent=2
