@@ -17,7 +17,7 @@ stage; only :mod:`supervisor.cli` turns those into a line on stderr and an exit 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from supervisor.control.notify import SystemdBridge
@@ -111,6 +111,7 @@ def up(
     systemd: SystemdBridge | None = None,
     timeline: Timeline | None = None,
     events: Callable[[dict[str, Any]], None] | None = None,
+    hangup: Literal["reload", "stop"] = "reload",
 ) -> int:
     """Supervise ``plan`` in the foreground until SIGINT/SIGTERM (or a failure); returns the exit code.
 
@@ -120,6 +121,8 @@ def up(
     ``reload`` (``reread`` returns the new plan; without it a reload is refused). 0 after an orderly
     stop, 1 when a required process failed for good. ``timeline`` is the one clock of start-up (pass
     your own to read it as well); ``events`` takes every supervisor event instead of stderr (JSON lines).
+    ``hangup="stop"`` (on a terminal): SIGHUP stops the deployment as SIGTERM does; ``reload``
+    still reloads over the control socket.
     """
     from supervisor import eventlog
     from supervisor.control import metrics, progress, reload
@@ -147,6 +150,7 @@ def up(
         ],
         reload=reloader,
         echo=echo,
+        hangup=hangup,
     )
 
 

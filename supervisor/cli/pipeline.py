@@ -224,6 +224,7 @@ def _up_on_terminal(
             systemd=bridge,
             timeline=timeline,
             events=view.event,
+            hangup="stop",  # the terminal went away: stop in order, as any foreground program does
         )
 
 
@@ -265,12 +266,11 @@ def reload_command(deployment: str | None, timeout_s: float) -> None:
     min_ready), the others at once.
 
     A profile that no longer validates is refused (exit 2) and every process keeps running."""
-    from supervisor import paths
+    from supervisor.cli.control import find_deployment
     from supervisor.control import reload
-    from supervisor.engine import pidfile
 
-    entry = pidfile.choose(paths.state_root(), deployment)
-    outcome = reload.request(entry.pid_file.parent, entry.pid, timeout_s=timeout_s)
+    entry = find_deployment(deployment)
+    outcome = reload.request(entry, timeout_s=timeout_s)
     if not outcome.ok and outcome.applied:
         fail(f"reload of {entry.deployment} applied its new plan, but {outcome.message}", EXIT_RUNTIME)
     if not outcome.ok:

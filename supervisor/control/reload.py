@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import signal
 import tempfile
 import time
 from collections.abc import Callable
@@ -27,7 +26,8 @@ from typing import Any, Protocol
 
 import anyio
 
-from supervisor.control import rolling
+from supervisor.control import client, rolling
+from supervisor.control.client import Endpoint
 from supervisor.engine.states import DeploymentState, DeploymentStatus, ProcessState
 from supervisor.errors import ControlError, SupervisorError
 from supervisor.eventlog import log
@@ -254,16 +254,13 @@ def read_outcome(state_dir: Path) -> Outcome | None:
         return None
 
 
-def request(state_dir: Path, pid: int, *, timeout_s: float) -> Outcome:
-    """SIGHUP the supervisor ``pid`` and wait for an outcome newer than the last one it wrote."""
+def request(endpoint: Endpoint, *, timeout_s: float) -> Outcome:
+    """Ask the running supervisor to reload (over its control socket: on a terminal, SIGHUP means
+    the terminal went away) and wait for an outcome newer than the last one it wrote."""
+    pid, state_dir = endpoint.pid, endpoint.state_dir
     before = read_outcome(state_dir)
     serial = before.serial if before is not None and before.pid == pid else 0
-    try:
-        os.kill(pid, signal.SIGHUP)
-    except ProcessLookupError:
-        raise ControlError(f"supervisor pid {pid} is gone") from None
-    except PermissionError:
-        raise ControlError(f"not allowed to signal supervisor pid {pid}") from None
+    client.request(endpoint, {"op": "reload"})
     deadline = time.monotonic() + timeout_s
     delay = 0.02
     while True:

@@ -7,6 +7,7 @@ Protocol: one JSON object per line, one request per connection, one answer::
     {"op": "stop", "process": "decode"}               -> {"ok": true, "process": {...}}
     {"op": "start", "process": "decode", "wait_s": 600}
     {"op": "down"}                                    -> {"ok": true, "pid": <supervisor pid>}
+    {"op": "reload"}                                  -> {"ok": true, "pid": ...}  (outcome: reload.json)
     {"op": "gpus"}                                    -> {"ok": true, "gpus": {...}}     (control.gpus)
     {"op": "gpu-clear", "gpu": 0}                     -> {"ok": true, "note": "...", "gpus": {...}}
     anything wrong                                    -> {"ok": false, "error": "...", "bad_input": bool}
@@ -72,6 +73,7 @@ class Supervised(Protocol):
     async def restart(self, name: str) -> None: ...
     async def clear_gpu(self, index: int) -> str: ...
     def request_shutdown(self, *, kill: bool = False, reason: str = "requested") -> None: ...
+    def request_reload(self) -> bool: ...
     async def wait_until(
         self, predicate: Callable[[DeploymentStatus], bool], *, timeout_s: float
     ) -> DeploymentStatus: ...
@@ -207,6 +209,12 @@ class ControlServer:
         if op == "down":
             runner.request_shutdown(reason="down over the control socket")
             return {"ok": True, "pid": os.getpid()}
+        if op == "reload":  # queued; the outcome is written to reload.json (control.reload)
+            if not runner.request_reload():
+                return _error(
+                    f"deployment {self.plan.deployment.name!r} was started without a profile to re-read"
+                )
+            return {"ok": True, "pid": os.getpid()}
         if op == "gpus":
             return {"ok": True, "gpus": gpus.gpus_document(runner.status())}
         if op == "gpu-clear":
@@ -220,7 +228,8 @@ class ControlServer:
             return {"ok": True, "note": note, "gpus": gpus.gpus_document(runner.status())}
         if op not in ("restart", "stop", "start"):
             return _error(
-                f"unknown op {op!r} (status, restart, stop, start, down, gpus, gpu-clear)", bad_input=True
+                f"unknown op {op!r} (status, restart, stop, start, down, reload, gpus, gpu-clear)",
+                bad_input=True,
             )
         if op == "restart":
             return await self._restart(runner, request)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import signal
 from collections.abc import Awaitable, Callable, Iterable
+from typing import Literal
 
 import anyio
 
@@ -31,13 +32,16 @@ def run(
     reload: Callable[[Runner], Awaitable[object]] | None = None,
     log_options: LogOptions = LogOptions(),
     echo: TerminalEcho | None = None,
+    hangup: Literal["reload", "stop"] = "reload",
 ) -> int:
     """Supervise ``plan`` in the foreground until SIGINT/SIGTERM; returns the exit code.
 
     Signal handlers only enqueue (anyio's receiver); the first SIGINT/SIGTERM starts the orderly
     shutdown, a second one SIGKILLs every group. The pid file is held throughout. ``services`` run
-    in the event loop beside the runner (sd_notify's watchdog); ``reload`` runs once per SIGHUP, one
-    at a time, SIGHUPs arriving meanwhile folded into one more.
+    in the event loop beside the runner (sd_notify's watchdog); ``reload`` runs once per request
+    (:meth:`Runner.request_reload`, or SIGHUP), one at a time, requests arriving meanwhile folded
+    into one more. ``hangup="stop"`` (on a terminal): SIGHUP is the terminal going away, and starts
+    the orderly shutdown as SIGTERM does; the ``reload`` command still reaches the runner.
     """
 
     async def main() -> int:
@@ -56,18 +60,27 @@ def run(
             async with anyio.create_task_group() as tg:
                 reloads, reload_requests = anyio.create_memory_object_stream[None](1)
 
+                def queue_reload() -> None:
+                    with contextlib.suppress(anyio.WouldBlock):  # one already queued
+                        reloads.send_nowait(None)
+
+                if reload is not None:
+                    runner.reload_hook = queue_reload
+
                 async def handle_signals() -> None:
                     count = 0
                     async for signum in signals:
-                        if signum == signal.SIGHUP:
+                        if signum == signal.SIGHUP and hangup == "reload":
                             if reload is None:
                                 log.info("SIGHUP ignored: nothing to reload")
                             else:
-                                with contextlib.suppress(anyio.WouldBlock):  # one already queued
-                                    reloads.send_nowait(None)
+                                queue_reload()
                             continue
                         count += 1
-                        runner.request_shutdown(kill=count > 1, reason=signal.Signals(signum).name)
+                        reason = signal.Signals(signum).name
+                        if signum == signal.SIGHUP:
+                            reason += " (the terminal went away)"
+                        runner.request_shutdown(kill=count > 1, reason=reason)
 
                 async def reloader() -> None:
                     async for _ in reload_requests:

@@ -47,6 +47,16 @@ Service = Callable[["Runner"], Coroutine[Any, Any, None]]
 class Runner(Lifecycles):
     """Supervises one :class:`~supervisor.plan.spec.Plan`; run it with :meth:`serve`."""
 
+    #: Queues a re-read of the profile; set by whoever can reload (``foreground.run``).
+    reload_hook: Callable[[], None] | None = None
+
+    def request_reload(self) -> bool:
+        """Queue a reload (the ``reload`` command's way in); False when nothing can reload this runner."""
+        if self.reload_hook is None:
+            return False
+        self.reload_hook()
+        return True
+
     def subscribe(self, observer: Observer) -> Callable[[], None]:
         """Call ``observer(event)`` on every state change, synchronously; it must not block."""
         self._observers.append(observer)

@@ -14,6 +14,7 @@ import pytest
 from conftest import alive
 
 from supervisor.control import reload
+from supervisor.control.client import Endpoint
 from supervisor.engine.runner import Runner
 from supervisor.engine.states import DeploymentState, DeploymentStatus, ProcessState
 from supervisor.errors import ControlError, ProfileError
@@ -85,8 +86,9 @@ def test_outcome_file_round_trip_and_garbage(tmp_path: Path) -> None:
 def test_request_to_a_gone_supervisor_is_a_control_error(tmp_path: Path) -> None:
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    with pytest.raises(ControlError, match=f"pid {gone.pid} is gone"):
-        reload.request(tmp_path, gone.pid, timeout_s=1)
+    endpoint = Endpoint("demo", tmp_path, gone.pid, str(tmp_path / "control.sock"))
+    with pytest.raises(ControlError, match=f"supervisor pid {gone.pid}.* does not answer"):
+        reload.request(endpoint, timeout_s=1)
 
 
 class FakeRunner:

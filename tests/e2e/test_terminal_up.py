@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import CLI, wait_for
+from conftest import CLI, alive, wait_for
 from harness import free_port_base
 
 pytestmark = pytest.mark.e2e
@@ -78,8 +78,15 @@ class Screen:
     def lines(self) -> list[str]:
         return [line.rstrip() for line in self.text().splitlines() if line.strip()]
 
+    def hang_up(self) -> None:
+        """The terminal goes away (a closed window, a dropped ssh): tmux SIGHUPs what runs in it."""
+        self.tmux("kill-server")
+        self.gone = True
+
     def close(self) -> None:
-        """Ctrl-C first (a killed tmux would SIGHUP the supervisor, which means reload), then the server."""
+        """Ctrl-C first (the orderly stop, whose exit code the shell prints), then the server."""
+        if getattr(self, "gone", False):
+            return
         if "EXIT=" not in self.text():
             self.tmux("send-keys", "C-c")
             wait_for(lambda: "EXIT=" in self.text(), 60, what="up to stop on Ctrl-C")
@@ -171,3 +178,26 @@ def test_without_a_terminal_stderr_is_json_events_and_stdout_the_ready_line(tmp_
     ]
     events = [json.loads(line) for line in err.read_text().splitlines()]
     assert {"process starting", "deployment ready", "deployment stopped"} <= {e["event"] for e in events}
+
+
+def test_closing_the_terminal_stops_everything_and_reload_still_works(screen: Screen, tmp_path: Path) -> None:
+    """On a terminal SIGHUP is a hang-up, not a reload: a closed window must not leave a deployment
+    running unseen. ``reload`` goes over the control socket, so it still works there."""
+    base = free_port_base()
+    screen.start("--set", f"ports.base={base}", "--set", "workers.decode.stop_timeout_s=5")
+    wait_ready(screen)
+    env = {**os.environ, "LMCACHE_SUPERVISE_STATE_ROOT": str(tmp_path / "state")}
+    done = subprocess.run([CLI, "reload", "-d", "demo"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "reloaded demo: nothing changed" in done.stdout, done.stderr
+    status = subprocess.run(
+        [CLI, "status", "-d", "demo", "--json"], env=env, capture_output=True, text=True, timeout=30
+    )
+    pid_file = tmp_path / "state" / "demo" / "supervisor.pid"
+    pids = [int(pid_file.read_text().split()[0])]
+    pids += [p["pid"] for p in json.loads(status.stdout)["processes"] if p["pid"]]
+    assert len(pids) == 4 and all(alive(pid) for pid in pids), pids  # the supervisor and its three
+    screen.hang_up()
+    wait_for(lambda: not any(alive(pid) for pid in pids), 60, what="everything to stop after the hang-up")
+    assert not pid_file.exists()  # an orderly exit lets go of it
+    decode_log = (tmp_path / "state" / "demo" / "logs" / "decode.log").read_text(errors="replace")
+    assert "Received shutdown signal" in decode_log  # SIGTERM and Dynamo's drain, not a SIGKILL
