@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install the Debian packages the test suite uses for real, when missing: redis-server (remote-cache
 # preflight), systemd (systemd-analyze verify of the rendered unit), iproute2 (network namespaces),
-# tmux (the terminal `up` test reads the screen of a real pseudo-terminal).
+# tmux (the terminal `up` test reads the screen of a real pseudo-terminal), openssl (certificates for
+# the two-namespace test's mutual TLS).
 # Needs root for apt-get; without root, say what is missing and let the tests that need it report it.
 set -euo pipefail
 need=()
@@ -9,6 +10,7 @@ command -v redis-server >/dev/null || need+=(redis-server)
 command -v systemd-analyze >/dev/null || need+=(systemd)
 command -v ip >/dev/null || need+=(iproute2)
 command -v tmux >/dev/null || need+=(tmux)  # a real pseudo-terminal for the terminal `up` test
+command -v openssl >/dev/null || need+=(openssl)  # the two-namespace test's cluster certificates
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ]; then
   echo "system-deps: missing ${need[*]}; run 'sudo apt-get install ${need[*]}' (not root, so not installed)" >&2

@@ -8,9 +8,12 @@ the etcd leases expire; starting the worker node again must make the model ready
 
 The cluster transport is authenticated: the head generates the cluster credentials, the test hands
 them to the worker node as the README says (a copy into its state directory, 0600), and an
-anonymous etcd or NATS client from the worker namespace is refused.
+anonymous etcd or NATS client from the worker namespace is refused. With TCP/ZMQ planes the profile
+acknowledges them as open (discovery.insecure_planes); with NATS planes and Dynamo's mutual TLS on
+the frontend's response stream nothing is left open, no acknowledgement is needed, and a TLS client
+without the cluster certificate is refused there ("certificate required").
 
-Needs root and iproute2 (CI runs as root; `make system-deps` installs iproute2). Where namespaces
+Needs root, iproute2 and openssl (CI runs as root; `make system-deps` installs them). Where namespaces
 cannot be made, the test is skipped with the reason; it never passes silently without running.
 """
 
@@ -22,6 +25,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 import uuid
@@ -51,10 +55,6 @@ COMMON = (
     "workers.decode.stop_timeout_s=3",
     "--set",
     "workers.prefill.stop_timeout_s=3",
-    # Dynamo's request plane and response stream cross the veth without authentication: acknowledged
-    # (without it plan/check/up refuse, tests/plan/test_exposure.py).
-    "--set",
-    "discovery.insecure_planes=true",
 )
 READY_URL = f"http://127.0.0.1:{BASE}/v1/models/demo/ready"
 _CLONE_NEWNET = 0x40000000
@@ -117,6 +117,28 @@ class NetnsClient:
                 return conn.recv(4096).decode(errors="replace")
 
         return self._pool.submit(hello).result()
+
+    def tls_client(self, host: str, port: int, pki: Path, *, certificate: bool) -> str:
+        """What a TLS client that trusts the cluster CA gets, with or without the node certificate:
+        "held open" (the server waits for a request) or "refused: ..." (closed on us)."""
+
+        def attempt() -> str:
+            context = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+            if certificate:
+                context.load_cert_chain(pki / "node.pem", pki / "node.key")
+            try:
+                with socket.create_connection((host, port), timeout=5) as raw:
+                    with context.wrap_socket(raw, server_hostname=TLS_NAME) as conn:
+                        # TLS 1.3: the server judges the client's certificate after the handshake.
+                        conn.settimeout(1.0)
+                        data = conn.recv(64)
+                        return f"refused: closed ({data!r})"
+            except TimeoutError:
+                return "held open"
+            except (ssl.SSLError, OSError) as exc:
+                return f"refused: {exc}"
+
+        return self._pool.submit(attempt).result()
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -260,16 +282,57 @@ def assert_never_shown(secrets: dict[str, str], *nodes: Node) -> None:
 
 
 NATS_PLANES = ("--set", "discovery.request_plane=nats", "--set", "discovery.event_plane=nats")
+# The TCP and ZMQ planes cross the veth without authentication: acknowledged (without it plan, check
+# and up refuse: tests/plan/test_exposure.py).
+OPEN_PLANES = ("--set", "discovery.insecure_planes=true")
+TLS_NAME = "lmcs-cluster"  # the certificate's only name: every node checks it via DYN_TCP_TLS_SERVER_NAME
 
 
-@pytest.mark.parametrize("planes", [(), NATS_PLANES], ids=["tcp-zmq-planes", "nats-planes"])
+def make_pki(folder: Path) -> tuple[str, ...]:
+    """A CA and one certificate for every node (server and client use), made with openssl; the
+    profile flags that give Dynamo's TCP planes mutual TLS with them."""
+    if shutil.which("openssl") is None:
+        pytest.skip("two-host test: openssl is missing (`make system-deps` installs it)")
+    folder.mkdir(mode=0o700)
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=folder)
+
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=lmcs-ca")
+    openssl("req", *ec, "-keyout", "node.key", "-out", "node.csr", "-subj", f"/CN={TLS_NAME}")
+    (folder / "ext.cnf").write_text(
+        f"subjectAltName=DNS:{TLS_NAME}\nextendedKeyUsage=serverAuth,clientAuth\nbasicConstraints=CA:FALSE\n"
+    )
+    openssl(
+        "x509", "-req", "-in", "node.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+        "-out", "node.pem", "-days", "2", "-extfile", "ext.cnf",
+    )  # fmt: skip
+    env = {
+        "DYN_TCP_TLS_CERT_PATH": "node.pem",
+        "DYN_TCP_TLS_KEY_PATH": "node.key",
+        "DYN_TCP_TLS_CLIENT_CA_CERT_PATH": "ca.pem",  # the server then requires a client certificate
+        "DYN_TCP_TLS_CA_CERT_PATH": "ca.pem",
+        "DYN_TCP_TLS_CLIENT_CERT_PATH": "node.pem",
+        "DYN_TCP_TLS_CLIENT_KEY_PATH": "node.key",
+    }
+    flags = [f'env.{k}="{folder / v}"' for k, v in env.items()] + [
+        f'env.DYN_TCP_TLS_SERVER_NAME="{TLS_NAME}"'
+    ]
+    return tuple(arg for flag in flags for arg in ("--set", flag))
+
+
+@pytest.mark.parametrize("variant", ["tcp-zmq-planes", "nats-planes-mtls"])
 def test_worker_node_joins_leaves_and_rejoins_the_head(
-    netns_pair: Pair, tmp_path: Path, planes: tuple[str, ...]
+    netns_pair: Pair, tmp_path: Path, variant: str
 ) -> None:
+    """TCP/ZMQ planes, acknowledged as open; or NATS planes (the token) with Dynamo's mutual TLS on
+    the frontend's response stream: nothing left open, so no acknowledgement needed."""
     started = time.monotonic()
     (tmp_path / "head").mkdir()
     (tmp_path / "worker").mkdir()
-    profile = (*COMMON, *planes)
+    planes = (*NATS_PLANES, *make_pki(tmp_path / "pki")) if variant.startswith("nats") else ()
+    profile = (*COMMON, *(planes or OPEN_PLANES))
     head = Node(netns_pair.head, (*profile, "--role", "head", "--advertise", HEAD_IP), tmp_path / "head")
     # No --advertise: the worker node finds its own address as the route toward the head.
     worker = Node(netns_pair.worker, (*profile, "--role", "worker", "--head", HEAD_IP), tmp_path / "worker")
@@ -357,6 +420,31 @@ def test_worker_node_joins_leaves_and_rejoins_the_head(
             status, text = at_head.chat()
             assert status == 200, text
             assert json.loads(text)["usage"]["completion_tokens"] > 0
+        if (
+            planes
+        ):  # the response stream crossed the veth under mutual TLS; a client without a certificate is refused
+            frontend = next(e["pid"] for e in head.events("process running") if e["process"] == "frontend")
+            log = (head.tmp / "state" / "demo" / "logs" / "frontend.log").read_text(errors="replace")
+            assert "client certificates required" in log
+            # psutil reads the socket table of our own namespace: ask ss inside the head's.
+            table = subprocess.run(
+                ["ip", "netns", "exec", netns_pair.head, "ss", "-Htlnp"],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
+            stream = [
+                int(line.split()[3].rsplit(":", 1)[1])
+                for line in table.splitlines()
+                if f"pid={frontend}," in line and line.split()[3].startswith(f"{HEAD_IP}:")
+            ]
+            assert stream, f"the frontend's response stream does not listen on {HEAD_IP}: {table}"
+            for port in stream:
+                pki = tmp_path / "pki"
+                assert at_worker.tls_client(HEAD_IP, port, pki, certificate=True) == "held open"
+                refused = at_worker.tls_client(HEAD_IP, port, pki, certificate=False)
+                assert refused.startswith("refused"), refused
+                print(f"response stream {HEAD_IP}:{port}, no client certificate: {refused}")
         # The workers really are in the other namespace, serving through the veth.
         assert worker.events("process running") and not [
             e for e in head.events("process starting") if e["process"] in ("decode", "prefill")
@@ -384,7 +472,7 @@ def test_worker_node_joins_leaves_and_rejoins_the_head(
         assert status == 200, text
         assert_never_shown(secrets, head, worker)
         print(
-            f"two hosts ({'nats' if planes else 'tcp/zmq'} planes): worker node ready at the head in {ready_s:.1f} s; killed worker node dropped in "
+            f"two hosts ({variant}): worker node ready at the head in {ready_s:.1f} s; killed worker node dropped in "
             f"{dropped_s:.1f} s (lease {LEASE_TTL_S} s); ready again in {again_s:.1f} s; "
             f"whole test {time.monotonic() - started:.1f} s"
         )
