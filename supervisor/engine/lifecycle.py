@@ -109,7 +109,11 @@ class Lifecycles(RunnerCore):
             if healthy_for is not None and healthy_for >= policy.reset_after_s:
                 slot.failed_retries = 0
             if kicked:
+                # An operator's restart (or a rolling reload) is planned, not a crash: like `start`, it
+                # begins a fresh crash-loop history, or a few restarts plus one crash would fail it.
                 slot.restarts += 1
+                slot.starts.clear()
+                slot.attempt = 0
                 self._set(slot, P.WAITING, why)
                 continue
             slot.attempt = next_attempt(policy, slot.attempt, healthy_for)

@@ -155,3 +155,27 @@ async def test_a_bug_in_one_lifecycle_fails_that_process_not_the_supervisor(
         assert status.process("a").state is P.RUNNING
         await runner.restart("a")  # still supervising
         await until(runner, lambda s: s.process("a").state is P.RUNNING and s.process("a").restarts == 1)
+
+
+async def test_planned_restarts_do_not_count_toward_a_crash_loop(make_spec, make_plan) -> None:
+    """Found by scripts/frontends_lb.py: three `restart frontend` and two SIGKILLs within 120 s made
+    five starts, and the frontend was failed as a crash loop. Only unplanned exits count."""
+    policy = RestartPolicy(backoff_initial_s=0.05, jitter=0.0, limit_starts=3, limit_window_s=60.0)
+    rec = Recorder()
+    runner = Runner(make_plan(make_spec("a", restart=policy)))
+    runner.subscribe(rec)
+    async with supervising(runner):
+
+        async def again(act: str) -> None:
+            status = await until(runner, lambda s: s.process("a").state is P.RUNNING)
+            old = status.process("a").pid
+            assert old is not None
+            if act == "restart":
+                await runner.restart("a")
+            else:
+                os.kill(old, signal.SIGKILL)
+            await until(runner, lambda s: s.process("a").state is P.RUNNING and s.process("a").pid != old)
+
+        for act in ["restart"] * 4 + ["kill"] * 2:  # more starts than the limit, two of them crashes
+            await again(act)
+    assert len(rec.process("a", P.STARTING)) == 7 and not rec.process("a", P.FAILED)
