@@ -1,7 +1,7 @@
 """Fault soak: a real ``up demo`` under a steady client while its processes are killed and frozen.
 
     .venv/bin/python scripts/soak.py [--duration 300] [--seed N] [--gap MIN MAX] [--json]
-    .venv/bin/python scripts/soak.py --ha [--kills 10] [--min-requests 1000] [--json]
+    .venv/bin/python scripts/soak.py --ha [--kills 10] [--min-requests 1000] [--targets ...] [--json]
 
 For ``--duration`` seconds, two client threads send small chat requests (5 s timeout) to the demo's
 frontend on loopback, while frontend, decode and prefill are SIGKILLed, or SIGSTOPped and later
@@ -234,11 +234,17 @@ def print_ha(figures: dict[str, Any]) -> None:
         f"{single['failure_window_per_kill_s']} s of errors per SIGKILL)"
     )
     print(
-        f"  demo-ha (2 + 2 replicas, migration 3):        {ha['kills']} SIGKILLs, restart --all, reload: "
+        f"  demo-ha (2 + 2 replicas, migration 3):        {ha['kills']} SIGKILLs "
+        f"({', '.join(ha['targets'])}), restart --all, reload: "
         f"{ha['failed']} of {ha['sent']} requests failed"
     )
     for phase, p in ha["phases"].items():
         print(f"    {phase:<12} {p['seconds']:>6} s  {p['failed']} of {p['sent']} failed")
+    for kill in ha["per_kill"]:
+        if kill["failed"]:
+            print(
+                f"      SIGKILL {kill['target']} at {kill['at_s']} s: {kill['failed']} failed {kill['reasons']}"
+            )
     fe = ha["frontend_restart"]
     print(
         f"  frontend restart (one frontend): {fe['failed']} of {fe['sent']} failed, refusal window "
@@ -266,13 +272,24 @@ def main() -> int:
     )
     parser.add_argument("--kills", type=int, default=10, help="--ha: SIGKILLs of demo-ha worker replicas")
     parser.add_argument("--min-requests", type=int, default=1000, help="--ha: requests the demo-ha run sends")
+    parser.add_argument(
+        "--targets",
+        nargs="+",
+        choices=ha.HA_WORKERS,
+        default=list(ha.HA_WORKERS),
+        metavar="REPLICA",
+        help="--ha: the replicas SIGKILLed in turn (default: decode-0 prefill-0 decode-1 prefill-1; "
+        "e.g. --targets prefill-0 prefill-1)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, state)")
     args = parser.parse_args()
     seed = args.seed if args.seed is not None else int(time.time()) % 100000
     workdir = Path(tempfile.mkdtemp(prefix="lmcache-soak-"))
     if args.ha:
         try:
-            figures = ha.run(workdir, kills=args.kills, min_requests=args.min_requests)
+            figures = ha.run(
+                workdir, kills=args.kills, min_requests=args.min_requests, targets=tuple(args.targets)
+            )
         finally:
             if not args.keep:
                 shutil.rmtree(workdir, ignore_errors=True)

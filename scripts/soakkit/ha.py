@@ -86,7 +86,7 @@ def _cli(
     return time.monotonic() - started, done
 
 
-def _kill_and_recover(dep: Deployment, name: str) -> float:
+def kill_and_recover(dep: Deployment, name: str) -> float:
     """SIGKILL ``name``'s newest incarnation; seconds until it runs again and the frontend counts
     every worker again (so each SIGKILL is one fault, not two replicas of a role down at once)."""
     _, pid = dep.process_state(name)
@@ -139,7 +139,7 @@ def run_single(workdir: Path, *, kills: int, clients: int, settle_s: float) -> d
         start = time.monotonic()
         for i in range(kills):
             name = SINGLE_WORKERS[i % len(SINGLE_WORKERS)]
-            recoveries.append(_kill_and_recover(dep, name))
+            recoveries.append(kill_and_recover(dep, name))
             dep.wait(dep.all_ready, RECOVER_TIMEOUT_S, "the deployment ready again")
             time.sleep(settle_s)  # fixed calm between faults: each outage is counted alone
         outcomes = [o for o in load.stop() if o.started >= start]
@@ -189,7 +189,7 @@ def run_ha(
             for i in range(kills):
                 name = targets[i % len(targets)]
                 at = time.monotonic()
-                recoveries.append(_kill_and_recover(dep, name))
+                recoveries.append(kill_and_recover(dep, name))
                 time.sleep(settle_s)  # fixed gap: the next fault comes once the last one healed
                 kill_windows.append(Window(name, at, time.monotonic()))
             return recoveries
@@ -227,6 +227,7 @@ def run_ha(
     return {
         "profile": "demo-ha",
         "kills": kills,
+        "targets": list(targets),
         **summary(outcomes),
         "phases": {
             w.name: {**summary(in_window(outcomes, w)), "seconds": round(w.end - w.start, 1)} for w in windows
@@ -264,10 +265,13 @@ def run(
     clients: int = 4,
     min_requests: int = 1000,
     settle_s: float = 1.5,
+    targets: tuple[str, ...] = HA_WORKERS,
 ) -> dict[str, Any]:
     """Both deployments, one after the other (never at once: they would share two CPU cores)."""
     single = run_single(workdir, kills=single_kills, clients=clients, settle_s=settle_s)
-    ha = run_ha(workdir, kills=kills, clients=clients, min_requests=min_requests, settle_s=settle_s)
+    ha = run_ha(
+        workdir, kills=kills, clients=clients, min_requests=min_requests, settle_s=settle_s, targets=targets
+    )
     problems = []
     if ha["failed"]:
         problems.append(f"demo-ha: {ha['failed']} of {ha['sent']} requests failed: {ha['reasons']}")

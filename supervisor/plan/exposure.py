@@ -17,8 +17,8 @@ running; README, "Several machines"):
 A plan that binds any of them beyond loopback is refused unless the profile acknowledges it
 (``discovery.insecure_planes = true``, or ``discovery.insecure = true`` which opens everything);
 the acknowledged list then goes into the plan, for ``plan`` and the ``transport`` check to show.
-Not gated because the plan cannot move them: Dynamo binds its event-plane ZMQ publishers and the
-mocker's prefill bootstrap port to all interfaces whatever the environment says (README, "Known limits").
+Not gated because the plan cannot move them: Dynamo binds its event-plane ZMQ publishers to all
+interfaces whatever the environment says (README, "Known limits").
 The frontend's HTTP API (``frontend.host``) and the supervisor's metrics (``supervisor.metrics_host``)
 are the endpoints a deployment serves on purpose, each under its own key: they are not gated here.
 """

@@ -39,7 +39,6 @@ METRICS_OFFSET = 90
 NIXL_OFFSET = 200
 NIXL_BLOCK = 16  # NIXL side-channel ports per worker: vLLM adds the DP index (and rank) to the base
 KV_EVENTS_OFFSET = 500
-BOOTSTRAP_OFFSET = 600
 SYSTEM_PORT_MAX = 32767  # Dynamo parses DYN_SYSTEM_PORT as a signed 16-bit number
 
 READY_TIMEOUT_S = {"vllm": 1800.0, "mocker": 60.0}
@@ -385,10 +384,11 @@ def _worker(
             "--disaggregation-mode",
             worker.role,
         ]
-        if worker.role == "prefill":
-            boot = ports.claim(base + BOOTSTRAP_OFFSET + index, f"{name}.bootstrap", "ports.base")
-            port_map["bootstrap"] = boot
-            argv += ["--bootstrap-ports", str(boot)]
+        # No --bootstrap-ports: the mocker stands in for vLLM, whose prefill leg ends before the frontend
+        # starts the decode leg. With the mocker's bootstrap rendezvous (SGLang's way) both legs run at
+        # once under one request id, and Dynamo 1.6.1 fails requests when a prefill replica dies: the
+        # migrated retry finds the first attempt's leg "already active" on a live replica, the frontend
+        # takes that for a dead one and 503s everything for up to 5 s (docs/reliability.md).
         # The mocker registers no health payload: without this its /health stays 503 forever.
         env["DYN_SYSTEM_STARTING_HEALTH_STATUS"] = "ready"
         budget = STARTUP_BUDGET_S["mocker"]

@@ -35,7 +35,8 @@ MANAGED_FLAGS = {
         "--connector": "lmcache (Dynamo 1.6.1 rejects --connector)",
         "--tensor-parallel-size": "workers.<name>.tensor_parallel_size",
         "--gpu-memory-utilization": "workers.<name>.gpu_memory_utilization",
-        "--bootstrap-ports": "ports.base",
+        "--bootstrap-ports": "nothing: the mocker's bootstrap rendezvous stays off (with it Dynamo 1.6.1 "
+        "fails the requests of a prefill replica that dies; docs/reliability.md)",
         "--kv-events-config": "frontend.router_mode",
     },
 }

@@ -15,8 +15,8 @@ from conftest import CLI
 from supervisor.host.facts import port_facts
 from supervisor.host.gpu import NO_DRIVER, gpu_facts
 
-# Offsets from ports.base that the built-in profiles bind (frontend, health ports, metrics, NIXL, bootstrap).
-OFFSETS = (0, 81, 82, 90, 200, 216, 601)
+# Offsets from ports.base that the built-in profiles bind (frontend, health ports, metrics, NIXL).
+OFFSETS = (0, 81, 82, 90, 200, 216)
 
 
 def free_base() -> int:

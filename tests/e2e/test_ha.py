@@ -1,9 +1,12 @@
 """Service availability with the real Dynamo frontend and mocker replicas (profile demo-ha).
 
-- SIGKILLs of decode replicas, ``restart --all`` and a reload that changes every worker, under
+- SIGKILLs of decode and prefill replicas, ``restart --all`` and a reload that changes every worker, under
   four streaming clients: the rolling operations cost no request (one replica of each role keeps
   serving) and migration moves the requests in flight on a killed replica. The same run measures a frontend restart, so
   the client is shown to see an outage when there is one.
+- SIGKILLs of prefill replicas while requests sit in their prefill stage on them: Dynamo moves each
+  such request to the other prefill replica (the mocker runs the synchronous KV handoff vLLM uses;
+  with its bootstrap rendezvous these requests, and everything for seconds after, failed with 503).
 - A replica whose command exits at once crash-loops, is FAILED and waits out its long retry while
   the other replicas serve: requests keep succeeding and ``up`` keeps running.
 The long version with a thousand requests and ten SIGKILLs is ``scripts/soak.py --ha``.
@@ -28,11 +31,9 @@ PROFILES = Path(__file__).resolve().parents[2] / "profiles"
 
 
 def test_kills_rolling_restart_and_rolling_reload_cost_no_request(tmp_path: Path) -> None:
-    # Decode replicas only: a request in its prefill stage on a prefill replica that is SIGKILLed
-    # can fail (Dynamo 1.6.1 answers 503; scripts/soak.py --ha measures it, docs/reliability.md).
-    figures = ha.run_ha(
-        tmp_path, kills=4, clients=4, min_requests=200, settle_s=1.0, targets=("decode-0", "decode-1")
-    )
+    # decode-0, prefill-0, decode-1, prefill-1 (the prefill stage is short here: the next test makes
+    # sure a prefill SIGKILL catches requests in it)
+    figures = ha.run_ha(tmp_path, kills=4, clients=4, min_requests=200, settle_s=1.0)
     print(json.dumps(figures, indent=2))  # shown by pytest on failure
     phases = figures["phases"]
     assert all(phases[p]["sent"] > 0 for p in ("sigkill", "restart_all", "reload")), phases
@@ -52,6 +53,34 @@ def test_kills_rolling_restart_and_rolling_reload_cost_no_request(tmp_path: Path
     # One frontend is a single point of failure: the same client does see that outage.
     frontend = figures["frontend_restart"]
     assert frontend["exit"] == 0 and frontend["failed"] > 0 and frontend["refusal_window_s"] > 0
+
+
+def test_sigkilled_prefill_replicas_cost_no_request(tmp_path: Path) -> None:
+    # Prefill 20x slower than the demo's, so that every SIGKILL catches requests in their prefill
+    # stage on the replica (with the demo's prefill of a few ms, most kills would hit none).
+    profile = tmp_path / "ha-prefill.toml"
+    profile.write_text(
+        f'extends = "{PROFILES / "demo-ha.toml"}"\nname = "ha-prefill"\n'
+        '[workers.prefill]\nargs = ["--speedup-ratio", "0.05"]\n'
+    )
+    dep = Deployment(tmp_path, profile=str(profile), name="ha-prefill", names=("frontend", *ha.HA_WORKERS))
+    with dep:
+        dep.wait_ready()
+        with StreamLoad(dep.url, model="demo", clients=4) as load:
+            assert load.wait_sent(20, 60)
+            for name in ("prefill-0", "prefill-1", "prefill-0", "prefill-1"):
+                ha.kill_and_recover(dep, name)
+            sent = load.counts()[0]
+            assert load.wait_sent(sent + 20, 60)  # traffic after the last recovery passes too
+        outcomes = load.outcomes()
+        frontend_log = (dep.state_dir / "logs" / "frontend.log").read_text(errors="replace")
+        assert dep.stop() == 0, dep.stderr[-2000:]
+    # The kills did hit requests in their prefill stage, and Dynamo moved them (migration, not luck).
+    moved = [
+        line for line in frontend_log.splitlines() if "dynamo_llm::migration" in line and "Prefill" in line
+    ]
+    assert moved, "no request was in its prefill stage on a killed replica: the test proved nothing"
+    assert summary(outcomes)["failed"] == 0, summary(outcomes)
 
 
 def crashing_python(script: Path, port: int) -> None:

@@ -168,7 +168,8 @@ def test_demo_is_mocker_on_loopback_with_local_model() -> None:
         assert not spec.loads_lmcache
     assert flag(decode.argv, "--disaggregation-mode") == "decode"
     assert flag(prefill.argv, "--disaggregation-mode") == "prefill"
-    assert int(flag(prefill.argv, "--bootstrap-ports")) == prefill.ports["bootstrap"]
+    # Dynamo's synchronous KV handoff, as with vLLM: no bootstrap rendezvous (docs/reliability.md)
+    assert "--bootstrap-ports" not in prefill.argv and "bootstrap" not in prefill.ports
     assert [dep.name for dep in prefill.depends_on if dep.condition is Condition.HEALTHY] == ["decode"]
 
 

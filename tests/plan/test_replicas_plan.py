@@ -34,7 +34,7 @@ def test_demo_ha_plans_each_replica_with_its_own_ports_dirs_and_logs() -> None:
     workers = [plan.process(n) for n in WORKERS]
     assert [s.group for s in workers] == ["decode", "decode", "prefill", "prefill"]
     assert [s.ports["system"] for s in workers] == [18281, 18282, 18283, 18284]
-    assert [s.ports.get("bootstrap") for s in workers] == [None, None, 18802, 18803]
+    assert [set(s.ports) for s in workers] == [{"system"}] * 4  # no bootstrap rendezvous port
     assert len({s.multiproc_dir for s in plan.processes}) == len({s.log_file for s in plan.processes}) == 5
     assert workers[2].log_file.endswith("/logs/prefill-0.log")
     # prefill waits for ONE healthy decode (min_ready), not for both

@@ -160,7 +160,7 @@ def test_mocker_plan_requests_no_gpu_no_remote_and_every_port() -> None:
     plan = render("demo")
     req = facts_request(plan)
     assert req.gpus is False and req.remotes == () and req.etcd == ()
-    assert set(req.ports) == {("127.0.0.1", p) for p in (18000, 18081, 18082, 18601, 18090)}
+    assert set(req.ports) == {("127.0.0.1", p) for p in (18000, 18081, 18082, 18090)}
     assert req.interpreters[0].modules == ("dynamo",) and not req.interpreters[0].native
     assert req.model is not None and req.model.local and ("HF_HUB_OFFLINE", "1") in req.model.env
 

@@ -133,6 +133,13 @@ CASES = [
         "workers.decode.args: --connector is set by the supervisor",
     ),
     (
+        "mocker-bootstrap-rendezvous",
+        DEMO_EXTENDS + '[workers.prefill]\nargs = ["--bootstrap-ports", "18601"]\n',
+        [],
+        "workers.prefill.args: --bootstrap-ports is set by the supervisor; use nothing: the mocker's "
+        "bootstrap rendezvous stays off",
+    ),
+    (
         "managed-env",
         DEMO_EXTENDS + '[workers.decode.env]\nPROMETHEUS_MULTIPROC_DIR = "/tmp/shared"\n',
         [],
