@@ -48,9 +48,8 @@ FAST_WINDOW_S = 120.0
 OWNER_RECHECK_S = 30.0
 _MISSING = object()
 _owner_verified: dict[tuple[int, int], float] = {}
-#: How long a stranger's name for a port is reused (one probe tick's worth of staleness, and more).
+#: How old the host's socket table may be when it names a port's stranger (ports.snapshot).
 STRANGER_CACHE_S = 1.0
-_stranger_seen: dict[int, tuple[float, str]] = {}
 
 
 @dataclass(frozen=True)
@@ -93,21 +92,12 @@ def port_owned_by_tree(port: int, pid: int) -> tuple[bool, str | None]:
 
 def _stranger(port: int) -> str:
     """Best-effort name of whoever listens on ``port`` (only for the error message). The host's
-    socket table is read at most once per :data:`STRANGER_CACHE_S` per port: a worker whose port is
-    taken is probed every 0.1 s while it starts, and the answer changes rarely."""
-    now = time.monotonic()
-    cached = _stranger_seen.get(port)
-    if cached is not None and now - cached[0] < STRANGER_CACHE_S:
-        return cached[1]
-    held = ports.holder(port)
+    socket table is read at most once per :data:`STRANGER_CACHE_S` for all ports together: a worker
+    whose port is taken is probed every 0.1 s while it starts, and the answer changes rarely."""
+    held = ports.holder(port, table=ports.snapshot(STRANGER_CACHE_S))
     if held is None:
-        text = "nobody listens there"
-    else:
-        text = f"held by pid {held.pid}" if held.pid else "held by another user's process"
-    if len(_stranger_seen) > 1024:
-        _stranger_seen.clear()
-    _stranger_seen[port] = (now, text)
-    return text
+        return "nobody listens there"
+    return f"held by pid {held.pid}" if held.pid else "held by another user's process"
 
 
 def _json_field(payload: Any, dotted: str) -> Any:

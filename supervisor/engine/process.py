@@ -41,6 +41,7 @@ import anyio
 import anyio.abc
 import psutil
 
+from supervisor.engine import proctree
 from supervisor.engine.proctree import descendants
 from supervisor.engine.states import ExitInfo
 from supervisor.errors import StartError, StateDirError
@@ -176,8 +177,9 @@ def group_members(pgid: int) -> list[int]:
     """Live (non-zombie) processes in group ``pgid``.
 
     ``killpg(pgid, 0)`` answers the common case (empty group) in one syscall. Only when it
-    succeeds is /proc scanned, because zombies count for ``kill`` and an init that reaps
-    lazily (this box's reaps every ~1 s) would otherwise make an empty group look alive.
+    succeeds is /proc consulted (a walk shared per tick: proctree.groups), because zombies count
+    for ``kill`` and an init that reaps lazily (this box's reaps every ~1 s) would otherwise make
+    an empty group look alive.
     """
     try:
         os.killpg(pgid, 0)
@@ -185,19 +187,10 @@ def group_members(pgid: int) -> list[int]:
         return []
     except PermissionError:
         pass
-    members = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as fh:
-                stat = fh.read()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(b")") + 2 :].split()
-        if int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
-            members.append(int(entry))
-    return members
+    members = proctree.groups().get(pgid)
+    if members is None:  # the shared walk predates this group: look again
+        members = proctree.groups(max_age_s=0).get(pgid, [])
+    return list(members)
 
 
 def signal_group(pgid: int, sig: int) -> bool:

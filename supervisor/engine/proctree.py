@@ -11,8 +11,18 @@ reparented during the walk may be missed, as with any walk of /proc.
 from __future__ import annotations
 
 import os
+import threading
+import time
+from collections.abc import Mapping
 
 import psutil
+
+#: How long one walk of /proc answers every caller: the stops of a whole deployment poll their
+#: groups every 2-50 ms, each from a worker thread; within one tick they share a single walk.
+TICK_S = 0.01
+_walk_lock = threading.Lock()
+_last_walk: tuple[float, dict[int, list[int]]] = (-1.0, {})
+walks = 0  # how many walks were made (the test reads it)
 
 
 def descendants(pid: int) -> list[int]:
@@ -52,6 +62,36 @@ def _descendants_by_psutil(pid: int) -> list[int]:
         return [child.pid for child in psutil.Process(pid).children(recursive=True)]
     except psutil.Error:
         return []
+
+
+def groups(max_age_s: float = TICK_S) -> Mapping[int, list[int]]:
+    """Live (non-zombie) pids of each process group, from a walk of /proc at most ``max_age_s`` old;
+    a group whose processes are all zombies maps to []; one made after the walk is absent.
+
+    Thread-safe: callers that arrive while a walk runs wait for it and share it. The walk reads one
+    stat file per process on the host (milliseconds with thousands), so N groups polled at once cost
+    one walk per tick instead of N."""
+    global _last_walk, walks
+    with _walk_lock:
+        taken, found = _last_walk
+        if time.monotonic() - taken <= max_age_s:
+            return found
+        found = {}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as fh:
+                    stat = fh.read()
+            except OSError:
+                continue
+            fields = stat[stat.rfind(b")") + 2 :].split()
+            members = found.setdefault(int(fields[2]), [])  # a group of zombies only: seen, empty
+            if fields[0] not in (b"Z", b"X"):
+                members.append(int(entry))
+        walks += 1
+        _last_walk = (time.monotonic(), found)
+        return found
 
 
 #: The kernel's one-letter task states (/proc/<pid>/stat, third field) that matter when a process

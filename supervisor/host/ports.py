@@ -2,11 +2,14 @@
 
 Preflight names the holder of a port it cannot bind, the probes name a stranger answering on a
 child's health port, and ``status`` attributes "Address already in use" hints; all of them ask
-here. One scan of the table serves every port asked about in one pass (:func:`listeners`).
+here. One scan of the table serves every port asked about in one pass (:func:`listeners`), or,
+for the probes, every port asked about within a second (:func:`snapshot`).
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -33,6 +36,22 @@ def listeners() -> list[Listener]:
     return [
         Listener(c.laddr.port, c.laddr.ip, c.pid) for c in conns if c.status == psutil.CONN_LISTEN and c.laddr
     ]
+
+
+_table_lock = threading.Lock()
+_table: tuple[float, list[Listener]] = (-1.0, [])
+
+
+def snapshot(max_age_s: float) -> list[Listener]:
+    """:func:`listeners`, from a scan at most ``max_age_s`` old: every port asked about in that
+    time shares one read of the table (thread-safe; a caller arriving during a scan waits for it)."""
+    global _table
+    with _table_lock:
+        taken, table = _table
+        if time.monotonic() - taken > max_age_s:
+            table = listeners()
+            _table = (time.monotonic(), table)
+        return table
 
 
 def holder(port: int, *, host: str | None = None, table: Iterable[Listener] | None = None) -> Listener | None:

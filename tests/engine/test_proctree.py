@@ -7,12 +7,14 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 import pytest
 from conftest import wait_for
 
 from supervisor.engine import proctree
+from supervisor.engine.process import group_members
 
 # A child that starts a grandchild (which starts a great-grandchild) and one in a session of its own.
 TREE = """
@@ -63,3 +65,52 @@ def test_a_gone_process_has_no_descendants() -> None:
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
     )
     assert proctree.descendants(int(done.stdout)) == []
+
+
+# ---- the group walk shared per tick (proctree.groups, process.group_members) ----
+
+
+@pytest.fixture
+def session() -> Iterator[subprocess.Popen[bytes]]:
+    """A process leading a group of its own (a real stop would be waiting for it)."""
+    proc = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_groups_polled_at_once_share_one_walk_per_tick(session: subprocess.Popen[bytes]) -> None:
+    """Eight stops polling their groups from worker threads, as a deployment's shutdown does:
+    within a tick they share one walk of /proc, and each gets its own group's members."""
+    calls = 8 * 25
+    before = proctree.walks
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        answers = list(pool.map(lambda _: group_members(session.pid), range(calls)))
+    walks = proctree.walks - before
+    assert all(answer == [session.pid] for answer in answers), answers
+    assert 1 <= walks < calls / 4, f"{walks} walks of /proc for {calls} polls"
+
+
+def test_a_group_newer_than_the_shared_walk_is_still_seen() -> None:
+    proctree.groups(max_age_s=0)  # a fresh walk, taken before the group exists
+    proc = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        assert group_members(proc.pid) == [proc.pid]  # not an empty group from the stale walk
+    finally:
+        proc.kill()
+        proc.wait()
+    assert group_members(proc.pid) == []
+
+
+def test_a_group_of_zombies_is_empty() -> None:
+    """killpg still finds a group whose processes are unreaped zombies; the walk says it is empty."""
+    proc = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        os.kill(proc.pid, signal.SIGKILL)
+        wait_for(lambda: psutil.Process(proc.pid).status() == psutil.STATUS_ZOMBIE, 5, what="a zombie")
+        os.killpg(proc.pid, 0)  # the group still exists for kill(2)
+        assert group_members(proc.pid) == []
+    finally:
+        proc.wait()

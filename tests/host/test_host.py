@@ -19,6 +19,7 @@ from conftest import wait_for
 from proctools import free_port
 
 from supervisor.host import facts as host
+from supervisor.host import ports
 from supervisor.host.facts import FactsRequest, InterpreterRequest, ModelRequest
 from supervisor.host.redis import RemoteTarget, probe_remote
 from supervisor.preflight.needs import parse_remote_url
@@ -348,3 +349,17 @@ def test_lmcache_config_files_are_read_as_lmcache_reads_them(tmp_path: Path) -> 
     assert host.lmcache_file_facts(str(tmp_path / "empty.yaml"), None).problem  # absent too
     (tmp_path / "empty.yaml").write_text("")
     assert host.lmcache_file_facts(str(tmp_path / "empty.yaml"), None).values == ()
+
+
+def test_one_socket_table_scan_serves_every_port_asked_about_within_its_age() -> None:
+    """ports.snapshot: the probes' stranger check reads the host's table at most once per period
+    for all ports together, and sees a new listener once the period is over."""
+    first = ports.snapshot(max_age_s=0)
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        cached = ports.snapshot(max_age_s=60)
+        assert cached is first and ports.holder(port, table=cached) is None  # the earlier scan
+        fresh = ports.snapshot(max_age_s=0)
+        held = ports.holder(port, table=fresh)
+        assert held is not None and held.pid == os.getpid()
+        assert ports.snapshot(max_age_s=60) is fresh
