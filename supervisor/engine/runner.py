@@ -115,6 +115,8 @@ class Runner(Lifecycles):
             if slot is not None and not self._shutdown.is_set():
                 if slot.state in (P.FAILED, P.BACKOFF):
                     await self._end_lifecycle(slot)
+                    if slot.state.is_live:  # the backoff ran out while it ended: that child goes
+                        await self._stop_child(slot, "start requested")
                 self._start_fresh(slot)
 
     async def restart(self, name: str) -> None:
