@@ -95,6 +95,18 @@ def test_mutual_tls_and_nats_planes_need_no_acknowledgement() -> None:
     assert "response-stream" in refusal(*ETCD, *NATS_PLANES, *MTLS[:2], role="head")
 
 
+@pytest.mark.parametrize("command", ["check", "up"])
+def test_check_and_up_refuse_before_anything_runs(tmp_path: Path, command: str) -> None:
+    env = {"LMCACHE_SUPERVISE_STATE_ROOT": str(tmp_path)}
+    args = [command, "demo", "--set", 'ports.host="0.0.0.0"']
+    refused = CliRunner().invoke(main, args, env=env)
+    assert refused.exit_code == EXIT_BAD_INPUT and "Traceback" not in refused.output, refused.output
+    assert (
+        "discovery.insecure_planes: " in refused.output and "set ports.host to a loopback" in refused.output
+    )
+    assert not (tmp_path / "demo" / "logs").exists()  # nothing was started
+
+
 def test_plan_refuses_on_one_line_and_shows_the_acknowledged_listeners(tmp_path: Path) -> None:
     env = {"LMCACHE_SUPERVISE_STATE_ROOT": str(tmp_path)}
     args = ["plan", "demo", "--set", "discovery.backend=etcd", "--role", "head", "--advertise", HEAD]
