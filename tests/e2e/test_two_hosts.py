@@ -9,11 +9,14 @@ the etcd leases expire; starting the worker node again must make the model ready
 The cluster transport is authenticated: the head generates the cluster credentials, the test hands
 them to the worker node as the README says (a copy into its state directory, 0600), and an
 anonymous etcd or NATS client from the worker namespace is refused. With TCP/ZMQ planes the profile
-acknowledges them as open (discovery.insecure_planes); with NATS planes and Dynamo's mutual TLS on
-the frontend's response stream nothing is left open, no acknowledgement is needed, and a TLS client
+acknowledges them as open (discovery.insecure_planes) and each node runs the README's firewall rule
+(read from README.md: nftables on the head, iptables on the worker node, each allowing only the
+other node): the deployment works under it, and from a second address on the link every listener
+beyond loopback times out but the head's API. With NATS planes and Dynamo's mutual TLS on the
+frontend's response stream nothing is left open, no acknowledgement is needed, and a TLS client
 without the cluster certificate is refused there ("certificate required").
 
-Needs root, iproute2 and openssl (CI runs as root; `make system-deps` installs them). Where namespaces
+Needs root, iproute2, openssl, nftables and iptables (CI runs as root; `make system-deps` installs them). Where namespaces
 cannot be made, the test is skipped with the reason; it never passes silently without running.
 """
 
@@ -38,9 +41,13 @@ import httpx
 import psutil
 import pytest
 from conftest import CLI, MARKER, SESSION, reap_marked, wait_for
+from netfilter import probe, readme_rule
 
 pytestmark = pytest.mark.e2e
 HEAD_IP, WORKER_IP = "10.213.0.1", "10.213.0.2"
+# A second address on each namespace's link that the other node's firewall does not allow: a
+# stranger on the same network (a /32, so each node's own route keeps its first address).
+STRANGER_AT_WORKER, STRANGER_AT_HEAD = "10.213.0.3", "10.213.0.4"
 BASE = 21000  # fresh namespaces: every port is free there
 LEASE_TTL_S = 3  # how long a SIGKILLed worker's registration outlives it (discovery.lease_ttl_s)
 COMMON = (
@@ -68,13 +75,13 @@ def ip(*args: str) -> None:
 
 
 class NetnsClient:
-    """HTTP from inside a network namespace: one thread that entered it with setns(2).
+    """HTTP and TCP from inside a network namespace: threads that entered it with setns(2).
 
     A network namespace switch applies to the calling thread only, so the test process itself
-    stays where it is; every request runs on that one thread."""
+    stays where it is; every request runs on one of those threads."""
 
     def __init__(self, netns: str) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, initializer=self._enter, initargs=(netns,))
+        self._pool = ThreadPoolExecutor(max_workers=8, initializer=self._enter, initargs=(netns,))
 
     @staticmethod
     def _enter(netns: str) -> None:
@@ -140,6 +147,12 @@ class NetnsClient:
 
         return self._pool.submit(attempt).result()
 
+    def connect(self, host: str, ports: list[int], *, source: str, timeout: float = 1.0) -> dict[int, str]:
+        """Per port, a TCP connection from ``source``: "connected", "refused" or "timed out"
+        (netfilter.probe), all at once (the pool's threads are all in the namespace)."""
+        tries = {port: self._pool.submit(probe, host, port, source=source, timeout=timeout) for port in ports}
+        return {port: attempt.result() for port, attempt in tries.items()}
+
     def close(self) -> None:
         self._pool.shutdown(wait=True)
 
@@ -148,6 +161,8 @@ class NetnsClient:
 class Pair:
     head: str
     worker: str
+    head_dev: str
+    worker_dev: str
 
 
 @pytest.fixture
@@ -158,7 +173,9 @@ def netns_pair() -> Iterator[Pair]:
     if shutil.which("ip") is None:
         pytest.skip("two-host test: iproute2's `ip` is missing (`make system-deps` installs it)")
     tag = uuid.uuid4().hex[:6]
-    pair = Pair(head=f"lmcs-head-{tag}", worker=f"lmcs-worker-{tag}")
+    pair = Pair(
+        head=f"lmcs-head-{tag}", worker=f"lmcs-worker-{tag}", head_dev=f"lmh{tag}", worker_dev=f"lmw{tag}"
+    )
     made: list[str] = []
     try:
         for name in (pair.head, pair.worker):
@@ -283,9 +300,36 @@ def assert_never_shown(secrets: dict[str, str], *nodes: Node) -> None:
 
 NATS_PLANES = ("--set", "discovery.request_plane=nats", "--set", "discovery.event_plane=nats")
 # The TCP and ZMQ planes cross the veth without authentication: acknowledged (without it plan, check
-# and up refuse: tests/plan/test_exposure.py).
-OPEN_PLANES = ("--set", "discovery.insecure_planes=true")
+# and up refuse: tests/plan/test_exposure.py), and firewalled on the head with the README's rule, which
+# opens the API to anyone: the frontend listens beyond loopback so that a stranger can reach it.
+OPEN_PLANES = ("--set", "discovery.insecure_planes=true", "--set", "frontend.host=0.0.0.0")
 TLS_NAME = "lmcs-cluster"  # the certificate's only name: every node checks it via DYN_TCP_TLS_SERVER_NAME
+
+
+def load_readme_firewall(netns: str, tool: str, node: str) -> None:
+    """The README's rule for ``tool`` ("nft" or "iptables") in ``netns``, with ``node`` as the only
+    other node and the frontend's port as the API. The rules live and die with the namespace."""
+    if shutil.which(tool) is None:
+        pytest.skip(f"two-host test: `{tool}` is missing (`make system-deps` installs it)")
+    for command in readme_rule(tool, f"{node}/32", BASE):
+        done = subprocess.run(
+            ["ip", "netns", "exec", netns, *command], check=False, capture_output=True, text=True
+        )
+        assert done.returncode == 0, f"{' '.join(command)}: {done.stderr.strip()}"
+
+
+def listening_beyond_loopback(netns: str, proto: str) -> dict[int, str]:
+    """The ports on which something listens in ``netns`` on an address other than loopback
+    (``proto``: "t" for TCP, "u" for UDP), each with its line from ss."""
+    table = subprocess.run(
+        ["ip", "netns", "exec", netns, "ss", f"-H{proto}lnp"], check=True, capture_output=True, text=True
+    ).stdout
+    found = {}
+    for line in table.splitlines():
+        address, port = line.split()[3].rsplit(":", 1)
+        if address not in ("127.0.0.1", "[::1]") and not address.startswith("127."):
+            found[int(port)] = line
+    return found
 
 
 def make_pki(folder: Path) -> tuple[str, ...]:
@@ -333,6 +377,14 @@ def test_worker_node_joins_leaves_and_rejoins_the_head(
     (tmp_path / "worker").mkdir()
     planes = (*NATS_PLANES, *make_pki(tmp_path / "pki")) if variant.startswith("nats") else ()
     profile = (*COMMON, *(planes or OPEN_PLANES))
+    firewall = (
+        not planes
+    )  # the open planes get the README's rules: nftables on the head, iptables on the worker
+    if firewall:
+        load_readme_firewall(netns_pair.head, "nft", WORKER_IP)
+        load_readme_firewall(netns_pair.worker, "iptables", HEAD_IP)
+        ip("-n", netns_pair.worker, "addr", "add", f"{STRANGER_AT_WORKER}/32", "dev", netns_pair.worker_dev)
+        ip("-n", netns_pair.head, "addr", "add", f"{STRANGER_AT_HEAD}/32", "dev", netns_pair.head_dev)
     head = Node(netns_pair.head, (*profile, "--role", "head", "--advertise", HEAD_IP), tmp_path / "head")
     # No --advertise: the worker node finds its own address as the route toward the head.
     worker = Node(netns_pair.worker, (*profile, "--role", "worker", "--head", HEAD_IP), tmp_path / "worker")
@@ -445,6 +497,28 @@ def test_worker_node_joins_leaves_and_rejoins_the_head(
                 refused = at_worker.tls_client(HEAD_IP, port, pki, certificate=False)
                 assert refused.startswith("refused"), refused
                 print(f"response stream {HEAD_IP}:{port}, no client certificate: {refused}")
+        if firewall:  # served under the rules; a stranger reaches the head's API and nothing else
+            seen = {}
+            for netns, node_ip, client, allowed, stranger in (
+                (netns_pair.head, HEAD_IP, at_worker, WORKER_IP, STRANGER_AT_WORKER),
+                (netns_pair.worker, WORKER_IP, at_head, HEAD_IP, STRANGER_AT_HEAD),
+            ):
+                assert not listening_beyond_loopback(netns, "u"), (
+                    f"{netns}: UDP beyond loopback, the rule drops TCP only"
+                )
+                exposed = listening_beyond_loopback(netns, "t")
+                print(f"{netns} listens beyond loopback:", *exposed.values(), sep="\n")
+                ports = sorted(exposed)
+                seen[node_ip] = (
+                    client.connect(node_ip, ports, source=allowed),
+                    client.connect(node_ip, ports, source=stranger),
+                )
+            print("from the other node, from a stranger:", seen)
+            (head_node, head_stranger), (worker_node, worker_stranger) = seen[HEAD_IP], seen[WORKER_IP]
+            assert {BASE, BASE + 379} <= head_node.keys() and len(worker_node) >= 2, seen
+            assert set(head_node.values()) == set(worker_node.values()) == {"connected"}, seen
+            assert head_stranger.pop(BASE) == "connected", seen  # the API the rule opens
+            assert set(head_stranger.values()) == set(worker_stranger.values()) == {"timed out"}, seen
         # The workers really are in the other namespace, serving through the veth.
         assert worker.events("process running") and not [
             e for e in head.events("process starting") if e["process"] in ("decode", "prefill")
