@@ -14,7 +14,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
@@ -88,26 +88,35 @@ def _needs_tls(plan: Plan) -> bool:
     return any(url.startswith("https:") for url in urls)
 
 
+class LazyHttpClient:
+    """Stands in for an ``httpx.AsyncClient``, made on its first use: only HTTPS checks and etcd-auth
+    need one (plain HTTP goes through ``probe_http``), and importing httpx costs ~50 ms of CPU that
+    would otherwise land while the children start."""
+
+    def __init__(self, *, verify: bool) -> None:
+        self._verify = verify
+        self._real: httpx.AsyncClient | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._real is None:
+            import httpx
+
+            self._real = httpx.AsyncClient(trust_env=False, verify=self._verify)
+        return getattr(self._real, name)
+
+    async def aclose(self) -> None:
+        if self._real is not None:
+            await self._real.aclose()
+            self._real = None
+
+
 class RunnerCore:
     """Process slots and state changes; see :class:`~supervisor.engine.runner.Runner` for the API."""
 
     # Set by Runner.serve while it runs (the guardian, the task group).
     _guardian: Guardian
     _tg: anyio.abc.TaskGroup
-    _http: httpx.AsyncClient | None = None
-
-    @property
-    def _client(self) -> httpx.AsyncClient:
-        """The HTTP client of the gate, the smoke request and HTTPS probes, made on first use.
-
-        Importing httpx costs ~50 ms that would otherwise come before the first spawn; plain-HTTP
-        health probes never need it (``probe_http``). ``Runner.serve`` closes it.
-        """
-        if self._http is None:
-            import httpx
-
-            self._http = httpx.AsyncClient(trust_env=False, verify=_needs_tls(self.plan))
-        return self._http
+    _client: httpx.AsyncClient  # a LazyHttpClient: httpx is imported only if a check needs it
 
     def __init__(
         self,

@@ -1,7 +1,8 @@
-"""A lean HTTP GET for health probes: a fresh connection per check, a non-blocking socket, no pool.
+"""A lean HTTP client for health probes, the deployment gate and its smoke request: a fresh
+connection per check, a non-blocking socket, no pool. httpx serves only ``https://`` checks.
 
-Why not httpx here (the deployment gate and the smoke request still use it): its connection pool
-walks every pooled connection on each request, and its lock set-up retries a failing
+Why not httpx here: importing it costs ~50 ms of CPU, which would land while the children start;
+its connection pool walks every pooled connection on each request, and its lock set-up retries a failing
 ``import sniffio`` on every request where sniffio is not installed, so each probe cost about
 1-2 ms of CPU and grew with the number of children: 128 idle children with the default probes
 took ~10 % of a core (``scripts/bench.py``), against ~2 % this way. Kubernetes' kubelet probes the
@@ -102,6 +103,13 @@ async def get(url: str, *, timeout_s: float) -> tuple[int, bytes]:
     Raises TimeoutError (no connection in time), :class:`NoAnswer` (connected, no whole answer in
     time), OSError (refused, unreachable, reset) or ValueError (not HTTP, or cut short).
     """
+    return await fetch("GET", url, timeout_s=timeout_s)
+
+
+async def fetch(
+    method: str, url: str, *, timeout_s: float, json_body: bytes | None = None
+) -> tuple[int, bytes]:
+    """:func:`get`, for any method, with an optional JSON body (the gate's smoke request)."""
     deadline = time.monotonic() + timeout_s
     parts = urllib.parse.urlsplit(url)
     if parts.scheme != "http" or not parts.hostname:
@@ -109,10 +117,10 @@ async def get(url: str, *, timeout_s: float) -> tuple[int, bytes]:
     port = parts.port or 80
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     host_header = parts.netloc.rpartition("@")[2]
-    request = (
-        f"GET {target} HTTP/1.1\r\nHost: {host_header}\r\nUser-Agent: lmcache-supervise\r\n"
-        "Accept: */*\r\n\r\n"
-    ).encode()
+    head = f"{method} {target} HTTP/1.1\r\nHost: {host_header}\r\nUser-Agent: lmcache-supervise\r\nAccept: */*\r\n"
+    if json_body is not None:
+        head += f"Content-Type: application/json\r\nContent-Length: {len(json_body)}\r\n"
+    request = (head + "\r\n").encode() + (json_body or b"")
     with anyio.fail_after(timeout_s):
         family, address = await _address(parts.hostname, port)
     sock = socket.socket(family, socket.SOCK_STREAM)

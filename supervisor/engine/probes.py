@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -110,17 +111,12 @@ def _json_field(payload: Any, dotted: str) -> Any:
 
 
 async def _http(check: HttpCheck, client: httpx.AsyncClient, timeout_s: float) -> str | None:
-    if check.url.startswith("http://"):
-        # The lean path (probe_http says why): a fresh connection per check, no client pool.
-        try:
-            status, body = await probe_http.get(check.url, timeout_s=timeout_s)
-        except probe_http.NoAnswer:
-            return f"no answer within {timeout_s:g} s"
-        except ValueError as exc:
-            return f"GET {check.url}: {exc}"
-    else:
-        response = await client.get(check.url, timeout=timeout_s)
-        status, body = response.status_code, response.content
+    try:
+        status, body = await _send(client, "GET", check.url, timeout_s=timeout_s)
+    except probe_http.NoAnswer:
+        return f"no answer within {timeout_s:g} s"
+    except ValueError as exc:
+        return f"GET {check.url}: {exc}"
     if status != check.status:
         return f"GET {check.url} answered {status}, expected {check.status}"
     if check.json_field:
@@ -179,8 +175,6 @@ async def run_check(
     owner_pid: int | None = None,
 ) -> ProbeResult:
     """Run one check once. ``owner_pid``: the child whose tree must own ``check.owned_port``."""
-    import httpx  # here, not at the top: the first spawn does not wait for its import
-
     started = time.monotonic()
     try:
         if isinstance(check, HttpCheck):
@@ -193,12 +187,13 @@ async def run_check(
             error = await probe_protocols.exchange(check, timeout_s)
         else:
             error = await _exec(check, timeout_s)
-    except httpx.TimeoutException:
-        error = f"no answer within {timeout_s:g} s"
     except TimeoutError:
         error = f"no connection within {timeout_s:g} s"
-    except (httpx.HTTPError, OSError) as exc:
+    except OSError as exc:
         error = _describe_oserror(exc)
+    except Exception as exc:
+        if (error := _httpx_failure(exc, timeout_s)) is None:
+            raise
     owned_port = getattr(check, "owned_port", None)
     if error is None and owned_port is not None and owner_pid is not None:
         # Checked after a success only: a refused connection needs no owner, and a success from a
@@ -216,6 +211,38 @@ async def run_check(
                 _owner_verified.pop(key, None)
                 error = why
     return ProbeResult(ok=error is None, latency_s=time.monotonic() - started, error=error)
+
+
+def _httpx_failure(exc: Exception, timeout_s: float) -> str | None:
+    """What an httpx call (an HTTPS check, etcd-auth) failed with; None for any other exception.
+    httpx is looked up, not imported: if it raised, it was imported."""
+    httpx = sys.modules.get("httpx")
+    if httpx is None or not isinstance(exc, httpx.HTTPError):
+        return None
+    if isinstance(exc, httpx.TimeoutException):
+        return f"no answer within {timeout_s:g} s"
+    return _describe_oserror(exc)
+
+
+async def _send(
+    client: httpx.AsyncClient, method: str, url: str, *, timeout_s: float, json_body: bytes | None = None
+) -> tuple[int, bytes]:
+    """One request: ``http://`` on the lean path (``probe_http``), ``https://`` through ``client``.
+    Raises TimeoutError or :class:`probe_http.NoAnswer`, OSError, ValueError, or httpx's errors."""
+    if url.startswith("http://"):
+        return await probe_http.fetch(method, url, timeout_s=timeout_s, json_body=json_body)
+    headers = {"Content-Type": "application/json"} if json_body is not None else None
+    response = await client.request(method, url, content=json_body, headers=headers, timeout=timeout_s)
+    return response.status_code, response.content
+
+
+def _request_failure(exc: Exception, timeout_s: float) -> str | None:
+    """Why :func:`_send` raised, in a few words; None for an exception that is not a request's."""
+    if isinstance(exc, (TimeoutError, probe_http.NoAnswer)):
+        return f"no answer within {timeout_s:g} s"
+    if isinstance(exc, (OSError, ValueError)):
+        return _describe_oserror(exc)
+    return _httpx_failure(exc, timeout_s)
 
 
 def _describe_oserror(exc: BaseException) -> str:
@@ -252,21 +279,19 @@ async def deployment_ready(
     worker's registration lingers until removed (the runner does so for file discovery) or until
     its etcd lease lapses, and requests routed to it fail meanwhile.
     """
-    import httpx
-
     started = time.monotonic()
     counts: dict[str, int] = {}
     try:
-        response = await client.get(url, timeout=timeout_s)
-        error = None if response.status_code == 200 else f"GET {url} answered {response.status_code}"
+        status, body = await _send(client, "GET", url, timeout_s=timeout_s)
+        error = None if status == 200 else f"GET {url} answered {status}"
         try:
-            counts = worker_counts(response.json())
+            counts = worker_counts(json.loads(body))
         except ValueError:
             pass
-    except httpx.TimeoutException:
-        error = f"GET {url}: no answer within {timeout_s:g} s"
-    except httpx.HTTPError as exc:
-        error = f"GET {url}: {_describe_oserror(exc)}"
+    except Exception as exc:
+        if (why := _request_failure(exc, timeout_s)) is None:
+            raise
+        error = f"GET {url}: {why}"
     if error is None and max_workers:
         extra = {k: n for k, n in counts.items() if k in max_workers and n > max_workers[k]}
         if extra:
@@ -280,8 +305,6 @@ async def smoke(
     base_url: str, model: str, request: SmokeRequest, *, client: httpx.AsyncClient
 ) -> ProbeResult:
     """Send one small OpenAI chat completion; any 200 proves the request path end to end."""
-    import httpx
-
     started = time.monotonic()
     url = base_url.rstrip("/") + request.path
     if url.endswith("/v1/v1/chat/completions"):  # base_url may already carry /v1
@@ -292,14 +315,15 @@ async def smoke(
         "max_tokens": request.max_tokens,
     }
     try:
-        response = await client.post(url, json=body, timeout=request.timeout_s)
-        error = (
-            None
-            if response.status_code == 200
-            else (f"POST {url} answered {response.status_code}: {response.text[:200]}")
+        status, answer = await _send(
+            client, "POST", url, timeout_s=request.timeout_s, json_body=json.dumps(body).encode()
         )
-    except httpx.HTTPError as exc:
-        error = f"POST {url}: {_describe_oserror(exc)}"
+        text = answer[:200].decode(errors="replace")
+        error = None if status == 200 else f"POST {url} answered {status}: {text}"
+    except Exception as exc:
+        if (why := _request_failure(exc, request.timeout_s)) is None:
+            raise
+        error = f"POST {url}: {why}"
     return ProbeResult(ok=error is None, latency_s=time.monotonic() - started, error=error)
 
 

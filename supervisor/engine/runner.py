@@ -19,12 +19,12 @@ import contextlib
 import shutil
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import anyio
 import anyio.abc
 
-from supervisor.engine.core import LOG_FLUSH_S, D, GpuPids, Observer, P, _Slot
+from supervisor.engine.core import LOG_FLUSH_S, D, GpuPids, LazyHttpClient, Observer, P, _needs_tls, _Slot
 from supervisor.engine.lifecycle import Lifecycles
 from supervisor.engine.logs import ChildOutput, flush_all
 from supervisor.engine.probes import FAST_PROBE_S, deployment_ready, smoke
@@ -38,6 +38,9 @@ from supervisor.engine.states import (
 from supervisor.errors import GpuError
 from supervisor.eventlog import log
 from supervisor.plan.spec import Plan
+
+if TYPE_CHECKING:
+    import httpx
 
 __all__ = ["GpuPids", "Observer", "Runner", "Service"]
 
@@ -176,6 +179,7 @@ class Runner(Lifecycles):
         """Run until :meth:`request_shutdown` (or a required process fails); return the exit code."""
         self._started_at = time.monotonic()
         self._guardian = Guardian()
+        self._client = cast("httpx.AsyncClient", LazyHttpClient(verify=_needs_tls(self.plan)))
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
@@ -194,10 +198,8 @@ class Runner(Lifecycles):
                 if slot.spec.multiproc_dir:
                     shutil.rmtree(slot.spec.multiproc_dir, ignore_errors=True)
             self._guardian.close()  # EOF: it SIGKILLs whatever is still registered
-            if self._http is not None:
-                with anyio.CancelScope(shield=True):
-                    await self._http.aclose()
-                self._http = None
+            with anyio.CancelScope(shield=True):
+                await self._client.aclose()
             flush_all(LOG_FLUSH_S)  # the last lines on disk before we return (bounded: a stalled disk)
         return self._exit_code
 
