@@ -22,6 +22,7 @@ from rich.live import Live
 from rich.markup import escape
 from rich.text import Text
 
+from supervisor.control.progress import STAGE_WORDS, StageClock
 from supervisor.engine.states import (
     DeploymentEvent,
     DeploymentState,
@@ -44,17 +45,9 @@ NEWS = frozenset(
         "shutdown requested",
     }
 )
-# Transitions worth a line of their own; the panel shows every other state as it happens.
-_WORDS = {
-    P.STARTING: "starting",
-    P.RUNNING: "healthy",
-    P.NOT_READY: "unhealthy",
-    P.BACKOFF: "backoff",
-    P.FAILED: "failed",
-    P.EXITED: "exited",
-    P.STOPPING: "stopping",
-    P.STOPPED: "stopped",
-}
+# Transitions worth a line of their own (the stages, and on a terminal the ordered stop too); the
+# panel shows every other state as it happens.
+_WORDS = {**STAGE_WORDS, P.STOPPING: "stopping", P.STOPPED: "stopped"}
 _STYLE = {
     "healthy": "green",
     "starting": "cyan",
@@ -103,7 +96,7 @@ class TerminalUp:
         self._status: DeploymentStatus | None = None
         self._runner: Any = None
         self._announced = False
-        self._entered: dict[str, float] = {}
+        self._clock = StageClock()
         self.live = Live(
             console=console,
             get_renderable=self._panel,
@@ -143,17 +136,11 @@ class TerminalUp:
         if self._runner is not None:
             self._status = self._runner.status()
         if isinstance(event, ProcessEvent):
-            if event.new is P.STARTING:
-                self._entered[event.name] = event.at
+            self._clock.note(event)
             word = _WORDS.get(event.new)
             if word is None or event.new is event.old:
                 return
-            if event.new is P.STARTING:
-                detail = f"pid {event.pid}"
-            elif event.new is P.RUNNING and event.name in self._entered:
-                detail = f"after {event.at - self._entered[event.name]:.1f} s"
-            else:
-                detail = event.reason
+            detail = self._clock.detail(event)
             self._say(
                 self._stamp()
                 + Text(f"{event.name} ", style="bold")

@@ -34,7 +34,7 @@ P = ProcessState
 LOADING_EVERY_S = 10.0
 
 # Which transitions are a stage worth a line: the rest (waiting, stopping) are in the runner's log.
-_STAGE_WORDS = {
+STAGE_WORDS = {
     P.STARTING: "starting",
     P.RUNNING: "healthy",
     P.NOT_READY: "unhealthy",
@@ -42,6 +42,30 @@ _STAGE_WORDS = {
     P.FAILED: "failed",
     P.EXITED: "exited",
 }
+
+
+class StageClock:
+    """The detail of a process's stage line: its pid when it starts, how long it took when it turns
+    healthy ("after 0.4 s"), else the runner's reason. Feed it every process event (:meth:`note`)."""
+
+    def __init__(self) -> None:
+        self._entered: dict[str, float] = {}  # process -> when it last entered STARTING
+
+    def note(self, event: ProcessEvent) -> None:
+        if event.new is P.STARTING:
+            self._entered[event.name] = event.at
+
+    def took_s(self, event: ProcessEvent) -> float | None:
+        """Seconds from STARTING to healthy, for a RUNNING event; None otherwise."""
+        if event.new is P.RUNNING and event.name in self._entered:
+            return event.at - self._entered[event.name]
+        return None
+
+    def detail(self, event: ProcessEvent) -> str:
+        took = self.took_s(event)
+        if took is not None:
+            return f"after {took:.1f} s"
+        return f"pid {event.pid}" if event.new is P.STARTING else event.reason
 
 
 class _HasStatus(Protocol):
@@ -85,28 +109,20 @@ class Progress:
         every_s: float = LOADING_EVERY_S,
     ) -> None:
         self.timeline, self.sink, self.every_s = timeline, sink, every_s
-        self._entered: dict[str, float] = {}  # process -> when it last entered STARTING
+        self._clock = StageClock()
 
     def __call__(self, event: RunnerEvent) -> None:
         elapsed = self.timeline.elapsed_s()
         if isinstance(event, ProcessEvent):
-            if event.new is P.STARTING:
-                self._entered[event.name] = event.at
-            stage = _STAGE_WORDS.get(event.new)
+            self._clock.note(event)
+            stage = STAGE_WORDS.get(event.new)
             if stage is None or event.new is event.old:
                 return
-            took = (
-                event.at - self._entered[event.name]
-                if event.new is P.RUNNING and event.name in self._entered
-                else None
-            )
-            detail = f"pid {event.pid}" if event.new is P.STARTING else event.reason
-            if took is not None:
-                detail = f"after {took:.1f} s"
+            took = self._clock.took_s(event)
             self._say(
                 elapsed,
                 f"{event.name} {stage}",
-                detail,
+                self._clock.detail(event),
                 stage="process",
                 process=event.name,
                 state=stage,
