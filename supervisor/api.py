@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from supervisor.engine.logs import TerminalEcho
     from supervisor.engine.runner import Observer, Service
     from supervisor.plan.infra import NodeRole
+    from supervisor.plan.nodes import NodeOptions
     from supervisor.plan.spec import Plan
     from supervisor.preflight.findings import Finding
     from supervisor.profile.schema import Profile
@@ -41,11 +42,15 @@ def render(
     profile: Profile, *, role: NodeRole = "all", head: str | None = None, advertise: str | None = None
 ) -> Plan:
     """The plan for this machine's part of ``profile`` (state under the state root); no IO but the env."""
-    from supervisor import paths
     from supervisor.plan import nodes
+
+    return _render(profile, nodes.node_options(profile, role, head=head, advertise=advertise))
+
+
+def _render(profile: Profile, options: NodeOptions) -> Plan:
+    from supervisor import paths
     from supervisor.plan import render as rendering
 
-    options = nodes.node_options(profile, role, head=head, advertise=advertise)
     return rendering.render(profile, state_root=paths.state_root(), **options.as_kwargs())  # type: ignore[arg-type]
 
 
@@ -66,13 +71,14 @@ def load_plan(
     cache = PlanCache.for_profile(profile, overrides, model) if single else None
     if cache is not None and (plan := cache.get()) is not None:
         return plan
-    loaded = load(profile, overrides=overrides, model=model)
-    plan = render(loaded, role=role, head=head, advertise=advertise)
-    if cache is not None:
-        from supervisor.plan import nodes
+    from supervisor.plan import nodes
 
-        found = nodes.find_binaries(loaded).values()
-        cache.put(plan, search_path=nodes.binary_search_path(loaded), binaries=found)
+    loaded = load(profile, overrides=overrides, model=model)
+    options = nodes.node_options(loaded, role, head=head, advertise=advertise)
+    plan = _render(loaded, options)
+    if cache is not None:
+        search_path = nodes.binary_search_path(loaded)
+        cache.put(plan, search_path=search_path, binaries=options.binaries.values())
     return plan
 
 
