@@ -31,7 +31,7 @@ from typing import Any
 
 import httpx
 from harness import CLI, MARKER, Deployment
-from proctools import free_port
+from proctools import free_port, wait_for
 from streamload import Outcome, StreamLoad, summary
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,14 +56,6 @@ backend dynamo
     server fe1 127.0.0.1:{fe1_port} check inter 1s fall 1 rise 2
     server fe2 127.0.0.1:{fe2_port} check inter 1s fall 1 rise 2
 """
-
-
-def _wait(predicate: Any, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout_s:g} s waiting for {what}")
-        time.sleep(0.1)  # a deadline wait on a condition
 
 
 def _answers(url: str) -> bool:
@@ -152,10 +144,16 @@ def run(workdir: Path, *, restarts: int, kills: int, clients: int, min_requests:
             _process(argv, env, workdir / "frontend-2.log"),
             _process([haproxy, "-f", str(config), "-db"], lb_env, workdir / "haproxy.log"),
         ):
-            _wait(lambda: _answers(f"http://127.0.0.1:{fe2_port}/v1/models/demo/ready"), 60, "frontend 2")
-            _wait(lambda: _answers(f"http://127.0.0.1:{lb_port}/health"), 30, "HAProxy")
+            wait_for(
+                lambda: _answers(f"http://127.0.0.1:{fe2_port}/v1/models/demo/ready"),
+                60,
+                interval=0.1,
+                what="frontend 2",
+            )
+            wait_for(lambda: _answers(f"http://127.0.0.1:{lb_port}/health"), 30, interval=0.1, what="HAProxy")
             for port in (dep.base, fe2_port, lb_port):  # set-up, not measured: each answers a chat
-                _wait(lambda: _chat_ok(f"http://127.0.0.1:{port}"), 30, f"a chat answered on port {port}")  # noqa: B023
+                url = f"http://127.0.0.1:{port}"
+                wait_for(lambda: _chat_ok(url), 30, interval=0.1, what=f"a chat answered on {url}")  # noqa: B023
             load = StreamLoad(f"http://127.0.0.1:{lb_port}", model="demo", clients=clients)
             load.start()
             try:
@@ -175,7 +173,12 @@ def run(workdir: Path, *, restarts: int, kills: int, clients: int, min_requests:
                         raise RuntimeError(f"restart frontend failed: {done.stderr.strip()}")
                 for i in range(kills):
                     phases[f"sigkill {i + 1}"], _ = _phase(load, lambda: _kill_frontend(dep))
-                _wait(lambda: len(load.outcomes()) >= min_requests, 300, f"{min_requests} requests")
+                wait_for(
+                    lambda: len(load.outcomes()) >= min_requests,
+                    300,
+                    interval=0.1,
+                    what=f"{min_requests} requests",
+                )
             finally:
                 outcomes = load.stop()
     restarted = [o for name, got in phases.items() if name.startswith("restart") for o in got]

@@ -32,6 +32,7 @@ from typing import Any
 
 import httpx
 from harness import CLI, Deployment
+from proctools import wait_for
 from streamload import Outcome, StreamLoad, failure_window_s, summary
 
 PROFILES = Path(__file__).resolve().parents[2] / "profiles"
@@ -100,11 +101,12 @@ def kill_and_recover(dep: Deployment, name: str) -> float:
     )
     recovered = time.monotonic() - started
     expected = {"decode": 2, "prefill": 2} if name in HA_WORKERS else {"decode": 1, "prefill": 1}
-    deadline = time.monotonic() + RECOVER_TIMEOUT_S
-    while _frontend_counts(dep) != expected:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the frontend does not count {expected} workers after {name} came back")
-        time.sleep(0.1)  # a deadline wait on the frontend's own count
+    wait_for(
+        lambda: _frontend_counts(dep) == expected,
+        RECOVER_TIMEOUT_S,
+        interval=0.1,
+        what=f"the frontend to count {expected} workers after {name} came back",
+    )
     return recovered
 
 
