@@ -76,6 +76,12 @@ class _Slot:
     last_probe: ProbeResult | None = None
     rolling_dependents: bool = False  # its dependents are being restarted one at a time
 
+    def forget_crashes(self) -> None:
+        """A fresh crash-loop history (an operator's start or restart, a long retry after a loop):
+        earlier starts no longer count toward the limit, the backoff starts again from its first step."""
+        self.starts.clear()
+        self.attempt = 0
+
 
 def _needs_tls(plan: Plan) -> bool:
     """Whether any probe or the smoke request speaks HTTPS. The plan's own are plain HTTP on loopback;

@@ -112,8 +112,7 @@ class Lifecycles(RunnerCore):
                 # An operator's restart (or a rolling reload) is planned, not a crash: like `start`, it
                 # begins a fresh crash-loop history, or a few restarts plus one crash would fail it.
                 slot.restarts += 1
-                slot.starts.clear()
-                slot.attempt = 0
+                slot.forget_crashes()
                 self._set(slot, P.WAITING, why)
                 continue
             slot.attempt = next_attempt(policy, slot.attempt, healthy_for)
@@ -139,8 +138,7 @@ class Lifecycles(RunnerCore):
                 self._set(slot, P.FAILED, f"{decision.reason}; retrying in {retry_s:g} s")
                 await anyio.sleep(retry_s)
                 slot.failed_retries += 1
-                slot.starts.clear()
-                slot.attempt = 0
+                slot.forget_crashes()
                 continue
             self._set(slot, P.BACKOFF, decision.reason)
             if policy.restart_dependents and not slot.rolling_dependents:

@@ -214,8 +214,8 @@ class Runner(Lifecycles):
         """Under ``slot.ops``: launch a lifecycle unless one runs; crash-loop history is forgotten."""
         if slot.finished is not None and not slot.finished.is_set():
             return
-        slot.starts.clear()
-        slot.attempt = slot.failed_retries = 0
+        slot.forget_crashes()
+        slot.failed_retries = 0
         # Queued at once, before the lifecycle task runs: whoever waits for the process to come back
         # sees it leave stopped/failed now, never mistakes that state for the answer.
         self._set(slot, P.WAITING, "start requested")
