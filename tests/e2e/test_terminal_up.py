@@ -31,6 +31,7 @@ class Screen:
     def __init__(self, tmp_path: Path) -> None:
         self.socket = f"lmcs-{uuid.uuid4().hex[:8]}"
         self.tmp = tmp_path
+        self.gone = False  # hang_up() killed the server
 
     def tmux(self, *args: str) -> str:
         done = subprocess.run(["tmux", "-L", self.socket, *args], capture_output=True, text=True, timeout=20)
@@ -85,7 +86,7 @@ class Screen:
 
     def close(self) -> None:
         """Ctrl-C first (the orderly stop, whose exit code the shell prints), then the server."""
-        if getattr(self, "gone", False):
+        if self.gone:
             return
         if "EXIT=" not in self.text():
             self.tmux("send-keys", "C-c")
