@@ -5,7 +5,8 @@ second from the runner's snapshot) under a line naming the current stage (``deco
 Above it, printed once each and never redrawn: the stages on one clock (the time since supervision
 began), warnings and errors from the event log, exactly one ``ready:`` line, and during Ctrl-C the
 processes stopping in order. Children's output stays in their log files (``logs -f``) unless
-``--logs`` asks for it here, where it scrolls above the panel with a colored ``name |`` prefix.
+``--logs`` asks for it here: then it scrolls with a colored ``name |`` prefix, among the same event
+lines, and there is no panel (``status`` in another terminal shows the table).
 
 Without a terminal none of this exists: the events are JSON lines on stderr and stdout carries only
 the ready line.
@@ -90,8 +91,12 @@ class TerminalUp:
         elapsed: Callable[[], float],
         document: Callable[[DeploymentStatus], dict[str, Any]],
         render: Callable[[dict[str, Any]], RenderableType],
+        panel: bool = True,
     ) -> None:
         self.console, self.ready_text, self.elapsed = console, ready_text, elapsed
+        # Without the panel (``up --logs``) the lines simply scroll: a panel redrawn in place under a
+        # stream of child lines moves the cursor over rows it no longer owns, and once lost a ready line.
+        self.panel = panel
         self.document, self.render = document, render
         self._status: DeploymentStatus | None = None
         self._runner: Any = None
@@ -176,8 +181,10 @@ class TerminalUp:
             await anyio.sleep(REFRESH_S)
 
     def __enter__(self) -> TerminalUp:
-        self.live.start()
+        if self.panel:
+            self.live.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.live.stop()  # draws the last frame and leaves it on the screen
+        if self.panel:
+            self.live.stop()  # draws the last frame and leaves it on the screen

@@ -114,8 +114,8 @@ def check_command(
     "-f",
     "follow",
     is_flag=True,
-    help="Interleave the children's output here, each line prefixed with its process name (it always goes "
-    "to their log files: `logs -f NAME` follows one from another terminal).",
+    help="Interleave the children's output here instead of the panel, each line prefixed with its process "
+    "name (it always goes to their log files: `logs -f NAME` follows one from another terminal).",
 )
 @click.option(
     "--quiet-children", is_flag=True, hidden=True
@@ -199,7 +199,8 @@ class _ReadyLine:
 def _up_on_terminal(
     rendered: Plan, timeline: Any, ready_text: Any, reread: Any, bridge: Any, echo: Any
 ) -> int:
-    """The live panel (supervisor.cli.live): the status table refreshed in place, events once above it."""
+    """The live panel (supervisor.cli.live): the status table refreshed in place, events once above it;
+    with ``--logs`` (``echo``) the events and the children's lines scroll, without a panel."""
     from rich.console import Console
 
     from supervisor import api
@@ -213,6 +214,7 @@ def _up_on_terminal(
         elapsed=timeline.elapsed_s,
         document=lambda status: status_view(status, rendered, timeline),
         render=render_status,
+        panel=echo is None,
     )
     with view:
         return api.up(

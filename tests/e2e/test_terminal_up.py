@@ -3,7 +3,7 @@
 The panel (the status table) is there and updates in place, no child's own log line reaches the
 screen without ``--logs``, exactly one ``ready:`` line, and Ctrl-C shows the stop in order (prefill,
 decode, frontend) before the command exits 0. With ``--logs`` the children's lines are interleaved
-with a ``name |`` prefix. Without a terminal, stderr is JSON lines only and stdout the ready line.
+with a ``name |`` prefix, and no panel is drawn over them. Without a terminal, stderr is JSON lines only and stdout the ready line.
 """
 
 from __future__ import annotations
@@ -152,6 +152,7 @@ def test_logs_interleaves_the_children_with_their_names(screen: Screen) -> None:
     prefixed = [re.compile(rf"^{name} +\| ", re.M) for name in ("frontend", "decode", "prefill")]
     wait_for(lambda: all(p.search(screen.text()) for p in prefixed), 20, what="lines prefixed by each name")
     assert sum(line.startswith("ready:") for line in screen.lines()) == 1
+    assert not header_rows(screen.lines())  # the lines scroll: no panel redrawn over them
     screen.tmux("send-keys", "C-c")
     wait_for(lambda: "EXIT=" in screen.text(), 60, what="the orderly stop")
     assert "EXIT=0" in screen.lines()
